@@ -1,0 +1,7 @@
+"""lazyprefill: LazyLLM dynamic token pruning for faster long-prompt answers from Hugging Face LLMs."""
+
+from .generation import GenerationOutput, GenerationStats, LazyLLM
+from .schedule import PRESETS, Schedule, parse_schedule
+
+__all__ = ["LazyLLM", "GenerationOutput", "GenerationStats", "Schedule", "PRESETS", "parse_schedule"]
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""Pruning schedules: which layers prune, how much each keeps, and how tokens are chosen."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mode = Literal["lazy", "static", "random"]
+MODES: tuple[str, ...] = ("lazy", "static", "random")
+
+# Presets are fractions of depth so one name fits every model size. `paper` is Figure 4 of the paper:
+# prune at ~30%, ~60% and ~90% of depth, dropping 30% of the current candidates each time.
+PRESETS: dict[str, dict[float, float]] = {
+    "paper": {0.3: 0.7, 0.6: 0.7, 0.9: 0.7},
+}
+DENSE_NAMES = ("dense", "none")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Keep ratios per pruning layer, plus how the kept tokens are chosen.
+
+    `keep` maps a layer index to the fraction of that layer's candidates that goes on to deeper
+    layers (`ceil(r * |S_l|)`, the last token always kept). `mode` picks the method: `lazy` (LazyLLM,
+    reselected at every step), `static` (prefill-only pruning, never revived) or `random` (the same
+    keep counts, chosen uniformly at random with `seed`).
+    """
+
+    keep: dict[int, float] = field(default_factory=dict)
+    mode: Mode = "lazy"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown schedule mode {self.mode!r}; use one of {', '.join(MODES)}")
+        for layer, ratio in self.keep.items():
+            if not isinstance(layer, int) or isinstance(layer, bool):
+                raise ValueError(f"pruning layer {layer!r} must be an int layer index")
+            if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+                raise ValueError(
+                    f"keep ratio {ratio!r} at layer {layer} must be in (0, 1]: it is the fraction of "
+                    "candidates that goes on to deeper layers (1.0 keeps all)"
+                )
+        object.__setattr__(self, "keep", dict(sorted(self.keep.items())))
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.keep
+
+    def check(self, num_layers: int) -> None:
+        """Raise if a pruning layer does not exist or is the last one (nothing deeper to skip)."""
+        for layer in self.keep:
+            if not 0 <= layer <= num_layers - 2:
+                raise ValueError(
+                    f"pruning layer {layer} is out of range: this model has {num_layers} layers, so "
+                    f"pruning layers must be in [0, {num_layers - 2}] (the last layer cannot prune)"
+                )
+
+    def kept_count(self, layer: int, n_candidates: int) -> int:
+        """How many of `n_candidates` survive pruning at `layer` (ours: ceil, at least 1)."""
+        return max(1, math.ceil(self.keep[layer] * n_candidates))
+
+
+def preset(name: str, num_layers: int, mode: Mode = "lazy", seed: int = 0) -> Schedule:
+    """Instantiate a depth-relative preset for a model with `num_layers` layers."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown schedule preset {name!r}; presets: {', '.join(PRESETS)}")
+    keep: dict[int, float] = {}
+    for frac, ratio in PRESETS[name].items():
+        layer = min(max(int(frac * num_layers), 0), num_layers - 2)
+        keep[layer] = ratio
+    return Schedule(keep, mode=mode, seed=seed)
+
+
+def parse_schedule(spec: str | Schedule | dict | None, num_layers: int, seed: int = 0) -> Schedule:
+    """Turn what a user wrote into a checked Schedule.
+
+    Accepts a Schedule, a `{layer: ratio}` dict, None / "dense" / "none" (no pruning), a preset name
+    ("paper"), "static" or "random" (the paper preset in that mode), "9:0.7,19:0.7" and a mode
+    prefix on either form ("static:paper", "random:9:0.7,19:0.7").
+    """
+    if spec is None:
+        schedule = Schedule()
+    elif isinstance(spec, Schedule):
+        schedule = spec
+    elif isinstance(spec, dict):
+        schedule = Schedule(dict(spec), seed=seed)
+    elif isinstance(spec, str):
+        schedule = _parse_text(spec.strip(), num_layers, seed)
+    else:
+        raise TypeError(f"schedule must be a str, dict, Schedule or None, not {type(spec).__name__}")
+    schedule.check(num_layers)
+    return schedule
+
+
+def _parse_text(text: str, num_layers: int, seed: int) -> Schedule:
+    if text in DENSE_NAMES or text == "":
+        return Schedule()
+    mode: Mode = "lazy"
+    head, _, rest = text.partition(":")
+    if head in MODES and (rest or head != "lazy"):
+        mode, text = head, (rest or "paper")  # type: ignore[assignment]
+    if text in PRESETS:
+        return preset(text, num_layers, mode=mode, seed=seed)
+    keep: dict[int, float] = {}
+    for item in text.split(","):
+        layer, sep, ratio = item.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            keep[int(layer)] = float(ratio)
+        except ValueError:
+            raise ValueError(
+                f"unknown schedule {text!r}: use a preset ({', '.join(PRESETS)}), 'dense', 'static', "
+                "'random', or layer:ratio pairs such as '9:0.7,19:0.7' (optionally prefixed by "
+                "'static:' or 'random:')"
+            ) from None
+    return Schedule(keep, mode=mode, seed=seed)
