@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,6 +95,39 @@ class LazyLLM:
         Stops at `max_new_tokens`, an EOS id (the model's generation config by default) or a stop
         string (needs the tokenizer). `on_token` is called with each new id as soon as it exists.
         """
+        run = self._run(
+            input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id, stop_strings,
+            return_logits,
+        )
+        while True:
+            try:
+                token = next(run)
+            except StopIteration as done:
+                return done.value
+            if on_token is not None:
+                on_token(token)
+
+    def stream(self, input_ids, max_new_tokens: int = 64, **kwargs) -> Generator[int, None, GenerationOutput]:
+        """Yield token ids as they are generated; the generator's return value is the GenerationOutput.
+
+        Takes `generate`'s keyword arguments except `on_token`. Stopping the iteration early stops
+        generation there.
+        """
+        return self._run(input_ids, max_new_tokens, **kwargs)
+
+    def _run(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: Sequence[str] | None = None,
+        return_logits: bool = False,
+    ) -> Generator[int, None, GenerationOutput]:
         ids = self._check_input(input_ids, max_new_tokens)
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: pass LazyLLM(model, tokenizer=tok)")
@@ -128,8 +161,7 @@ class LazyLLM:
                 new.append(tok)
                 if return_logits:
                     all_logits.append(logits)
-                if on_token is not None:
-                    on_token(tok)
+                yield tok
                 if tok in eos:
                     finish = "eos"
                     break
@@ -153,31 +185,6 @@ class LazyLLM:
         sequences = torch.cat([ids, torch.tensor(new, dtype=ids.dtype, device=ids.device)])[None]
         text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerationOutput(sequences, new, ttft, total, finish, stats, all_logits or None, text)
-
-    def stream(self, input_ids, max_new_tokens: int = 64, **kwargs) -> Iterator[int]:
-        """Yield token ids as they are generated (same arguments as `generate`)."""
-        import queue
-        import threading
-
-        tokens: queue.Queue = queue.Queue()
-        done = object()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self.generate(input_ids, max_new_tokens, on_token=tokens.put, **kwargs)
-            except BaseException as exc:  # re-raised in the consumer's thread
-                errors.append(exc)
-            finally:
-                tokens.put(done)
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        while (item := tokens.get()) is not done:
-            yield item
-        worker.join()
-        if errors:
-            raise errors[0]
 
     # ------------------------------------------------------------ input checks
     def _check_input(self, input_ids, max_new_tokens: int) -> torch.Tensor:
