@@ -236,8 +236,9 @@ class LazyLLM:
 
     def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
         if eos_token_id is None:
-            cfg = getattr(self.model, "generation_config", None)
-            eos_token_id = getattr(cfg, "eos_token_id", None) or self.model.config.eos_token_id
+            eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = self.model.config.eos_token_id
         if eos_token_id is None:
             return set()
         return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}

@@ -58,8 +58,11 @@ class Schedule:
                 )
 
     def kept_count(self, layer: int, n_candidates: int) -> int:
-        """How many of `n_candidates` survive pruning at `layer` (ours: ceil, at least 1)."""
-        return max(1, math.ceil(self.keep[layer] * n_candidates))
+        """How many of `n_candidates` survive pruning at `layer` (ours: ceil, at least 1).
+
+        Rounded first so that float error (0.28 * 25 = 7.000000000000001) does not keep an extra token.
+        """
+        return max(1, math.ceil(round(self.keep[layer] * n_candidates, 6)))
 
 
 def preset(name: str, num_layers: int, mode: Mode = "lazy", seed: int = 0) -> Schedule:
