@@ -1,0 +1,24 @@
+# `make demo` and `make test` each build .venv on first use (python3 -m venv + pinned requirements-dev.txt).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+QUESTION ?= Who created Python?
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
+
+.PHONY: demo test
+
+demo: $(INSTALLED)
+	$(VENV)/bin/lazyprefill generate --model smollm2 --prompt-file examples/python_license.txt \
+		--question "$(QUESTION)" --compare
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q
+
+$(INSTALLED): requirements-dev.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -e '.[gguf]'
+	touch $@
