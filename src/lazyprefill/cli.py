@@ -2,6 +2,270 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LazyLLM dynamic token pruning for Hugging Face LLMs.")
+
+
+@app.command("inspect")
+def inspect_command(
+    prompt_file: Path = typer.Option(..., "--prompt-file", exists=True, dir_okay=False, help="The document (text)."),
+    model: str = typer.Option("smollm2", "--model", help="smollm2 (embedded default), a local path or a hub name."),
+    question: str | None = typer.Option(None, "--question", help="Asked after the document."),
+    schedule: str = typer.Option("paper", "--schedule", help='paper, static, random or "9:0.7,19:0.7".'),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    out: Path = typer.Option(Path("report.html"), "--out", dir_okay=False, help="HTML report; PNGs go beside it."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype"),
+) -> None:
+    """Write an HTML report of what LazyLLM kept: each prompt token shaded by how deep the model read it."""
+    import torch
+    from rich.console import Console
+
+    from .models import chat_prompt, load_model
+    from .report import inspect_prompt, token_texts, write_report
+    from .schedule import parse_schedule
+
+    console = Console(stderr=True)
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    ids = chat_prompt(tokenizer, prompt_file.read_text(encoding="utf-8"), question)
+    sched = parse_schedule(schedule, lm.config.num_hidden_layers)
+    with console.status(f"Running dense and LazyLLM on {len(ids)} prompt tokens..."):
+        lazy, dense = inspect_prompt(lm, tokenizer, torch.tensor(ids, device=lm.device), sched, max_new_tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = write_report(
+        out, lazy, token_texts(tokenizer, ids), model=f"{model} ({device}, {dtype})", schedule=sched,
+        schedule_name=schedule, dense=dense,
+    )
+    console.print(
+        f"TTFT LazyLLM {lazy.ttft_s * 1000:.0f} ms, dense {dense.ttft_s * 1000:.0f} ms "
+        f"({dense.ttft_s / lazy.ttft_s:.2f}x); wrote {', '.join(str(p) for p in written)}"
+    )
+
+
+@app.command("generate")
+def generate_command(
+    prompt_file: Path = typer.Option(
+        ..., "--prompt-file", "-f", exists=True, dir_okay=False, readable=True, help="The document (text)."
+    ),
+    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2 (embedded default), a local path or hub name."),
+    question: str | None = typer.Option(None, "--question", "-q", help="Asked after the document."),
+    schedule: str = typer.Option(
+        "paper", "--schedule", "-s", help='paper, none (dense), static, random or layer:ratio pairs "9:0.7,19:0.7".'
+    ),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    compare: bool = typer.Option(False, "--compare", help="Also run dense and report both answers and TTFTs."),
+    repeats: int | None = typer.Option(
+        None, "--repeats", min=1, help="Timed runs per method, median TTFT reported (default 3 with --compare, else 1)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+) -> None:
+    """Answer a question about a document with LazyLLM, and time the first token (TTFT)."""
+    import json
+    import statistics
+
+    import torch
+    from rich.console import Console
+    from rich.markup import escape
+
+    from .generation import LazyLLM
+    from .models import DTYPES, chat_prompt, load_model
+    from .schedule import parse_schedule
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"use one of {', '.join(DTYPES)}", param_hint="--dtype")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
+    document = prompt_file.read_text(encoding="utf-8")
+    if not document.strip() and not (question or "").strip():
+        raise typer.BadParameter(f"{prompt_file} is empty and no --question was given", param_hint="--prompt-file")
+    try:
+        parse_schedule(schedule, num_layers=1 << 20)  # syntax only; layer ranges are checked once the model is known
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--schedule") from None
+    repeats = repeats or (3 if compare else 1)
+
+    console = Console(stderr=True)
+    try:
+        lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    except (OSError, RuntimeError) as err:
+        console.print(f"[red]Error:[/red] could not load {model!r}: {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from None
+    try:
+        sched = parse_schedule(schedule, lm.config.num_hidden_layers)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--schedule") from None
+    ids = torch.tensor(chat_prompt(tokenizer, document, question), device=lm.device)
+
+    try:
+        methods = {"lazy": LazyLLM(lm, sched, tokenizer=tokenizer)}
+    except ValueError as err:  # an architecture lazyprefill has no adapter for
+        raise typer.BadParameter(str(err), param_hint="--model") from None
+    if compare:
+        methods["dense"] = LazyLLM(lm, None, tokenizer=tokenizer)
+    outputs, ttfts = {}, {name: [] for name in methods}
+    try:
+        with console.status("Warming up: one untimed prefill of each method..."):
+            for llm in methods.values():  # the first run at a new length pays one-off allocation costs
+                llm.generate(ids, max_new_tokens=1)
+        for run in range(repeats):  # interleaved, so a noisy neighbour slows both methods alike
+            for name, llm in methods.items():
+                label = f"{name} ({schedule})" if name == "lazy" else name
+                with console.status(f"Prefill of {ids.numel()} tokens, {label}, run {run + 1}/{repeats}..."):
+                    out = llm.generate(ids, max_new_tokens=max_new_tokens if run == 0 else 1)
+                outputs.setdefault(name, out)  # the first run makes the full answer; later runs time TTFT only
+                ttfts[name].append(out.ttft_s)
+    except ValueError as err:  # the engine's input checks, e.g. a prompt longer than the model takes
+        raise typer.BadParameter(str(err), param_hint="--prompt-file") from None
+    ttft = {name: statistics.median(times) for name, times in ttfts.items()}
+
+    lazy = outputs["lazy"]
+    num_layers = lm.config.num_hidden_layers
+    work = sum(lazy.stats.prefill_computed) / (num_layers * ids.numel())  # share of dense prefill rows computed
+    if json_out:
+        result = {
+            "model": model,
+            "schedule": schedule,
+            "schedule_keep": {str(layer): ratio for layer, ratio in sched.keep.items()},
+            "schedule_mode": sched.mode,
+            "prompt_tokens": ids.numel(),
+            "max_new_tokens": max_new_tokens,
+            "device": device,
+            "dtype": dtype,
+            "repeats": repeats,
+            "text": lazy.text,
+            "token_ids": lazy.new_tokens,
+            "finish_reason": lazy.finish_reason,
+            "ttft_s": ttft["lazy"],
+            "ttft_runs_s": ttfts["lazy"],
+            "prefill_computed": lazy.stats.prefill_computed,
+            "prefill_work": work,
+        }
+        if compare:
+            dense = outputs["dense"]
+            result |= {
+                "dense_text": dense.text,
+                "dense_token_ids": dense.new_tokens,
+                "dense_ttft_s": ttft["dense"],
+                "dense_ttft_runs_s": ttfts["dense"],
+                "speedup": ttft["dense"] / ttft["lazy"],
+            }
+        typer.echo(json.dumps(result))
+        return
+
+    from rich.table import Table
+
+    out_console = Console(highlight=False)
+    out_console.print(
+        f"[bold]{escape(model)}[/bold] on {device} ({dtype}), prompt of {ids.numel()} tokens, "
+        f"TTFT as the median of {repeats} run{'s' if repeats > 1 else ''}"
+    )
+    out_console.print(f"\n[bold]LazyLLM ({escape(schedule)})[/bold]: {escape(lazy.text.strip())}")
+    if compare:
+        out_console.print(f"\n[bold]Dense[/bold]: {escape(outputs['dense'].text.strip())}\n")
+    table = Table("method", "TTFT", "prefill work", "new tokens")
+    if compare:
+        table.add_row("dense", f"{ttft['dense']:.3f} s", "100%", str(len(outputs["dense"].new_tokens)))
+    table.add_row(f"LazyLLM ({escape(schedule)})", f"{ttft['lazy']:.3f} s", f"{work:.0%}", str(len(lazy.new_tokens)))
+    out_console.print(table)
+    if compare:
+        out_console.print(f"TTFT speedup: [bold]{ttft['dense'] / ttft['lazy']:.2f}x[/bold]")
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2 (embedded default), a local path or a hub name."),
+    tasks: str = typer.Option("code,recall,passkey", "--tasks", help="Comma-separated: code, recall, passkey, fidelity."),
+    samples: int = typer.Option(5, "--samples", min=1, help="Samples per task and length."),
+    lengths: str = typer.Option("512", "--lengths", help="Prompt lengths in tokens, comma-separated."),
+    schedules: str = typer.Option(
+        "presets", "--schedules",
+        help='LazyLLM schedules, comma-separated; "presets" (all presets), "sweep" (the built-in speed sweep), '
+        'a preset name or layer:ratio pairs joined by ";" ("9:0.7;19:0.7").',
+    ),
+    baselines: str = typer.Option(
+        "all", "--baselines", help='Schedules that also get static and random: "all", "none", or a list like --schedules.'
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads [default: torch's]."),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Rebuild the report from OUT/records.jsonl (complete samples only), run nothing."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Builds the task samples."),
+    out: Path = typer.Option(Path("results/eval"), "--out", file_okay=False, help="Report directory."),
+    cache: Path | None = typer.Option(None, "--cache", file_okay=False, help="Dense-result cache [default: OUT/dense-cache]."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype"),
+) -> None:
+    """Score LazyLLM, static and random pruning against dense on offline long-context tasks."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .eval import EvalConfig, evaluate, report_from_log
+
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(s.strip().replace(";", ",") for s in text.split(",") if s.strip())
+
+    try:
+        cfg = EvalConfig(
+            model=model, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), samples=samples,
+            lengths=tuple(int(n) for n in lengths.split(",")), seed=seed, out_dir=out, schedules=split(schedules),
+            baselines=None if baselines == "all" else () if baselines == "none" else split(baselines),
+            cache_dir=cache, device=device, dtype=dtype, threads=threads,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    result = report_from_log(out, cfg.tolerances) if report_only else evaluate(cfg)
+    console = Console()
+    table = Table("task", "method", "score [95% CI]", "n", "vs dense [95% CI]", "speedup", "ideal")
+    for task, methods in result["summary"].items():
+        for name, s in methods.items():
+            sc, d = s["score"], s["diff_vs_dense"]
+            table.add_row(
+                task, name, f"{sc['mean']:.3f} [{sc['ci95'][0]:.3f}, {sc['ci95'][1]:.3f}]", str(sc["n"]),
+                f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", f"{s['speedup']:.2f}x",
+                f"{s['ideal_speedup']:.2f}x",
+            )
+    console.print(table)
+    for name, p in result["presets"].items():
+        console.print(f"{name}: {p['schedule'] or 'no schedule within ' + format(p['tolerance'], '.0%')}")
+    console.print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and one PNG per task")
+
+
+@app.command("bench")
+def bench_command(
+    preset: str = typer.Option("cpu", help="gpu (llama2-7b and llama3-8b shapes, random bf16 weights), cpu (smollm2)"),
+    model: str = typer.Option(None, help="comma-separated: a shape (llama2-7b, llama3-8b, tiny), smollm2 or a path"),
+    lengths: str = typer.Option(None, help="prompt lengths for every model, e.g. 1024,2048 (default: the preset's)"),
+    decode_lengths: str = typer.Option(None, help="prompts after which 128 decoding steps are timed ('' for none)"),
+    repeats: int = typer.Option(None, help="timed runs per method and length (median reported)"),
+    out: Path = typer.Option(Path("benchmarks/results"), help="folder for the JSON, markdown table and PNG plot"),
+    stem: str = typer.Option(None, help="output file name without extension (default: the preset's name)"),
+) -> None:
+    """Time TTFT and decoding: plain transformers, lazyprefill dense and every schedule preset."""
+    from tqdm import tqdm
+
+    from . import bench
+
+    def ints(text: str | None) -> list[int] | None:
+        return None if text is None else [int(x) for x in text.split(",") if x.strip()]
+
+    try:
+        cfg = bench.configure(
+            preset, model.split(",") if model else None, ints(lengths), ints(decode_lengths), repeats
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    with tqdm(total=bench.progress_total(cfg), desc="bench") as bar:
+
+        def progress(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+        result = bench.run(cfg, progress)
+    paths = bench.write(result, out, stem or preset)
+    typer.echo(bench.markdown(result))
+    typer.echo(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")

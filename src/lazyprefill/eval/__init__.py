@@ -1,0 +1,105 @@
+"""Accuracy of LazyLLM against the dense model and the static/random baselines, on offline tasks.
+
+`evaluate` builds the samples, runs every method, and writes `eval.json` (every sample's record, the
+summary with 95% CIs, the chosen presets), `eval.md` (the table) and one PNG per task under `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import report, tasks
+from .runner import Method, Runner, make_methods
+
+__all__ = ["EvalConfig", "evaluate", "write_report", "report_from_log", "Method", "Runner", "make_methods"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate. `schedules` may hold "presets" and "sweep" (see runner.SWEEP)."""
+
+    model: str = "smollm2"
+    tasks: tuple[str, ...] = ("code", "recall", "passkey")
+    samples: int = 5
+    lengths: tuple[int, ...] = (512,)
+    schedules: tuple[str, ...] = ("presets",)
+    baselines: tuple[str, ...] | None = None  # schedules that also get static and random; None: all
+    seed: int = 0
+    out_dir: Path = Path("results/eval")
+    cache_dir: Path | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None  # torch CPU threads; 1 is steadier on a machine shared with other work
+    tolerances: dict[str, float] = field(default_factory=lambda: {"balanced": 0.01, "aggressive": 0.05})
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in tasks.TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(tasks.TASKS)}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be at least 1, got {self.samples}")
+        if not self.lengths:
+            raise ValueError("give at least one prompt length (--lengths 512,1024)")
+
+
+def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
+    """Run the evaluation `cfg` describes and write its report; returns the JSON-ready result.
+
+    Records stream to `out_dir/records.jsonl` as they are made, so `write_report` can rebuild the
+    report from a run that was stopped early.
+    """
+    import torch
+
+    from ..bench import machine_info
+    from ..models import load_model
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    cache_dir = cfg.cache_dir if cfg.cache_dir is not None else cfg.out_dir / "dense-cache"
+    runner = Runner(model, tokenizer, f"{cfg.model}|{cfg.dtype}|{cfg.device}", cache_dir)
+    methods = make_methods(cfg.schedules, runner.num_layers, cfg.baselines)
+    samples = tasks.build_all(cfg.tasks, tokenizer, cfg.lengths, cfg.samples, cfg.seed)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model": cfg.model, "tasks": list(cfg.tasks), "samples": cfg.samples, "lengths": list(cfg.lengths),
+        "seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype, "threads": torch.get_num_threads(),
+        "num_layers": runner.num_layers, "methods": [vars(m) for m in methods],
+        "machine": machine_info(model.device),
+    }
+    (cfg.out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    started = time.time()
+    with open(cfg.out_dir / "records.jsonl", "w") as log:
+        records = runner.run(samples, methods, progress=progress,
+                             on_record=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()))
+    config["wall_s"] = time.time() - started
+    return write_report(config, records, cfg.out_dir, cfg.tolerances)
+
+
+def write_report(config: dict, records: list[dict], out_dir: Path, tolerances: dict[str, float]) -> dict:
+    """eval.json (config, summary, chosen presets, every record), eval.md and one PNG per task."""
+    summary = report.summarize(records)
+    result = {"config": config, "summary": summary, "presets": report.select_presets(summary, tolerances),
+              "records": records}
+    report.write_json(result, out_dir / "eval.json")
+    (out_dir / "eval.md").write_text(report.markdown_table(summary) + "\n")
+    lengths = "/".join(map(str, sorted({r["length"] for r in records})))
+    report.plot(summary, out_dir, f"{config['model']}, {lengths} tokens, {config['device']}")
+    return result
+
+
+def report_from_log(out_dir: Path, tolerances: dict[str, float] | None = None) -> dict:
+    """Rebuild the report from `out_dir`'s config.json and records.jsonl (a run stopped early, say)."""
+    config = json.loads((out_dir / "config.json").read_text())
+    records = [json.loads(line) for line in (out_dir / "records.jsonl").read_text().splitlines() if line.strip()]
+    by_sample: dict[tuple, int] = {}
+    for r in records:
+        key = (r["task"], r["length"], r["index"])
+        by_sample[key] = by_sample.get(key, 0) + 1
+    complete = {k for k, n in by_sample.items() if n == len(config["methods"])}
+    records = [r for r in records if (r["task"], r["length"], r["index"]) in complete]
+    config["complete_samples"] = len(complete)
+    return write_report(config, records, out_dir, tolerances or EvalConfig().tolerances)

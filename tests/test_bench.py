@@ -1,0 +1,89 @@
+"""The benchmark harness: its FLOP arithmetic, and that `lazyprefill bench` writes a complete result.
+
+No timing is asserted: only that every method was timed and every column is filled in.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lazyprefill import PRESETS
+from lazyprefill.bench import TRANSFORMERS, TRANSFORMERS_FLASH, ModelDims, ideal_speedup, prefill_flops
+from lazyprefill.cli import app
+
+# 2 layers, d=4, 2 query heads and 1 K/V head of size 2, FFN 8, vocab 10.
+DIMS = ModelDims(layers=2, hidden=4, heads=2, kv_heads=1, head_dim=2, ffn=8, vocab=10)
+
+
+def test_flop_counts_by_hand():
+    # per token and layer: 2 * (q 4*4 + k,v 2*4*2 + o 4*4 + MLP 3*4*8) = 2 * 144
+    assert DIMS.linear_flops == 288
+    # per (query, key) pair and layer: q.k and p.v, 2 FLOPs per multiply-add, 2 heads of size 2
+    assert DIMS.attention_flops == 16
+    # layer 0 runs 4 tokens (4*5/2 causal pairs), layer 1 runs 2 (3 pairs), LM head 2*4*10 on one token
+    assert prefill_flops(DIMS, [4, 2]) == (4 * 288 + 10 * 16) + (2 * 288 + 3 * 16) + 80 == 2016
+    assert prefill_flops(DIMS, [4, 4]) == 2 * 1312 + 80 == 2704
+
+
+def test_ideal_speedup_by_hand():
+    assert ideal_speedup(DIMS, [4, 2]) == pytest.approx(2704 / 2016)
+    assert ideal_speedup(DIMS, [4, 4]) == 1.0
+
+
+def test_ideal_speedup_wants_one_count_per_layer():
+    with pytest.raises(ValueError, match="one token count per layer"):
+        ideal_speedup(DIMS, [4, 2, 1])
+
+
+def check_result(result: dict, model: str, lengths: list[int], decode_lengths: list[int]) -> None:
+    assert {"machine", "protocol", "models"} <= result.keys()
+    assert {"torch", "transformers", "platform", "cpu"} <= result["machine"].keys()
+    (entry,) = result["models"]
+    assert entry["name"] == model
+    assert {"config", "dims", "schedules", "ttft", "decode"} <= entry.keys()
+    layers = entry["dims"]["layers"]
+    methods = [TRANSFORMERS, "dense", *PRESETS]
+    assert [(r["length"], r["method"]) for r in entry["ttft"]] == [(n, m) for n in lengths for m in methods]
+    for row in entry["ttft"]:
+        assert row["note"] == ""
+        assert len(row["times_ms"]) == result["protocol"]["repeats"] and row["ms"] > 0
+        assert row["speedup"] > 0 and row["efficiency"] > 0
+        assert len(row["computed"]) == layers
+        if row["method"] in (TRANSFORMERS, "dense"):
+            assert row["computed"] == [row["length"]] * layers and row["ideal"] == 1.0
+        else:  # a preset prunes, so fewer tokens reach the last layer
+            assert row["computed"][-1] < row["length"] and row["ideal"] > 1.0
+    decode_methods = [TRANSFORMERS, TRANSFORMERS_FLASH, "dense", *PRESETS]
+    assert [(r["length"], r["method"]) for r in entry["decode"]] == [
+        (n, m) for n in decode_lengths for m in decode_methods
+    ]
+    assert all(r["ms_per_token"] > 0 and r["new_tokens"] == 129 for r in entry["decode"])
+
+
+def run_cli(args: list[str]) -> None:
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code == 0, result.output
+    assert "| prompt | method | TTFT ms |" in result.output
+
+
+def test_bench_on_a_tiny_model_writes_json_table_and_plot(tmp_path):
+    run_cli(["--preset", "cpu", "--model", "tiny", "--lengths", "48,96", "--decode-lengths", "48",
+             "--repeats", "2", "--out", str(tmp_path), "--stem", "t"])
+    check_result(json.loads((tmp_path / "t.json").read_text()), "tiny", [48, 96], [48])
+    assert (tmp_path / "t.md").read_text().startswith("Machine:")
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_bench_cpu_preset_on_smollm2(tmp_path):
+    """The issue's CI command: `lazyprefill bench --preset cpu --lengths 1024 --repeats 2`."""
+    run_cli(["--preset", "cpu", "--lengths", "1024", "--repeats", "2", "--out", str(tmp_path)])
+    check_result(json.loads((tmp_path / "cpu.json").read_text()), "smollm2", [1024], [1024])
+
+
+def test_bench_rejects_an_unknown_preset(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--preset", "tpu", "--out", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "unknown bench preset 'tpu'" in result.output

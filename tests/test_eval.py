@@ -1,0 +1,152 @@
+"""The accuracy evaluation: metrics on hand-computed cases, task construction, and `lazyprefill eval` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lazyprefill.cli import app
+from lazyprefill.eval import metrics, report, tasks
+from lazyprefill.eval.runner import make_methods, sweep_schedules
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_code_sim_score_is_longbench_edit_similarity_of_the_first_code_line():
+    # Indel ratio: "abc" vs "abd" needs 1 deletion + 1 insertion over 6 characters -> 1 - 2/6.
+    assert metrics.code_sim_score("abd", "abc") == pytest.approx(4 / 6)
+    # Leading newlines and comment lines are skipped, as in LongBench; lines are compared stripped.
+    assert metrics.code_sim_score("\n\n    # set x\n    x = 1\ny = 2", "x = 1") == 1.0
+    assert metrics.code_sim_score("// c\n`x`\n", "x = 1") == 0.0
+    assert metrics.code_sim_score("", "x = 1") == 0.0
+
+
+def test_recall_exact_compares_the_first_words():
+    assert metrics.recall_exact(" to omit the\nparentheses that would", "to omit the parentheses") == 1.0
+    assert metrics.recall_exact("to omit the parenthesis", "to omit the parentheses") == 0.0
+    assert metrics.recall_exact("to omit", "to omit the") == 0.0
+    assert metrics.recall_exact("to omit, the", "to omit the") == 0.0
+
+
+def test_passkey_takes_the_first_number():
+    assert metrics.passkey_correct(" 41267.\nThe", "41267") == 1.0
+    assert metrics.passkey_correct(" 4126", "41267") == 0.0
+    assert metrics.passkey_correct(" 12 then 41267", "41267") == 0.0
+    assert metrics.passkey_correct(" no key", "41267") == 0.0
+
+
+def test_fidelity_metrics():
+    assert metrics.first_token_agree([5, 6], [5, 7]) == 1.0
+    assert metrics.first_token_agree([], [5]) == 0.0
+    assert metrics.match_length([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert metrics.match_length([1, 2], [1, 2, 3]) == 2
+    logits = torch.tensor([0.3, -1.0, 2.0])
+    assert metrics.kl_divergence(logits, logits) == 0.0
+    # p = (0.5, 0.5), q = (0.8, 0.2): KL = 0.5 ln(0.5/0.8) + 0.5 ln(0.5/0.2).
+    expected = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
+    q = torch.tensor([math.log(0.8), math.log(0.2)])
+    assert metrics.kl_divergence(torch.zeros(2), q) == pytest.approx(expected, rel=1e-6)
+
+
+def test_intervals():
+    # Wilson for 2/4 correct: centre 0.5, half-width z*sqrt(1/16 + z^2/64) / (1 + z^2/4).
+    z = metrics.Z95
+    half = z * math.sqrt(1 / 16 + z * z / 64) / (1 + z * z / 4)
+    ci = metrics.mean_ci([1, 0, 1, 0])
+    assert (ci.mean, ci.n) == (0.5, 4)
+    assert (ci.lo, ci.hi) == pytest.approx((0.5 - half, 0.5 + half))
+    assert metrics.mean_ci([1, 1, 1]).lo < 1.0  # all correct still leaves doubt
+    cont = metrics.mean_ci([0.2, 0.4, 0.6, 0.8])
+    assert 0.2 <= cont.lo < 0.5 < cont.hi <= 0.8
+    same = metrics.paired_diff_ci([0.2, 0.9], [0.2, 0.9])
+    assert (same.mean, same.lo, same.hi) == (0.0, 0.0, 0.0)
+    worse = metrics.paired_diff_ci([0.0, 0.5, 1.0], [1.0, 1.0, 1.0])
+    assert worse.mean == pytest.approx(-0.5) and worse.hi <= 0.0
+
+
+def test_select_presets_takes_the_fastest_schedule_within_tolerance_on_every_task():
+    def stats(family, score, dense, speedup):
+        return {"family": family, "score": {"mean": score}, "dense_score": {"mean": dense},
+                "speedup": speedup, "ideal_speedup": speedup}
+
+    summary = {
+        "code": {"a": stats("lazy", 0.50, 0.50, 1.2), "b": stats("lazy", 0.497, 0.50, 1.5),
+                 "c": stats("lazy", 0.48, 0.50, 2.0), "static:c": stats("static", 0.5, 0.5, 3.0)},
+        "passkey": {"a": stats("lazy", 1.0, 1.0, 1.2), "b": stats("lazy", 1.0, 1.0, 1.5),
+                    "c": stats("lazy", 0.96, 1.0, 2.0), "static:c": stats("static", 1.0, 1.0, 3.0)},
+    }
+    chosen = report.select_presets(summary, {"balanced": 0.01, "aggressive": 0.05, "none": 0.0})
+    assert chosen["balanced"]["schedule"] == "b"
+    assert chosen["aggressive"]["schedule"] == "c"
+    assert chosen["none"]["schedule"] == "a"
+
+
+def test_methods_pair_each_schedule_with_static_and_random():
+    methods = make_methods(["paper", "9:0.5"], num_layers=30, baselines=["paper"])
+    assert [(m.name, m.family) for m in methods] == [
+        ("dense", "dense"), ("paper", "lazy"), ("9:0.5", "lazy"), ("static:paper", "static"), ("random:paper", "random"),
+    ]
+    assert len(sweep_schedules(30)) >= 5
+    with pytest.raises(ValueError, match="mode prefix"):
+        make_methods(["static:paper"], num_layers=30)
+    with pytest.raises(ValueError, match="not among"):
+        make_methods(["paper"], num_layers=30, baselines=["9:0.5"])
+
+
+# -------------------------------------------------------------------------------------------- tasks
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lazyprefill.models import load_model
+
+    return load_model("smollm2")[1]
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_tasks_are_deterministic_and_exactly_the_requested_length(tokenizer, task):
+    first = tasks.build(task, tokenizer, 256, 3, seed=1)
+    again = tasks.build(task, tokenizer, 256, 3, seed=1)
+    other = tasks.build(task, tokenizer, 256, 3, seed=2)
+    assert first == again and first != other
+    assert all(len(s.prompt_ids) == 256 for s in first)
+
+
+def test_task_answers_are_in_the_prompt_where_they_should_be(tokenizer):
+    for s in tasks.build("passkey", tokenizer, 256, 5):
+        assert f"The pass key is {s.reference}." in tokenizer.decode(s.prompt_ids)
+    for s in tasks.build("recall", tokenizer, 256, 3):
+        text = " ".join(tokenizer.decode(s.prompt_ids).split())
+        assert text.endswith(s.meta["prefix"]) and text.count(s.meta["prefix"] + " " + s.reference) == 1
+    for s in tasks.build("code", tokenizer, 256, 3):
+        assert "#" not in s.reference and len(s.reference) >= 12
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+def test_eval_cli_writes_the_report_and_dense_matches_itself(tmp_path):
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, [
+        "eval", "--model", "smollm2", "--tasks", "code,recall,passkey", "--samples", "5", "--lengths", "256",
+        "--schedules", "paper", "--baselines", "none", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "eval.json").read_text())
+    assert set(data) == {"config", "summary", "presets", "records"}
+    assert len(data["records"]) == 3 * 5 * 2
+    for task in ("code", "recall", "passkey"):
+        assert (out / f"{task}.png").stat().st_size > 0
+        assert set(data["summary"][task]) == {"dense", "paper"}
+        for stats in data["summary"][task].values():
+            assert stats["score"]["n"] == 5
+            lo, hi = stats["score"]["ci95"]
+            assert lo <= stats["score"]["mean"] <= hi
+            assert stats["speedup"] > 0 and stats["ideal_speedup"] >= 1.0
+        dense = data["summary"][task]["dense"]
+        assert dense["score"] == dense["dense_score"]
+        assert dense["diff_vs_dense"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 5}
+    for r in data["records"]:
+        if r["method"] == "dense":  # a fresh dense run against the cached dense reference
+            assert r["score"] == r["reference_score"] and r["agree"] == 1.0 and r["kl"] == 0.0
+    assert "balanced" in data["presets"] and "aggressive" in data["presets"]
+    assert (out / "eval.md").read_text().count("| paper |") == 3
