@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from conftest import VOCAB, prompt_ids, tiny_model
+from conftest import COMMON, VOCAB, prompt_ids, tiny_model
 
 import lazyprefill as lp
 
@@ -145,15 +145,7 @@ def test_bad_schedule_object():
     "config",
     [
         tf.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4),
-        tf.GemmaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        ),
+        tf.GemmaConfig(**{**COMMON, "num_hidden_layers": 2}),
     ],
     ids=lambda c: c.model_type,
 )
@@ -165,17 +157,7 @@ def test_unsupported_architecture(model, baseline, config):
 
 
 def test_beyond_a_sliding_window_is_refused():
-    config = tf.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        sliding_window=16,
-    )
+    config = tf.MistralConfig(**{**COMMON, "num_hidden_layers": 2, "sliding_window": 16})
     lazy = lp.LazyLLM(tf.MistralForCausalLM(config).eval(), schedule=None)
     with pytest.raises(ValueError, match="16-token sliding attention window"):
         lazy.generate(prompt_ids(12), max_new_tokens=8)

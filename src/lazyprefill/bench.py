@@ -23,7 +23,7 @@ from torch.nn.attention import sdpa_kernel
 
 from .adapters import LlamaAdapter, adapter_for
 from .engine import DECODE_ATTENTION, Engine
-from .generation import LazyLLM
+from .generation import LazyLLM, synchronize
 from .schedule import PRESETS, Schedule, preset
 
 # Real model shapes with random weights: with fixed keep ratios the work does not depend on weight values.
@@ -165,11 +165,6 @@ def load_bench_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) 
 
 
 # ------------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_once(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
     """Milliseconds of one call: CUDA events on a GPU, perf_counter on a CPU."""
     if x.device.type == "cuda":
@@ -247,7 +242,7 @@ def bench_ttft(model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[[s
                     row["computed"] = Engine(adapter, schedule, capacity=n + 1).prefill(inputs[0])[1].computed
                 for i in range(cfg.warmup):
                     fn(inputs[i % len(inputs)])
-                _sync(device)
+                synchronize(device)
             except RuntimeError as err:
                 if not _is_oom(err):
                     raise
@@ -275,7 +270,7 @@ class _StepClock:
         self.stamps: list[float] = []
 
     def put(self, value) -> None:
-        _sync(self.device)
+        synchronize(self.device)
         self.stamps.append(time.perf_counter())
 
     def end(self) -> None:

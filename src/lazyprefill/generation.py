@@ -146,12 +146,12 @@ class LazyLLM:
         prefill_depth = np.full(n, -1, dtype=np.int32)
         finish, ttft = "length", 0.0
         with torch.inference_mode():
-            _sync(ids.device)
+            synchronize(ids.device)
             start = time.perf_counter()
             if max_new_tokens > 0:
                 logits, stats = engine.prefill(ids)
                 token = _choose(logits, warpers, generator, ids)
-                _sync(ids.device)
+                synchronize(ids.device)
                 ttft = time.perf_counter() - start
                 engine.settle()
                 prefill_depth = engine.cache.depth[:n].copy()
@@ -173,7 +173,7 @@ class LazyLLM:
                 logits, stats = engine.decode(token.view(1))
                 steps.append(stats)
                 token = _choose(logits, warpers, generator, ids)
-            _sync(ids.device)
+            synchronize(ids.device)
             total = time.perf_counter() - start
         stats = GenerationStats(
             steps=steps,
@@ -273,6 +273,7 @@ def _choose(
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)[0]
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings include it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
