@@ -73,6 +73,23 @@ def test_compare_text_prints_both_answers_and_the_speedup(doc):
     assert "TTFT speedup:" in result.stdout
 
 
+def test_several_prompt_files_answer_each_as_alone(doc, tmp_path):
+    """A batch of documents of different lengths: each answer is the one its file gets alone."""
+    other = tmp_path / "other.txt"
+    other.write_text("The Eiffel Tower in Paris was completed in 1889 for the World's Fair.")
+    args = ["--question", "When was it built?", "-n", "6", "--json"]
+    result = generate("--prompt-file", str(doc), "--prompt-file", str(other), *args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["batch_size"] == 2 and out["ttft_s"] > 0
+    answers = out["answers"]
+    assert [a["prompt_file"] for a in answers] == [str(doc), str(other)]
+    assert answers[0]["prompt_tokens"] > answers[1]["prompt_tokens"]
+    for answer, path in zip(answers, (doc, other), strict=True):
+        alone = json.loads(generate("--prompt-file", str(path), *args).stdout)
+        assert answer["token_ids"] == alone["token_ids"] and answer["prefill_computed"] == alone["prefill_computed"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -58,8 +58,6 @@ class CharTokenizer:
         ([3, 10**6], 4, "outside the vocabulary"),
         (prompt_ids(10), -1, "max_new_tokens must be a non-negative int"),
         (prompt_ids(10), 2.5, "max_new_tokens must be a non-negative int"),
-        (torch.stack([prompt_ids(10, 1), prompt_ids(10, 2)]), 4, "batch of 2 sequences"),
-        ([[1, 2, 3], [4, 5, 6]], 4, "batch of 2 sequences"),
         (prompt_ids(6).float(), 4, "integer token ids"),
     ],
     ids=[
@@ -72,8 +70,6 @@ class CharTokenizer:
         "id-far-beyond-vocab",
         "negative-max-new",
         "float-max-new",
-        "batch-tensor",
-        "batch-lists",
         "float-ids",
     ],
 )
@@ -101,12 +97,55 @@ def test_sampling_needs_positive_temperature(lazy, baseline, temperature):
     assert_still_works(lazy, baseline)
 
 
-def test_one_row_batch_and_nested_list_are_one_sequence(lazy, baseline):
-    assert lazy.generate(PROMPT[None], max_new_tokens=8, eos_token_id=[]).new_tokens == baseline
-    assert lazy.generate([PROMPT.tolist()], max_new_tokens=8, eos_token_id=[]).new_tokens == baseline
+def test_every_one_sequence_form_gives_the_same_answer(lazy, baseline):
     assert lazy.generate(PROMPT.tolist(), max_new_tokens=8, eos_token_id=[]).new_tokens == baseline
     assert lazy.generate(PROMPT.int(), max_new_tokens=8, eos_token_id=[]).new_tokens == baseline
     assert lazy.generate(PROMPT.numpy(), max_new_tokens=8, eos_token_id=[]).new_tokens == baseline
+    mask = torch.ones_like(PROMPT)
+    assert lazy.generate(PROMPT, attention_mask=mask, max_new_tokens=8, eos_token_id=[]).new_tokens == baseline
+
+
+def test_two_dimensional_input_is_a_batch_even_of_one(lazy, baseline):
+    """The output type follows the input's rank, never the batch size, so batch code has no special case."""
+    for batch in (PROMPT[None], [PROMPT.tolist()], [PROMPT], [PROMPT.numpy()]):
+        outs = lazy.generate(batch, max_new_tokens=8, eos_token_id=[])
+        assert isinstance(outs, list) and [o.new_tokens for o in outs] == [baseline]
+
+
+# ----------------------------------------------------------------- bad batches
+SHORT, LONG = prompt_ids(10, 1), prompt_ids(250, 2)
+PADDED = torch.stack([PROMPT, torch.cat([PROMPT[:5], torch.zeros(len(PROMPT) - 5, dtype=torch.long)])])
+RIGHT_PAD_MASK = torch.stack([torch.ones(len(PROMPT), dtype=torch.long), (torch.arange(len(PROMPT)) < 5).long()])
+
+
+@pytest.mark.parametrize(
+    "input_ids, kwargs, match",
+    [
+        ([SHORT.tolist(), []], {}, "sequence 1 of the batch is empty"),
+        ([SHORT, SHORT[:0]], {}, "sequence 1 of the batch is empty"),
+        (torch.empty(0, 5, dtype=torch.long), {}, "the batch is empty"),
+        ([], {"attention_mask": []}, "the prompt is empty"),
+        (PADDED, {"attention_mask": torch.stack([RIGHT_PAD_MASK[0], 0 * RIGHT_PAD_MASK[1]])}, "sequence 1 of the batch is empty"),
+        (PADDED, {"attention_mask": RIGHT_PAD_MASK[:, :-1]}, r"attention_mask has shape \(2, 19\) but input_ids has shape \(2, 20\)"),
+        (PADDED, {"attention_mask": RIGHT_PAD_MASK[:1]}, "attention_mask has shape .* must match"),
+        (PADDED, {"attention_mask": 2 * RIGHT_PAD_MASK}, r"only 1 \(token\) and 0 \(padding\)"),
+        (PADDED, {"attention_mask": RIGHT_PAD_MASK.flip(1).roll(3, 1)}, "attention_mask row 1 has padding between tokens"),
+        ([SHORT.tolist(), LONG.tolist()], {"attention_mask": [[1] * 10, [1] * 250]}, "attention_mask goes with one padded"),
+        ([SHORT, LONG], {}, r"sequence 1 of the batch \(250 tokens\) \+ max_new_tokens \(10\) = 260 exceeds the model's 256"),
+        ([SHORT.tolist(), [1, VOCAB]], {}, rf"token id {VOCAB} \(in sequence 1 of the batch\) is outside the vocabulary"),
+        ([SHORT, SHORT.float()], {}, "integer token ids"),
+        (torch.zeros(2, 2, 2, dtype=torch.long), {}, r"input_ids must be \[n\] or \[batch, n\]"),
+    ],
+    ids=[
+        "empty-list-in-batch", "empty-tensor-in-batch", "no-sequences", "empty-with-mask", "all-padding-row",
+        "mask-one-column-short", "mask-one-row-short", "mask-not-binary", "mask-with-hole", "ragged-with-mask",
+        "longest-beyond-positions", "id-beyond-vocab-in-row", "float-row", "three-dimensional",
+    ],
+)
+def test_bad_batch_input(lazy, baseline, input_ids, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lazy.generate(input_ids, max_new_tokens=10, **kwargs)
+    assert_still_works(lazy, baseline)
 
 
 # ----------------------------------------------------------------- bad schedules and models

@@ -40,11 +40,11 @@ def drive(family: str, schedule, n_prompt: int = 24, steps: int = DECODE_STEPS, 
     ids = prompt_ids(n_prompt, seed)
     fed: list[int] = []
     with torch.inference_mode():
-        logits, _ = engine.prefill(ids)
+        logits, _ = engine.prefill([ids])
         engine.settle()
         for _ in range(steps):
             fed.append(int(logits.argmax()))
-            logits, _ = engine.decode(torch.tensor([fed[-1]]))
+            logits, _ = engine.decode(torch.tensor([fed[-1]]), [0])
     return engine, ids, fed
 
 
@@ -62,11 +62,11 @@ def test_each_kv_written_at_most_once_and_prefix_closed(driven):
     *_, engine, ids, fed = driven
     cache = engine.cache
     T = ids.shape[0] + len(fed)
-    assert cache.length == T
-    writes = cache.writes[:, :T]  # [L, T]
+    assert cache.length.tolist() == [T]
+    writes = cache.writes[:, 0, :T]  # [L, T]
     assert writes.max() <= 1, "some (layer, token) K/V was written twice"
     layers = np.arange(writes.shape[0])[:, None]
-    np.testing.assert_array_equal(writes, (layers <= cache.depth[None, :T]).astype(writes.dtype))
+    np.testing.assert_array_equal(writes, (layers <= cache.depth[None, 0, :T]).astype(writes.dtype))
 
 
 def test_traces_compute_each_token_layer_once_and_prefix_closed(driven):
@@ -74,18 +74,18 @@ def test_traces_compute_each_token_layer_once_and_prefix_closed(driven):
     *_, engine, ids, fed = driven
     T = ids.shape[0] + len(fed)
     ran = [[] for _ in range(T)]
-    for trace in engine.traces:
+    for trace in engine.traces[0]:
         for layer, positions in enumerate(trace.computed):
             for p in positions.tolist():
                 ran[p].append(layer)
     for i in range(T):
-        assert sorted(ran[i]) == ran[i] == list(range(engine.cache.depth[i] + 1)), f"token {i}"
+        assert sorted(ran[i]) == ran[i] == list(range(engine.cache.depth[0, i] + 1)), f"token {i}"
 
 
 def test_candidate_sets_shrink_and_contain_q(driven):
     """Invariant 3, plus: S_0 is every token so far, and the rows that run a layer are candidates."""
     *_, engine, ids, _ = driven
-    for step, trace in enumerate(engine.traces):
+    for step, trace in enumerate(engine.traces[0]):
         q = ids.shape[0] - 1 + step
         assert trace.candidates[0].tolist() == list(range(q + 1))
         for layer, (cands, computed) in enumerate(zip(trace.candidates, trace.computed, strict=True)):
@@ -100,7 +100,7 @@ def test_keep_counts_are_ceil_of_ratio(driven):
     """|S_{l+1}| = ceil(r * |S_l|) after a pruning layer (prefill only in static mode), else |S_l|."""
     family, schedule, engine, _, _ = driven
     sched = lp.parse_schedule(schedule, tiny_model(family).config.num_hidden_layers)
-    steps = engine.traces[:1] if sched.mode == "static" else engine.traces  # static decoding: its own test
+    steps = engine.traces[0][:1] if sched.mode == "static" else engine.traces[0]  # static decoding: its own test
     for step, trace in enumerate(steps):
         sizes = [len(c) for c in trace.candidates]
         for layer in range(len(sizes) - 1):
@@ -111,7 +111,7 @@ def test_keep_counts_are_ceil_of_ratio(driven):
 def test_keep_count_uses_the_ratio_as_written():
     """ceil(0.28 * 25) is 7; float multiplication gives 7.000000000000001 and would keep 8."""
     engine, _, _ = drive("llama_gqa_rope3", {1: 0.28}, n_prompt=25, steps=0)
-    assert [len(c) for c in engine.traces[0].candidates] == [25, 25, 7, 7, 7, 7]
+    assert [len(c) for c in engine.traces[0][0].candidates] == [25, 25, 7, 7, 7, 7]
 
 
 @pytest.mark.parametrize("schedule", [s for s in SCHEDULES if not str(s).startswith("random")], ids=str)
@@ -129,21 +129,21 @@ def test_aux_holds_the_output_of_layer_depth(family, schedule):
     ids = prompt_ids(24)
     checked = 0
     with torch.inference_mode():
-        logits, _ = engine.prefill(ids)
+        logits, _ = engine.prefill([ids])
         engine.settle()
         ref.prefill(ids.tolist())
         for step in range(DECODE_STEPS + 1):
-            depth = engine.cache.depth[: len(ref.ids)]
+            depth = engine.cache.depth[0, : len(ref.ids)]
             assert depth.tolist() == ref.depth, f"step {step}"
             shallow = [i for i in range(len(ref.ids)) if depth[i] < adapter.num_layers - 1]
             if shallow:
-                got = engine.cache.aux[shallow].double()
+                got = engine.cache.aux[0, shallow].double()
                 want = torch.stack([ref.aux[i] for i in shallow])
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"step {step}")
             checked += len(shallow)
             if step < DECODE_STEPS:
                 token = int(logits.argmax())
-                logits, _ = engine.decode(torch.tensor([token]))
+                logits, _ = engine.decode(torch.tensor([token]), [0])
                 ref.decode(token)
     assert checked > 0, "the schedule should leave some tokens short of the last layer"
 
@@ -153,11 +153,11 @@ def test_prefill_aux_equals_dense_hidden_state(family):
     """Tokens dropped at the first pruning layer p saw only dense layers: aux = transformers' layer p output."""
     p = 2
     engine, ids, _ = drive(family, {p: 0.4, 4: 0.5}, steps=0)
-    dropped = np.flatnonzero(engine.cache.depth[: ids.shape[0]] == p)
+    dropped = np.flatnonzero(engine.cache.depth[0, : ids.shape[0]] == p)
     assert dropped.size > 0
     with torch.no_grad():
         hidden = tiny_model(family)(ids[None], output_hidden_states=True).hidden_states[p + 1][0]  # [n, d]
-    torch.testing.assert_close(engine.cache.aux[dropped], hidden[dropped], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(engine.cache.aux[0, dropped], hidden[dropped], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -170,7 +170,7 @@ def test_prefill_scores_equal_transformers_attention_row(family):
     eager.set_attn_implementation("eager")
     with torch.no_grad():
         attn = eager(ids[None], output_attentions=True).attentions[p][0, :, -1, :].mean(0)  # [n]
-    positions, scores = engine.traces[0].scores[p]
+    positions, scores = engine.traces[0][0].scores[p]
     assert positions.tolist() == list(range(ids.shape[0]))
     np.testing.assert_allclose(scores, attn.numpy(), atol=1e-6)
 
@@ -204,17 +204,17 @@ def test_prefill_survivors_use_original_positions(family):
 def test_static_never_revives(family):
     engine, ids, fed = drive(family, "static:0:0.5,2:0.5,4:0.5")
     n = ids.shape[0]
-    prefill_depth = engine.traces[0]
+    prefill_depth = engine.traces[0][0]
     depth_after_prefill = np.array(
         [max(layer for layer, c in enumerate(prefill_depth.computed) if i in c) for i in range(n)]
     )
-    np.testing.assert_array_equal(engine.cache.depth[:n], depth_after_prefill)
+    np.testing.assert_array_equal(engine.cache.depth[0, :n], depth_after_prefill)
     L = engine.a.num_layers
-    for step, trace in enumerate(engine.traces[1:], start=1):
+    for step, trace in enumerate(engine.traces[0][1:], start=1):
         q = n - 1 + step
         assert [c.tolist() for c in trace.computed] == [[q]] * L, "static decoding runs only the new token"
         for layer, cands in enumerate(trace.candidates):
-            with_kv = [i for i in range(q) if engine.cache.depth[i] >= layer]
+            with_kv = [i for i in range(q) if engine.cache.depth[0, i] >= layer]
             assert cands.tolist() == with_kv + [q], "static decoding attends to every cached K/V"
 
 
@@ -240,9 +240,9 @@ def test_random_keeps_lazy_counts_with_other_tokens(family):
 def test_dense_computes_every_token_layer_exactly_once(family):
     engine, ids, fed = drive(family, None)
     T = ids.shape[0] + len(fed)
-    assert np.all(engine.cache.writes[:, :T] == 1)
-    assert engine.traces[0].computed[0].tolist() == list(range(ids.shape[0]))
-    for step, trace in enumerate(engine.traces[1:], start=1):
+    assert np.all(engine.cache.writes[:, 0, :T] == 1)
+    assert engine.traces[0][0].computed[0].tolist() == list(range(ids.shape[0]))
+    for step, trace in enumerate(engine.traces[0][1:], start=1):
         q = ids.shape[0] - 1 + step
         assert all(c.tolist() == [q] for c in trace.computed)
         assert all(c.tolist() == list(range(q + 1)) for c in trace.candidates)

@@ -53,7 +53,7 @@ class LlamaAdapter:
     def qkv(
         self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h: [n, d] -> post-RoPE q: [H, n, dh], k: [Hkv, n, dh], v: [Hkv, n, dh]."""
+        """h: [n, d] -> post-RoPE q: [n, H, dh], k: [n, Hkv, dh], v: [n, Hkv, dh] (row-major, as packed rows)."""
         attn = self.layers[layer].self_attn
         x = self.layers[layer].input_layernorm(h)
         n = x.shape[0]
@@ -61,17 +61,16 @@ class LlamaAdapter:
         k = attn.k_proj(x).view(n, -1, self.head_dim)
         v = attn.v_proj(x).view(n, -1, self.head_dim)
         q, k = self._qk_norm(attn, q, k)
-        q, k = self._apply_rope(q.transpose(0, 1), k.transpose(0, 1), cos, sin, unsqueeze_dim=0)
-        return q, k, v.transpose(0, 1)
+        q, k = self._apply_rope(q, k, cos, sin, unsqueeze_dim=1)
+        return q, k, v
 
     def _qk_norm(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
 
     def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """h: [n, d] layer input, attn_out: [H, n, dh] -> layer output [n, d]."""
+        """h: [n, d] layer input, attn_out: [n, H, dh] -> layer output [n, d]."""
         block = self.layers[layer]
-        n = h.shape[0]
-        h = h + block.self_attn.o_proj(attn_out.transpose(0, 1).reshape(n, -1))
+        h = h + block.self_attn.o_proj(attn_out.reshape(h.shape[0], -1))
         return h + block.mlp(block.post_attention_layernorm(h))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

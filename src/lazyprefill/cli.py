@@ -47,11 +47,12 @@ def inspect_command(
 
 @app.command("generate")
 def generate_command(
-    prompt_file: Path = typer.Option(
-        ..., "--prompt-file", "-f", exists=True, dir_okay=False, readable=True, help="The document (text)."
+    prompt_files: list[Path] = typer.Option(
+        ..., "--prompt-file", "-f", exists=True, dir_okay=False, readable=True,
+        help="The document (text). Repeat it to answer several documents as one batch.",
     ),
     model: str = typer.Option("smollm2", "--model", "-m", help="smollm2 (embedded default), a local path or hub name."),
-    question: str | None = typer.Option(None, "--question", "-q", help="Asked after the document."),
+    question: str | None = typer.Option(None, "--question", "-q", help="Asked after each document."),
     schedule: str = typer.Option(
         "paper", "--schedule", "-s", help='paper, none (dense), static, random or layer:ratio pairs "9:0.7,19:0.7".'
     ),
@@ -64,7 +65,11 @@ def generate_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
 ) -> None:
-    """Answer a question about a document with LazyLLM, and time the first token (TTFT)."""
+    """Answer a question about a document with LazyLLM, and time the first token (TTFT).
+
+    Several --prompt-file options run as one batch: each document is pruned on its own, and the TTFT
+    is the whole batch's.
+    """
     import json
     import statistics
 
@@ -80,9 +85,10 @@ def generate_command(
         raise typer.BadParameter(f"use one of {', '.join(DTYPES)}", param_hint="--dtype")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise typer.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
-    document = prompt_file.read_text(encoding="utf-8")
-    if not document.strip() and not (question or "").strip():
-        raise typer.BadParameter(f"{prompt_file} is empty and no --question was given", param_hint="--prompt-file")
+    documents = [path.read_text(encoding="utf-8") for path in prompt_files]
+    for path, document in zip(prompt_files, documents):
+        if not document.strip() and not (question or "").strip():
+            raise typer.BadParameter(f"{path} is empty and no --question was given", param_hint="--prompt-file")
     try:
         parse_schedule(schedule, num_layers=1 << 20)  # syntax only; layer ranges are checked once the model is known
     except ValueError as err:
@@ -99,7 +105,10 @@ def generate_command(
         sched = parse_schedule(schedule, lm.config.num_hidden_layers)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--schedule") from None
-    ids = torch.tensor(chat_prompt(tokenizer, document, question), device=lm.device)
+    prompts = [chat_prompt(tokenizer, document, question) for document in documents]
+    batch = prompts if len(prompts) > 1 else torch.tensor(prompts[0], device=lm.device)
+    n_tokens = sum(len(p) for p in prompts)
+    what = f"{n_tokens} tokens" if len(prompts) == 1 else f"{len(prompts)} prompts, {n_tokens} tokens"
 
     try:
         methods = {"lazy": LazyLLM(lm, sched, tokenizer=tokenizer)}
@@ -111,49 +120,54 @@ def generate_command(
     try:
         with console.status("Warming up: one untimed prefill of each method..."):
             for llm in methods.values():  # the first run at a new length pays one-off allocation costs
-                llm.generate(ids, max_new_tokens=1)
+                llm.generate(batch, max_new_tokens=1)
         for run in range(repeats):  # interleaved, so a noisy neighbour slows both methods alike
             for name, llm in methods.items():
                 label = f"{name} ({schedule})" if name == "lazy" else name
-                with console.status(f"Prefill of {ids.numel()} tokens, {label}, run {run + 1}/{repeats}..."):
-                    out = llm.generate(ids, max_new_tokens=max_new_tokens if run == 0 else 1)
-                outputs.setdefault(name, out)  # the first run makes the full answer; later runs time TTFT only
-                ttfts[name].append(out.ttft_s)
+                with console.status(f"Prefill of {what}, {label}, run {run + 1}/{repeats}..."):
+                    out = llm.generate(batch, max_new_tokens=max_new_tokens if run == 0 else 1)
+                outputs.setdefault(name, out if isinstance(out, list) else [out])  # the first run makes the answers
+                ttfts[name].append((out[0] if isinstance(out, list) else out).ttft_s)  # one TTFT per batch
     except ValueError as err:  # the engine's input checks, e.g. a prompt longer than the model takes
         raise typer.BadParameter(str(err), param_hint="--prompt-file") from None
     ttft = {name: statistics.median(times) for name, times in ttfts.items()}
 
-    lazy = outputs["lazy"]
     num_layers = lm.config.num_hidden_layers
-    work = sum(lazy.stats.prefill_computed) / (num_layers * ids.numel())  # share of dense prefill rows computed
+    answers = []
+    for i, (path, prompt, lazy) in enumerate(zip(prompt_files, prompts, outputs["lazy"])):
+        answer = {
+            "prompt_file": str(path),
+            "prompt_tokens": len(prompt),
+            "text": lazy.text,
+            "token_ids": lazy.new_tokens,
+            "finish_reason": lazy.finish_reason,
+            "prefill_computed": lazy.stats.prefill_computed,
+            "prefill_work": sum(lazy.stats.prefill_computed) / (num_layers * len(prompt)),  # share of dense rows
+        }
+        if compare:
+            answer |= {"dense_text": outputs["dense"][i].text, "dense_token_ids": outputs["dense"][i].new_tokens}
+        answers.append(answer)
     if json_out:
         result = {
             "model": model,
             "schedule": schedule,
             "schedule_keep": {str(layer): ratio for layer, ratio in sched.keep.items()},
             "schedule_mode": sched.mode,
-            "prompt_tokens": ids.numel(),
+            "batch_size": len(prompts),
             "max_new_tokens": max_new_tokens,
             "device": device,
             "dtype": dtype,
             "repeats": repeats,
-            "text": lazy.text,
-            "token_ids": lazy.new_tokens,
-            "finish_reason": lazy.finish_reason,
             "ttft_s": ttft["lazy"],
             "ttft_runs_s": ttfts["lazy"],
-            "prefill_computed": lazy.stats.prefill_computed,
-            "prefill_work": work,
         }
         if compare:
-            dense = outputs["dense"]
             result |= {
-                "dense_text": dense.text,
-                "dense_token_ids": dense.new_tokens,
                 "dense_ttft_s": ttft["dense"],
                 "dense_ttft_runs_s": ttfts["dense"],
                 "speedup": ttft["dense"] / ttft["lazy"],
             }
+        result |= answers[0] if len(answers) == 1 else {"answers": answers}  # one prompt: its fields at the top
         typer.echo(json.dumps(result))
         return
 
@@ -161,16 +175,23 @@ def generate_command(
 
     out_console = Console(highlight=False)
     out_console.print(
-        f"[bold]{escape(model)}[/bold] on {device} ({dtype}), prompt of {ids.numel()} tokens, "
+        f"[bold]{escape(model)}[/bold] on {device} ({dtype}), {what}, "
         f"TTFT as the median of {repeats} run{'s' if repeats > 1 else ''}"
     )
-    out_console.print(f"\n[bold]LazyLLM ({escape(schedule)})[/bold]: {escape(lazy.text.strip())}")
-    if compare:
-        out_console.print(f"\n[bold]Dense[/bold]: {escape(outputs['dense'].text.strip())}\n")
+    for answer in answers:
+        if len(answers) > 1:
+            out_console.print(f"\n[bold]{escape(answer['prompt_file'])}[/bold] ({answer['prompt_tokens']} tokens)")
+        out_console.print(f"\n[bold]LazyLLM ({escape(schedule)})[/bold]: {escape(answer['text'].strip())}")
+        if compare:
+            out_console.print(f"\n[bold]Dense[/bold]: {escape(answer['dense_text'].strip())}")
+    work = sum(sum(o.stats.prefill_computed) for o in outputs["lazy"]) / (num_layers * n_tokens)
     table = Table("method", "TTFT", "prefill work", "new tokens")
     if compare:
-        table.add_row("dense", f"{ttft['dense']:.3f} s", "100%", str(len(outputs["dense"].new_tokens)))
-    table.add_row(f"LazyLLM ({escape(schedule)})", f"{ttft['lazy']:.3f} s", f"{work:.0%}", str(len(lazy.new_tokens)))
+        new = sum(len(o.new_tokens) for o in outputs["dense"])
+        table.add_row("dense", f"{ttft['dense']:.3f} s", "100%", str(new))
+    new = sum(len(o.new_tokens) for o in outputs["lazy"])
+    table.add_row(f"LazyLLM ({escape(schedule)})", f"{ttft['lazy']:.3f} s", f"{work:.0%}", str(new))
+    out_console.print()
     out_console.print(table)
     if compare:
         out_console.print(f"TTFT speedup: [bold]{ttft['dense'] / ttft['lazy']:.2f}x[/bold]")

@@ -1,9 +1,18 @@
-"""The layer loop: LazyLLM prefill and decoding steps over one sequence.
+"""The layer loop: LazyLLM prefill and decoding steps over a batch of sequences.
 
-Prefill runs compacted: after a pruning layer only the survivors' rows go on, in original order and
-with original position ids, so every layer is a plain causal SDPA call on a shorter sequence.
-A decoding step runs only the rows that enter each layer (the new token q plus tokens revived from
-the Aux Cache) against the K/V of that layer's candidate set S_l.
+Every sequence has its own candidate sets, Aux Cache slots and revivals; the batch shares kernel
+launches, never a selection. Rows are packed (packing.py): projections, norms and the MLP run on
+exactly the rows each sequence needs, and attention sees one right-padded sequence per batch entry.
+
+Prefill runs compacted: after a pruning layer only each sequence's survivors go on, in original
+order and with original position ids. Right padding keeps every layer one plain causal SDPA call on
+its fast kernels: with is_causal=True a real row only sees keys at or before its own index, which
+are all real, so no mask is needed, and the padded rows' outputs are thrown away. We pad rather
+than call a variable-length kernel because SDPA has none (on CPU or GPU) and a masked call would
+lose the flash kernel; the padding costs attention work only, never MLP work.
+
+A decoding step runs only the rows that enter each layer (each sequence's new token q plus its
+tokens revived from the Aux Cache) against the K/V of that sequence's candidate set S_l.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import LlamaAdapter
 from .cache import LazyCache
+from .packing import Packing, upload
 from .schedule import Schedule
 from .scoring import attention_row, random_scores, select
 
@@ -30,7 +40,7 @@ DECODE_ATTENTION = [
 
 @dataclass
 class StepStats:
-    """Per-layer token counts of one step (prefill or one decoding step)."""
+    """Per-layer token counts of one sequence in one step (prefill or one decoding step)."""
 
     computed: list[int] = field(default_factory=list)  # rows that ran layer l
     candidates: list[int] = field(default_factory=list)  # |S_l|
@@ -39,7 +49,7 @@ class StepStats:
 
 @dataclass
 class StepTrace:
-    """What a step did, token by token: recorded only when tracing (tests, `inspect`)."""
+    """What a step did to one sequence, token by token: recorded only when tracing (tests, `inspect`)."""
 
     candidates: list[np.ndarray] = field(default_factory=list)  # S_l positions, per layer
     computed: list[np.ndarray] = field(default_factory=list)  # positions that ran layer l
@@ -47,65 +57,79 @@ class StepTrace:
 
 
 class Engine:
-    """Runs one sequence through prefill and decoding steps under a schedule."""
+    """Runs a batch of sequences through prefill and decoding steps under one schedule.
+
+    In the `random` baseline, sequence b draws from its own generator seeded `schedule.seed + b`,
+    so that what it keeps does not depend on the rest of the batch.
+    """
 
     def __init__(self, adapter: LlamaAdapter, schedule: Schedule, capacity: int, trace: bool = False) -> None:
         self.a = adapter
         self.schedule = schedule
-        self.cache = LazyCache(adapter, capacity, track_writes=trace)
+        self.capacity = capacity  # positions per sequence: longest prompt + new tokens
         self.trace = trace
-        self.traces: list[StepTrace] = []
-        self.generator: torch.Generator | None = None
-        if schedule.mode == "random":
-            self.generator = torch.Generator(device=adapter.device).manual_seed(schedule.seed)
+        self.cache: LazyCache | None = None  # allocated by prefill, once the prompt lengths are known
+        self.traces: list[list[StepTrace]] = []  # [sequence][step]
+        self.generators: list[torch.Generator] = []
 
     # ---------------------------------------------------------------- prefill
-    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, StepStats]:
-        """ids: [n] on the model's device -> logits of the last token [vocab], per-layer stats.
+    def prefill(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[StepStats]]:
+        """prompts: B token-id tensors [n_b] on the model's device -> last-token logits [B, vocab], stats.
 
-        Never waits on the device: selection sizes are known on the host, and the host-side
-        depth bookkeeping is settled by `settle()` once the first token's logits exist.
+        Never waits on the device: selection sizes are known on the host, and the host-side depth
+        bookkeeping is settled by `settle()` once the first tokens' logits exist.
         """
-        a, c, L = self.a, self.cache, self.a.num_layers
-        n = ids.shape[0]
-        stats, trace = StepStats(), StepTrace()
-        rows: torch.Tensor | slice = slice(0, n)  # positions of the active rows
-        h = a.embed(ids)  # [n_active, d]
-        cos, sin = a.rope(torch.arange(n, device=ids.device))  # [n_active, dh]
-        self._dropped: list[tuple[int, torch.Tensor]] = []
+        a, L, dev = self.a, self.a.num_layers, self.a.device
+        counts = [p.shape[0] for p in prompts]
+        B = len(prompts)
+        c = self.cache = LazyCache(a, counts, self.capacity, track_writes=self.trace)
+        if self.schedule.mode == "random":
+            self.generators = [torch.Generator(device=dev).manual_seed(self.schedule.seed + b) for b in range(B)]
+        stats, traces = [StepStats() for _ in range(B)], [StepTrace() for _ in range(B)]
+        rows = Packing(counts, dev)
+        pos = rows.slot  # [N] original position of each active row
+        h = a.embed(torch.cat(prompts))  # [N, d]
+        cos, sin = a.rope(pos)  # [N, dh]
+        self._dropped: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for l in range(L):
-            n_active = h.shape[0]
-            stats.computed.append(n_active)
-            stats.candidates.append(n_active)
-            stats.revived.append(0)
-            q, k, v = a.qkv(l, h, cos, sin)  # q: [H, n_active, dh], k/v: [Hkv, n_active, dh]
-            c.write_kv(l, rows, k, v)
+            for s, n in zip(stats, rows.counts):
+                s.computed.append(n)
+                s.candidates.append(n)
+                s.revived.append(0)
+            q, k, v = a.qkv(l, h, cos, sin)  # q: [N, H, dh], k/v: [N, Hkv, dh]
+            c.write_kv(l, rows.seq, pos, k, v)
+            qp, kp, vp = (rows.pad(x).transpose(1, 2) for x in (q, k, v))  # [B, heads, width, dh]
             o = F.scaled_dot_product_attention(
-                q[None], k[None], v[None], is_causal=True, scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads
-            )[0]
-            scores = self._scores(q[:, -1], k) if l in self.schedule.keep else None
-            del q, k, v  # free them before the MLP's activations: lower peak memory, as in transformers
+                qp, kp, vp, is_causal=True, scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads
+            )
+            scores = None
+            if l in self.schedule.keep:
+                scores = self._scores(rows, lambda: attention_row(q[rows.last], kp, a.scaling, rows.valid))
+            del q, k, v, qp, kp, vp  # free them before the MLP's activations: lower peak memory, as in transformers
+            o = rows.unpad(o.transpose(1, 2))  # [N, H, dh]
             h = a.finish(l, h, o)
             if self.trace:
-                pos_host = _host_positions(rows)
-                c.count_writes(l, pos_host)
-                trace.candidates.append(pos_host)
-                trace.computed.append(pos_host)
+                for b, (seq_pos, tr) in enumerate(zip(_split(pos, rows), traces)):
+                    c.count_writes(l, np.full(seq_pos.shape, b), seq_pos)
+                    tr.candidates.append(seq_pos)
+                    tr.computed.append(seq_pos)
             if scores is None:
                 continue
-            kept, dropped = select(scores, self.schedule.kept_count(l, n_active))
-            if isinstance(rows, slice):
-                rows = torch.arange(n, device=ids.device)
+            keep = [self.schedule.kept_count(l, n) for n in rows.counts]
+            kept, dropped = select(scores, rows, keep)
             if self.trace:
-                trace.scores[l] = (_host_positions(rows), scores.cpu().numpy())
-            c.aux.index_copy_(0, rows[dropped], h[dropped])
-            self._dropped.append((l, rows[dropped]))
-            rows, h, cos, sin = rows[kept], h[kept], cos[kept], sin[kept]
-        self._prefill_len = n
-        c.length = n
+                padded = scores.cpu().numpy()
+                for b, (seq_pos, tr) in enumerate(zip(_split(pos, rows), traces)):
+                    tr.scores[l] = (seq_pos, padded[b, : seq_pos.shape[0]])
+            seq_dropped, pos_dropped = rows.seq[dropped], pos[dropped]
+            c.aux[seq_dropped, pos_dropped] = h[dropped]
+            self._dropped.append((l, seq_dropped, pos_dropped))
+            rows = Packing(keep, dev)
+            pos, h, cos, sin = pos[kept], h[kept], cos[kept], sin[kept]
+        c.length[:] = counts
         if self.trace:
-            self.traces.append(trace)
-        return a.logits(h[-1:])[0], stats
+            self.traces = [[tr] for tr in traces]
+        return a.logits(h[rows.last]), stats
 
     def settle(self) -> None:
         """Write prefill's depth bookkeeping to the host (after TTFT has been measured).
@@ -114,100 +138,158 @@ class Engine:
         all cached positions with those masked out, and uninitialised memory could hold NaN.
         """
         c = self.cache
-        c.depth[: self._prefill_len] = self.a.num_layers - 1
-        for layer, pos in self._dropped:
-            c.depth[pos.cpu().numpy()] = layer
-            c.k[layer + 1 :].index_fill_(2, pos, 0)
-            c.v[layer + 1 :].index_fill_(2, pos, 0)
+        for b, n in enumerate(c.length):
+            c.depth[b, :n] = self.a.num_layers - 1
+        for layer, seq, pos in self._dropped:
+            c.depth[seq.cpu().numpy(), pos.cpu().numpy()] = layer
+            c.k[layer + 1 :][:, seq, :, pos] = 0
+            c.v[layer + 1 :][:, seq, :, pos] = 0
         self._dropped = []
+
+    def _scores(self, rows: Packing, attention) -> torch.Tensor:
+        """[B, width] importance of the candidates laid out by `rows`: `attention()`, or random draws."""
+        if self.generators:
+            active = [g for g, n in zip(self.generators, rows.counts) if n]
+            return rows.pad(random_scores([n for n in rows.counts if n], active, self.a.device))
+        return attention()
 
     # --------------------------------------------------------------- decoding
     @sdpa_kernel(DECODE_ATTENTION, set_priority=True)
-    def decode(self, token: torch.Tensor) -> tuple[torch.Tensor, StepStats]:
-        """token: [1] the newest token (becomes q at position t) -> its logits [vocab], stats."""
-        a, c, L, sched = self.a, self.cache, self.a.num_layers, self.schedule
-        t = c.length
-        c.length = t + 1
-        depth = c.depth
-        dev = token.device
-        c.aux[t] = a.embed(token)[0]
-        depth[t] = -1
-        cand: np.ndarray | None = None  # S_l positions; None: every token 0..t
-        cand_dev: torch.Tensor | None = None  # the same on the device, updated only when S changes
-        in_s: torch.Tensor | None = None  # [t+1] bool: is each position in S_l (masks the attention)
-        prev_rows = np.array([t])
-        stats, trace = StepStats(), StepTrace()
-        cos_q, sin_q = a.rope(torch.tensor([t], device=dev))
+    def decode(self, tokens: torch.Tensor, seqs: list[int]) -> tuple[torch.Tensor, list[StepStats]]:
+        """tokens: [A] the newest token of each sequence in `seqs` (ascending; the rest have stopped)
+        -> their logits [A, vocab] and stats. Each token becomes its sequence's q at position length."""
+        a, c, L, sched, dev = self.a, self.cache, self.a.num_layers, self.schedule, self.a.device
+        B = c.depth.shape[0]
+        t = c.length[seqs].copy()  # [A] position of each sequence's q
+        c.length[seqs] += 1
+        c.depth[seqs, t] = -1
+        T = int(t.max()) + 1  # attention spans positions [0, T) of every sequence
+        q_rows = Packing(np.isin(np.arange(B), seqs).astype(np.int64), dev)
+        q_pos = upload(t, dev)  # [A]
+        c.aux[q_rows.seq, q_pos] = a.embed(tokens)
+        cos_q, sin_q = a.rope(q_pos)
+        # in_s: [B, T] bool, each sequence's S_l; None: every token so far, in every sequence alike
+        in_s = None
+        if len(seqs) < B or (t != t[0]).any():
+            lens = np.zeros(B, dtype=np.int64)
+            lens[seqs] = t + 1
+            in_s = torch.arange(T, device=dev)[None, :] < upload(lens, dev)[:, None]
+        cand: dict[int, np.ndarray | None] = dict.fromkeys(seqs)  # S_l positions; None: every token 0..t
+        cand_flat: torch.Tensor | None = None  # [C] b * T + position of every candidate, S_l of all sequences
+        prev = {b: np.array([tb]) for b, tb in zip(seqs, t)}
+        stats, traces = {b: StepStats() for b in seqs}, {b: StepTrace() for b in seqs}
         for l in range(L):
             if sched.mode == "static" and sched.keep:
-                cand = _with_last(np.flatnonzero(depth[:t] >= l), t)
-                cand_dev = torch.from_numpy(cand).to(dev)
-                in_s = _membership(cand_dev, t + 1)
-            full = cand is None
-            cand_host = np.arange(t + 1) if full else cand
-            # enter layer l: stopped just before it (a scan of depth is cheaper than a gather when full)
-            rows = np.flatnonzero(depth[: t + 1] == l - 1) if full else cand[depth[cand] == l - 1]
-            n_rows = rows.shape[0]
-            stats.computed.append(n_rows)
-            stats.candidates.append(cand_host.shape[0])
-            # one row is q alone, which ran the previous layer too
-            stats.revived.append(0 if n_rows == 1 else int(np.setdiff1d(rows, prev_rows, assume_unique=True).shape[0]))
-            if n_rows == 1:
-                rows_dev: torch.Tensor | slice = slice(t, t + 1)
-                cos, sin = cos_q, sin_q
+                for b, tb in zip(seqs, t):
+                    cand[b] = np.append(np.flatnonzero(c.depth[b, :tb] >= l), tb)
+                cand_flat = upload(np.concatenate([b * T + cand[b] for b in seqs]), dev)
+                in_s = _membership(cand_flat, B, T)
+            rows: dict[int, np.ndarray] = {}
+            for b, tb in zip(seqs, t):
+                S = cand[b]
+                # enter layer l: stopped just before it (a scan of depth is cheaper than a gather when full)
+                rows[b] = np.flatnonzero(c.depth[b, : tb + 1] == l - 1) if S is None else S[c.depth[b, S] == l - 1]
+                n_rows = rows[b].shape[0]
+                stats[b].computed.append(n_rows)
+                stats[b].candidates.append(int(tb) + 1 if S is None else S.shape[0])
+                # one row is q alone, which ran the previous layer too
+                revived = 0 if n_rows == 1 else np.setdiff1d(rows[b], prev[b], assume_unique=True).shape[0]
+                stats[b].revived.append(int(revived))
+            if all(r.shape[0] == 1 for r in rows.values()):
+                packing, pos, cos, sin = q_rows, q_pos, cos_q, sin_q
             else:
-                rows_dev = torch.from_numpy(rows).to(dev)
-                cos, sin = a.rope(rows_dev)
-            h = c.aux[rows_dev]  # [n_rows, d]
-            q, k_new, v_new = a.qkv(l, h, cos, sin)
-            c.write_kv(l, rows_dev, k_new, v_new)
-            c.count_writes(l, rows)
+                packing = Packing([rows[b].shape[0] if b in rows else 0 for b in range(B)], dev)
+                pos = upload(np.concatenate([rows[b] for b in seqs]), dev)
+                cos, sin = a.rope(pos)
+            h = c.aux[packing.seq, pos]  # [R, d]
+            q, k_new, v_new = a.qkv(l, h, cos, sin)  # q: [R, H, dh]
+            c.write_kv(l, packing.seq, pos, k_new, v_new)
+            if c.writes is not None:
+                for b in seqs:
+                    c.count_writes(l, np.full(rows[b].shape, b), rows[b])
             # Attend over every cached position and mask out those outside S_l: gathering S_l's K/V
             # instead moves 3x the bytes of S_l per layer (benchmarks/NOTES.md).
-            k, v = c.k[l, :, : t + 1], c.v[l, :, : t + 1]  # [Hkv, t+1, dh] views
-            mask = None if full else in_s[None]  # [1, t+1]
-            if n_rows > 1:  # revived rows attend causally by original position
-                causal = torch.arange(t + 1, device=dev)[None, :] <= rows_dev[:, None]  # [n_rows, t+1]
+            k, v = c.k[l, :, :, :T], c.v[l, :, :, :T]  # [B, Hkv, T, dh] views
+            mask = None if in_s is None else in_s[:, None]  # [B, 1, T]
+            if packing.width > 1:  # revived rows attend causally by original position
+                causal = torch.arange(T, device=dev)[None, None, :] <= packing.pad(pos)[:, :, None]  # [B, r, T]
                 mask = causal if mask is None else mask & causal
-            if mask is None:
-                o = F.scaled_dot_product_attention(
-                    q[None], k[None], v[None], scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads
-                )[0]
-            else:
-                o = _masked_attention(q, k, v, mask, a.scaling)
-            h = a.finish(l, h, o)
-            c.aux[rows_dev] = h
-            depth[rows] = l
-            prev_rows = rows
+            o = _attention(packing.pad(q).transpose(1, 2), k, v, mask, a)  # [B, H, r, dh]
+            h = a.finish(l, h, packing.unpad(o.transpose(1, 2)))
+            c.aux[packing.seq, pos] = h
+            for b in seqs:
+                c.depth[b, rows[b]] = l
+            prev = rows
             if self.trace:
-                trace.candidates.append(cand_host.copy())
-                trace.computed.append(rows.copy())
+                for b, tb in zip(seqs, t):
+                    traces[b].candidates.append(np.arange(tb + 1) if cand[b] is None else cand[b].copy())
+                    traces[b].computed.append(rows[b].copy())
             if l in sched.keep and sched.mode != "static":
-                k_cand = k if full else c.k[l].index_select(1, cand_dev)  # [Hkv, |S_l|, dh]
-                scores = self._scores(q[:, -1], k_cand)
-                kept, _ = select(scores, sched.kept_count(l, cand_host.shape[0]))
-                if self.trace:
-                    trace.scores[l] = (cand_host.copy(), scores.cpu().numpy())
-                cand = cand_host[kept.cpu().numpy()]
-                cand_dev = kept if cand_dev is None else cand_dev[kept]
-                in_s = _membership(cand_dev, t + 1)
+                in_s, cand_flat = self._reselect(l, cand, cand_flat, q[packing.last], k, in_s, t, seqs, traces)
         if self.trace:
-            self.traces.append(trace)
-        return a.logits(c.aux[t : t + 1])[0], stats
+            for b in seqs:
+                self.traces[b].append(traces[b])
+        return a.logits(c.aux[q_rows.seq, q_pos]), [stats[b] for b in seqs]
 
-    def _scores(self, q_last: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        if self.generator is not None:
-            return random_scores(k.shape[1], self.generator, k.device)
-        return attention_row(q_last, k, self.a.scaling)
+    def _reselect(
+        self,
+        l: int,
+        cand: dict[int, np.ndarray | None],
+        cand_flat: torch.Tensor | None,
+        q_last: torch.Tensor,
+        k: torch.Tensor,
+        in_s: torch.Tensor | None,
+        t: np.ndarray,
+        seqs: list[int],
+        traces: dict[int, StepTrace],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shrink every sequence's S (host `cand`, updated in place) at pruning layer l.
+
+        q_last: [B, H, dh], k: [B, Hkv, T, dh] keys of layer l. Returns the new (in_s, cand_flat).
+        """
+        dev, B, T = self.a.device, k.shape[0], k.shape[2]
+        host = [np.arange(tb + 1) if cand[b] is None else cand[b] for b, tb in zip(seqs, t)]
+        sizes = np.zeros(B, dtype=np.int64)
+        sizes[seqs] = [s.shape[0] for s in host]
+        cands = Packing(sizes, dev)
+        everything = cand_flat is None and cands.uniform  # packed candidates == flat [B, T] positions
+        if cand_flat is None and not everything:
+            cand_flat = upload(np.concatenate([b * T + s for b, s in zip(seqs, host)]), dev)
+
+        def attention() -> torch.Tensor:
+            full = attention_row(q_last, k, self.a.scaling, in_s)  # [B, T]
+            return cands.pad(full.view(-1) if everything else full.view(-1)[cand_flat])
+
+        scores = self._scores(cands, attention)  # [B, width]
+        keep = [self.schedule.kept_count(l, n) if n else 0 for n in cands.counts]
+        kept, _ = select(scores, cands, keep)
+        if self.trace:
+            padded = scores.cpu().numpy()
+            for b, s in zip(seqs, host):
+                traces[b].scores[l] = (s.copy(), padded[b, : s.shape[0]])
+        cand_flat = kept if everything else cand_flat[kept]
+        kept_host = kept.cpu().numpy()
+        positions = np.concatenate(host)[kept_host]
+        for b, part in zip(seqs, np.split(positions, np.searchsorted(kept_host, cands.ends[seqs][:-1]))):
+            cand[b] = part
+        return _membership(cand_flat, B, T), cand_flat
 
 
-def _host_positions(rows: torch.Tensor | slice) -> np.ndarray:
-    if isinstance(rows, slice):
-        return np.arange(rows.start, rows.stop)
-    return rows.cpu().numpy()
+def _split(pos: torch.Tensor, rows: Packing) -> list[np.ndarray]:
+    """Packed positions [N] -> one host array per sequence."""
+    return np.split(pos.cpu().numpy(), rows.ends[:-1])
 
 
-# Above this many attention logits (H x rows x keys; 256 MB in fp32) decoding's masked attention goes to
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, a: LlamaAdapter
+) -> torch.Tensor:
+    """q: [B, H, r, dh], k/v: [B, Hkv, T, dh], mask: [B, r or 1, T] bool (True: attend) -> [B, H, r, dh]."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads)
+    return _masked_attention(q, k, v, mask, a.scaling)
+
+
+# Above this many attention logits (B x H x rows x keys; 256 MB in fp32) decoding's masked attention goes to
 # SDPA instead of writing the logits out.
 MASKED_ATTENTION_MAX_LOGITS = 2**26
 
@@ -215,30 +297,27 @@ MASKED_ATTENTION_MAX_LOGITS = 2**26
 def _masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """q: [H, r, dh], k/v: [Hkv, T, dh], mask: [r or 1, T] bool (True: attend) -> [H, r, dh].
+    """q: [B, H, r, dh], k/v: [B, Hkv, T, dh], mask: [B, r or 1, T] bool (True: attend) -> [B, H, r, dh].
 
     Written out as two matmuls around a softmax because SDPA's masked kernels split the work by query
     rows: with the one or few rows of a decoding step they leave most of the GPU idle (1.3 ms a layer
-    at 32K keys on an H100, against about 0.2 ms for this; benchmarks/NOTES.md).
+    at 32K keys on an H100, against about 0.2 ms for this; benchmarks/NOTES.md). A row with nothing
+    to attend to (padding) comes out NaN and is never read.
     """
-    heads, r, dh = q.shape
-    kv_heads, n_keys = k.shape[0], k.shape[1]
+    B, heads, r, dh = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
     group = heads // kv_heads  # query heads sharing one K/V head (GQA)
-    if heads * r * n_keys > MASKED_ATTENTION_MAX_LOGITS:  # many revived rows: SDPA's masked kernel suits them
+    if B * heads * r * n_keys > MASKED_ATTENTION_MAX_LOGITS:  # many revived rows: SDPA's masked kernel suits them
         if group > 1:  # the memory-efficient kernel takes no GQA; without it SDPA would fall back to math
-            k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scaling)[0]
-    qg = q.reshape(kv_heads, group * r, dh)
-    logits = torch.matmul(qg, k.transpose(1, 2)).float() * scaling  # [Hkv, G*r, T]
-    logits = logits.view(kv_heads, group, r, n_keys).masked_fill(~mask, float("-inf"))
-    p = logits.softmax(dim=-1).to(v.dtype).view(kv_heads, group * r, n_keys)
-    return torch.matmul(p, v).view(heads, r, dh)
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling)
+    qg = q.reshape(B, kv_heads, group * r, dh)
+    logits = torch.matmul(qg, k.transpose(-1, -2)).float() * scaling  # [B, Hkv, G*r, T]
+    logits = logits.view(B, kv_heads, group, r, n_keys).masked_fill(~mask[:, None, None], float("-inf"))
+    p = logits.softmax(dim=-1).to(v.dtype).view(B, kv_heads, group * r, n_keys)
+    return torch.matmul(p, v).view(B, heads, r, dh)
 
 
-def _membership(positions: torch.Tensor, n: int) -> torch.Tensor:
-    """positions: [m] -> [n] bool, True at those positions."""
-    return torch.zeros(n, dtype=torch.bool, device=positions.device).index_fill_(0, positions, True)
-
-
-def _with_last(positions: np.ndarray, t: int) -> np.ndarray:
-    return np.append(positions, t)
+def _membership(flat: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    """flat: [m] indices b * n + position -> [batch, n] bool, True at those positions."""
+    return torch.zeros(batch * n, dtype=torch.bool, device=flat.device).index_fill_(0, flat, True).view(batch, n)

@@ -49,7 +49,9 @@ class GenerationStats:
 
 @dataclass
 class GenerationOutput:
-    sequences: torch.Tensor  # [1, n_prompt + n_new] prompt then generated ids
+    """One sequence's result. In a batch, `ttft_s` is the whole batch's and `total_s` ends when this sequence stopped."""
+
+    sequences: torch.Tensor  # [1, n_prompt + n_new] prompt (padding removed) then generated ids
     new_tokens: list[int]
     ttft_s: float  # input ids on the device -> first token chosen (device synchronised)
     total_s: float
@@ -80,6 +82,7 @@ class LazyLLM:
         input_ids,
         max_new_tokens: int = 64,
         *,
+        attention_mask=None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -87,31 +90,40 @@ class LazyLLM:
         seed: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         stop_strings: Sequence[str] | None = None,
-        on_token: Callable[[int], None] | None = None,
+        on_token: Callable[..., None] | None = None,
         return_logits: bool = False,
-    ) -> GenerationOutput:
+    ) -> GenerationOutput | list[GenerationOutput]:
         """Greedy by default; `do_sample` with temperature/top_k/top_p/seed samples.
 
+        One prompt (a list of ids or an [n] tensor) gives one GenerationOutput. A batch gives a list
+        of them, in order: a list of id lists of any lengths, or a [B, n] tensor padded on either
+        side with its `attention_mask` (1: token, 0: padding). Every sequence is pruned, sampled and
+        stopped on its own, and gets what it would get alone; sequence i samples with `seed + i` and,
+        under the `random` baseline, draws with the schedule's seed + i.
+
         Stops at `max_new_tokens`, an EOS id (the model's generation config by default) or a stop
-        string (needs the tokenizer). `on_token` is called with each new id as soon as it exists.
+        string (needs the tokenizer). `on_token(token)` is called with each new id as soon as it
+        exists; `on_token(i, token)` for a batch.
         """
         run = self._run(
-            input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id, stop_strings,
-            return_logits,
+            input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p, seed, eos_token_id,
+            stop_strings, return_logits,
         )
         while True:
             try:
-                token = next(run)
+                item = next(run)
             except StopIteration as done:
                 return done.value
-            if on_token is not None:
-                on_token(token)
+            if on_token is not None and isinstance(item, tuple):
+                on_token(*item)
+            elif on_token is not None:
+                on_token(item)
 
-    def stream(self, input_ids, max_new_tokens: int = 64, **kwargs) -> Generator[int, None, GenerationOutput]:
-        """Yield token ids as they are generated; the generator's return value is the GenerationOutput.
+    def stream(self, input_ids, max_new_tokens: int = 64, **kwargs) -> Generator[int | tuple[int, int], None, object]:
+        """Yield token ids as they are generated; the generator's return value is `generate`'s.
 
-        Takes `generate`'s keyword arguments except `on_token`. Stopping the iteration early stops
-        generation there.
+        Takes `generate`'s keyword arguments except `on_token`. A batch yields (i, token) pairs.
+        Stopping the iteration early stops generation there.
         """
         return self._run(input_ids, max_new_tokens, **kwargs)
 
@@ -119,6 +131,7 @@ class LazyLLM:
         self,
         input_ids,
         max_new_tokens: int,
+        attention_mask=None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -127,112 +140,124 @@ class LazyLLM:
         eos_token_id: int | Sequence[int] | None = None,
         stop_strings: Sequence[str] | None = None,
         return_logits: bool = False,
-    ) -> Generator[int, None, GenerationOutput]:
-        ids = self._check_input(input_ids, max_new_tokens)
+    ) -> Generator[int | tuple[int, int], None, GenerationOutput | list[GenerationOutput]]:
+        prompts, batched = self._check_input(input_ids, attention_mask, max_new_tokens)
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: pass LazyLLM(model, tokenizer=tok)")
         eos = self._eos_ids(eos_token_id)
         warpers = _warpers(do_sample, temperature, top_k, top_p)
-        generator = None
+        device, B = self.adapter.device, len(prompts)
+        generators = None
         if do_sample:
-            generator = torch.Generator(device=ids.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
-        engine = Engine(self.adapter, self.schedule, ids.shape[0] + max_new_tokens, trace=self.trace)
+            base = seed if seed is not None else torch.seed()
+            generators = [torch.Generator(device=device).manual_seed(base + b) for b in range(B)]
+        capacity = max(p.shape[0] for p in prompts) + max_new_tokens
+        engine = Engine(self.adapter, self.schedule, capacity, trace=self.trace)
 
-        n = ids.shape[0]
-        new: list[int] = []
-        all_logits: list[torch.Tensor] = []
-        steps: list[StepStats] = []
-        prefill_depth = np.full(n, -1, dtype=np.int32)
-        finish, ttft = "length", 0.0
+        new: list[list[int]] = [[] for _ in range(B)]
+        all_logits: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        steps: list[list[StepStats]] = [[] for _ in range(B)]
+        prefill_depth = [np.full(p.shape[0], -1, dtype=np.int32) for p in prompts]
+        finish, total = ["length"] * B, [0.0] * B
+        active = list(range(B)) if max_new_tokens > 0 else []
+        ttft = 0.0
         with torch.inference_mode():
-            synchronize(ids.device)
+            synchronize(device)
             start = time.perf_counter()
-            if max_new_tokens > 0:
-                logits, stats = engine.prefill(ids)
-                token = _choose(logits, warpers, generator, ids)
-                synchronize(ids.device)
+            if active:
+                logits, stats = engine.prefill(prompts)  # logits: [B, vocab]
+                tokens = _choose(logits, warpers, generators)
+                chosen = tokens.tolist()
+                synchronize(device)
                 ttft = time.perf_counter() - start
                 engine.settle()
-                prefill_depth = engine.cache.depth[:n].copy()
-                steps.append(stats)
-            while max_new_tokens > 0:
-                tok = int(token)
-                new.append(tok)
-                if return_logits:
-                    all_logits.append(logits)
-                yield tok
-                if tok in eos:
-                    finish = "eos"
+                for b, s in enumerate(stats):
+                    prefill_depth[b] = engine.cache.depth[b, : prompts[b].shape[0]].copy()
+                    steps[b].append(s)
+            while active:
+                going = []
+                for i, b in enumerate(active):
+                    new[b].append(chosen[i])
+                    if return_logits:
+                        all_logits[b].append(logits[i])
+                    yield (b, chosen[i]) if batched else chosen[i]
+                    reason = self._stop_reason(new[b], eos, stop_strings, max_new_tokens)
+                    if reason is None:
+                        going.append(i)
+                        continue
+                    finish[b], total[b] = reason, time.perf_counter() - start
+                if not going:
                     break
-                if stop_strings and self._hit_stop(new, stop_strings):
-                    finish = "stop_string"
-                    break
-                if len(new) == max_new_tokens:
-                    break
-                logits, stats = engine.decode(token.view(1))
-                steps.append(stats)
-                token = _choose(logits, warpers, generator, ids)
-            synchronize(ids.device)
-            total = time.perf_counter() - start
-        stats = GenerationStats(
-            steps=steps,
-            prefill_depth=prefill_depth,
-            final_depth=engine.cache.depth[: engine.cache.length].copy(),
-            num_layers=self.adapter.num_layers,
-            traces=engine.traces,
-        )
-        sequences = torch.cat([ids, torch.tensor(new, dtype=ids.dtype, device=ids.device)])[None]
-        text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer is not None else None
-        return GenerationOutput(sequences, new, ttft, total, finish, stats, all_logits or None, text)
+                active = [active[i] for i in going]
+                logits, stats = engine.decode(tokens[going], active)
+                for b, s in zip(active, stats):
+                    steps[b].append(s)
+                tokens = _choose(logits, warpers, generators and [generators[b] for b in active])
+                chosen = tokens.tolist()
+            synchronize(device)
+            end = time.perf_counter() - start
+        outputs = []
+        for b, prompt in enumerate(prompts):
+            depth = engine.cache.depth[b, : engine.cache.length[b]].copy() if engine.cache else np.empty(0, np.int32)
+            stats = GenerationStats(
+                steps=steps[b], prefill_depth=prefill_depth[b], final_depth=depth,
+                num_layers=self.adapter.num_layers, traces=engine.traces[b] if engine.traces else [],
+            )
+            sequences = torch.cat([prompt, torch.tensor(new[b], dtype=prompt.dtype, device=device)])[None]
+            text = self.tokenizer.decode(new[b], skip_special_tokens=True) if self.tokenizer is not None else None
+            outputs.append(GenerationOutput(
+                sequences, new[b], ttft, total[b] or end, finish[b], stats, all_logits[b] or None, text
+            ))
+        return outputs if batched else outputs[0]
+
+    def _stop_reason(
+        self, new: list[int], eos: set[int], stop_strings: Sequence[str] | None, max_new_tokens: int
+    ) -> str | None:
+        if new[-1] in eos:
+            return "eos"
+        if stop_strings and self._hit_stop(new, stop_strings):
+            return "stop_string"
+        if len(new) == max_new_tokens:
+            return "length"
+        return None
 
     # ------------------------------------------------------------ input checks
-    def _check_input(self, input_ids, max_new_tokens: int) -> torch.Tensor:
+    def _check_input(self, input_ids, attention_mask, max_new_tokens: int) -> tuple[list[torch.Tensor], bool]:
+        """-> (one [n] id tensor per sequence on the model's device, padding removed; was it a batch)."""
         a = self.adapter
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        if isinstance(input_ids, torch.Tensor):
-            ids = input_ids
-            if ids.dim() == 2:
-                if ids.shape[0] != 1:
-                    raise ValueError(
-                        f"got a batch of {ids.shape[0]} sequences; batched generation is not supported yet: "
-                        "call generate once per sequence"
-                    )
-                ids = ids[0]
-            if ids.dim() != 1:
-                raise ValueError(f"input_ids must be [n] or [1, n], got shape {tuple(input_ids.shape)}")
+        rows, batched = _sequences(input_ids, attention_mask)
+        if not rows:
+            raise ValueError("the batch is empty: give at least one sequence")
+        prompts = []
+        for i, ids in enumerate(rows):
+            what = f"sequence {i} of the batch" if batched else "the prompt"
+            if ids.numel() == 0:
+                raise ValueError(f"{what} is empty: give at least one token id")
             if ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
-        else:
-            seq = list(input_ids)
-            if seq and isinstance(seq[0], (list, tuple, torch.Tensor, np.ndarray)):
-                if len(seq) != 1:
-                    raise ValueError(
-                        f"got a batch of {len(seq)} sequences; batched generation is not supported yet: "
-                        "call generate once per sequence"
-                    )
-                seq = list(seq[0])
-            ids = torch.tensor(seq, dtype=torch.long)
-        if ids.numel() == 0:
-            raise ValueError("the prompt is empty: give at least one token id")
-        ids = ids.to(device=a.device, dtype=torch.long)
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= a.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {a.vocab_size - 1}]")
-        total = ids.shape[0] + max_new_tokens
-        if total > a.max_positions:
-            raise ValueError(
-                f"prompt ({ids.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-                f"model's {a.max_positions} positions: shorten the prompt or lower max_new_tokens"
-            )
-        if a.sliding_window is not None and total > a.sliding_window:
-            raise ValueError(
-                f"{total} tokens exceed this model's {a.sliding_window}-token sliding attention window, "
-                "which lazyprefill does not implement yet: keep prompt + max_new_tokens within it"
-            )
-        return ids
+            ids = ids.to(device=a.device, dtype=torch.long)
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= a.vocab_size:
+                where = f" (in {what})" if batched else ""
+                raise ValueError(
+                    f"token id {lo if lo < 0 else hi}{where} is outside the vocabulary [0, {a.vocab_size - 1}]"
+                )
+            total = ids.shape[0] + max_new_tokens
+            if total > a.max_positions:
+                name = what if batched else "prompt"
+                raise ValueError(
+                    f"{name} ({ids.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+                    f"model's {a.max_positions} positions: shorten the prompt or lower max_new_tokens"
+                )
+            if a.sliding_window is not None and total > a.sliding_window:
+                raise ValueError(
+                    f"{total} tokens exceed this model's {a.sliding_window}-token sliding attention window, "
+                    "which lazyprefill does not implement yet: keep prompt + max_new_tokens within it"
+                )
+            prompts.append(ids)
+        return prompts, batched
 
     def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
         if eos_token_id is None:
@@ -246,6 +271,46 @@ class LazyLLM:
     def _hit_stop(self, new: list[int], stop_strings: Sequence[str]) -> bool:
         text = self.tokenizer.decode(new[-32:], skip_special_tokens=True)
         return any(s in text for s in stop_strings)
+
+
+def _sequences(input_ids, attention_mask) -> tuple[list[torch.Tensor], bool]:
+    """The sequences of any accepted input form, padding removed -> (rows, was it a batch)."""
+    if isinstance(input_ids, (torch.Tensor, np.ndarray)):
+        ids = torch.as_tensor(input_ids)
+    elif attention_mask is not None:
+        try:
+            ids = torch.tensor(input_ids)
+        except (ValueError, TypeError):
+            raise ValueError(
+                "attention_mask goes with one padded [batch, n] block of ids; "
+                "a list of sequences of different lengths needs no mask"
+            ) from None
+    else:
+        seq = list(input_ids)
+        if seq and isinstance(seq[0], (list, tuple, torch.Tensor, np.ndarray)):
+            rows = [torch.as_tensor(s) if isinstance(s, (torch.Tensor, np.ndarray)) else torch.tensor(list(s)) for s in seq]
+            return rows, True
+        return [torch.tensor(seq, dtype=torch.long)], False
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must be [n] or [batch, n], got shape {tuple(ids.shape)}")
+    batched = ids.dim() == 2
+    rows = list(ids) if batched else [ids]
+    if attention_mask is None:
+        return rows, batched
+    mask = torch.as_tensor(attention_mask, device=ids.device)
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)} but input_ids has shape {tuple(ids.shape)}: they must match"
+        )
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold only 1 (token) and 0 (padding)")
+    out = []
+    for i, (row, keep) in enumerate(zip(rows, mask.bool().reshape(len(rows), -1))):
+        where = keep.nonzero()[:, 0]
+        if where.numel() and int(where[-1] - where[0]) + 1 != where.numel():
+            raise ValueError(f"attention_mask row {i} has padding between tokens: pad on the left or the right only")
+        out.append(row[keep])
+    return out, batched
 
 
 def _warpers(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
@@ -264,13 +329,13 @@ def _warpers(do_sample: bool, temperature: float, top_k: int | None, top_p: floa
 
 
 def _choose(
-    logits: torch.Tensor, warpers: LogitsProcessorList, generator: torch.Generator | None, ids: torch.Tensor
+    logits: torch.Tensor, warpers: LogitsProcessorList, generators: list[torch.Generator] | None
 ) -> torch.Tensor:
-    """logits: [vocab] -> the next token id as a 0-d tensor on the device."""
-    if generator is None:
-        return logits.argmax()
-    scores = warpers(ids[None], logits[None])[0]
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[0]
+    """logits: [A, vocab] -> the next token id of each sequence [A], on the device."""
+    if generators is None:
+        return logits.argmax(dim=-1)
+    probs = warpers(None, logits).softmax(dim=-1)  # these warpers never read input_ids
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
 
 
 def synchronize(device: torch.device) -> None:
