@@ -3,7 +3,8 @@
 Prints the max abs and relative error of the logits at prefill and at each greedy decoding step, in fp32
 and in bf16, and whether the greedy tokens agree. Then runs a pruning schedule with revival against the
 float64 reference of tests/reference.py on the GPU (the decoding paths that only run there: flash
-attention, written-out masked attention). Exits non-zero if fp32 differs by more than 1e-3.
+attention, written-out masked attention), and a batch of prompts of different lengths against each
+prompt alone. Exits non-zero if fp32 differs by more than 1e-3.
 """
 
 from __future__ import annotations
@@ -70,9 +71,29 @@ def compare_reference(n: int = 160, steps: int = 12) -> float:
     return worst
 
 
+def compare_batch(lengths: tuple[int, ...] = (700, 64, 1500, 300), steps: int = 12) -> float:
+    """Invariant 6 on the GPU: each sequence of a batch gets the logits it gets alone (fp32, `paper`)."""
+    torch.manual_seed(2)
+    config = LlamaConfig(**SMALL, initializer_range=0.1)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+    prompts = [torch.randint(0, config.vocab_size, (n,), device="cuda") for n in lengths]
+    lazy = lp.LazyLLM(model, schedule={1: 0.5, 2: 0.5})
+    kw = dict(max_new_tokens=steps, eos_token_id=[], return_logits=True)
+    batch = lazy.generate(prompts, **kw)
+    worst, same = 0.0, True
+    for got, prompt in zip(batch, prompts, strict=True):
+        alone = lazy.generate(prompt, **kw)
+        same &= got.new_tokens == alone.new_tokens
+        worst = max(worst, max((a - b).abs().max().item() for a, b in zip(got.logits, alone.logits, strict=True)))
+    print(f"fp32 batch of {len(lengths)} vs alone: max abs {worst:.2e}, tokens {'agree' if same else 'DIFFER'}, "
+          f"{sum(o.stats.revived for o in batch)} rows revived")
+    return worst if same else float("inf")
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
-    fp32 = max(compare(torch.float32), compare_reference())
+    fp32 = max(compare(torch.float32), compare_reference(), compare_batch())
     compare(torch.bfloat16)
     if fp32 > 1e-3:
         sys.exit(f"fp32 logits differ from the reference by {fp32:.2e} > 1e-3")

@@ -52,10 +52,10 @@ def main() -> None:
     with torch.inference_mode():
         for name, fn in methods.items():
             for _ in range(2):
-                fn(ids)
-            wall = timed(lambda: fn(ids))
+                fn([ids])
+            wall = timed(lambda: fn([ids]))
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                fn(ids)
+                fn([ids])
                 torch.cuda.synchronize()
             summarize(prof, f"prefill {args.length} {name}", wall, 1)
     steps = args.decode_steps
@@ -83,9 +83,9 @@ def decoders(model, adapter, ids: torch.Tensor, steps: int) -> dict:
     runs = {bench.TRANSFORMERS: hf_step}
     for name, schedule in bench.schedules_for(adapter.num_layers).items():
         engine = Engine(adapter, schedule, capacity=ids.shape[0] + 3 * steps + 8)
-        logits, _ = engine.prefill(ids)
+        logits, _ = engine.prefill([ids])
         engine.settle()
-        runs[name] = engine_step(engine, logits.argmax())
+        runs[name] = engine_step(engine, logits.argmax(dim=-1))
     return runs
 
 
@@ -94,7 +94,7 @@ def engine_step(engine: Engine, token: torch.Tensor):
     state = {"token": token}
 
     def step() -> None:
-        state["token"] = engine.decode(state["token"].view(1))[0].argmax()
+        state["token"] = engine.decode(state["token"], [0])[0].argmax(dim=-1)
 
     return step
 

@@ -4,6 +4,7 @@ The GPU machine has no lazyprefill install and a 10-minute limit per command, so
 run in chunks there and joined here with `report.py`:
 
     PYTHONPATH=src python3 benchmarks/run.py --preset gpu --models llama2-7b --lengths 4096,8192 --out $OUT
+    PYTHONPATH=src python3 benchmarks/run.py --preset gpu-batch --models llama2-7b --out $OUT
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--decode-repeats", type=int)
+    p.add_argument("--batch-sizes", type=_ints, help="batched TTFT and decoding, e.g. 1,4,8 ('' for none)")
+    p.add_argument("--batch-length", type=int, help="prompt length of every sequence of a batch")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--stem", help="output file name without extension (default: preset and models)")
     args = p.parse_args()
     cfg = bench.configure(
         args.preset, args.models.split(",") if args.models else None, args.lengths, args.decode_lengths,
-        args.repeats, args.warmup, args.decode_repeats,
+        args.repeats, args.warmup, args.decode_repeats, args.batch_sizes, args.batch_length,
     )
     with tqdm(total=bench.progress_total(cfg), desc="bench") as bar:
         def progress(label: str) -> None:

@@ -1,7 +1,8 @@
 """Speed benchmarks: TTFT and decoding of lazyprefill beside plain transformers, per MEASURE.md.
 
 Each prompt length is timed for plain transformers `model(ids, logits_to_keep=1)` (SDPA), the engine's
-dense path, and every schedule preset, in one process. The ideal speedup of a schedule comes from the
+dense path, and every schedule preset, in one process; batches of prompts likewise, against transformers
+on the same [B, n] batch with its attention mask. The ideal speedup of a schedule comes from the
 token counts it actually kept per layer, so the efficiency column says how much of the possible gain
 the engine turns into time. Kept free of CLI-only imports: the GPU machine runs it from `PYTHONPATH=src`.
 """
@@ -68,12 +69,17 @@ class BenchConfig:
     device: str = "cuda"
     dtype: str = "bfloat16"
     seed: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # batched TTFT and decoding, prompts of batch_length
+    batch_length: int = 8192
+    batch_decode_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0 or self.decode_tokens < 2 or self.decode_repeats < 1:
             raise ValueError("repeats, decode_repeats >= 1, warmup >= 0 and decode_tokens >= 2 are required")
+        if any(b < 1 for b in self.batch_sizes) or self.batch_length < 2 or self.batch_decode_tokens < 2:
+            raise ValueError("batch sizes >= 1, batch_length >= 2 and batch_decode_tokens >= 2 are required")
         for name, lengths in self.lengths.items():
-            if not lengths or min(lengths) < 2:
+            if (not lengths and not self.batch_sizes) or min(lengths, default=2) < 2:
                 raise ValueError(f"model {name!r} needs at least one prompt length >= 2, got {lengths}")
 
 
@@ -81,6 +87,9 @@ BENCH_PRESETS: dict[str, BenchConfig] = {
     "gpu": BenchConfig(
         lengths={"llama2-7b": [4096, 8192, 16384, 32768], "llama3-8b": [4096, 8192, 16384, 32768, 65536, 131072]},
         decode_lengths=[8192, 32768],
+    ),
+    "gpu-batch": BenchConfig(
+        lengths={"llama2-7b": [], "llama3-8b": []}, repeats=3, warmup=1, batch_sizes=[1, 4, 8], batch_length=8192
     ),
     "cpu": BenchConfig(
         lengths={"smollm2": [1024, 2048, 4096, 8192]}, decode_lengths=[1024], warmup=1, device="cpu", dtype="float32"
@@ -165,11 +174,11 @@ def load_bench_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) 
 
 
 # ------------------------------------------------------------------------------------- timing
-def time_once(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
-    """Milliseconds of one call: CUDA events on a GPU, perf_counter on a CPU."""
-    if x.device.type == "cuda":
+def time_once(fn: Callable[[list[torch.Tensor]], object], x: list[torch.Tensor]) -> float:
+    """Milliseconds of one call on a batch of prompts: CUDA events on a GPU, perf_counter on a CPU."""
+    if x[0].device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(x.device)
+        torch.cuda.synchronize(x[0].device)
         start.record()
         fn(x)
         end.record()
@@ -180,16 +189,25 @@ def time_once(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def transformers_prefill(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What a user would otherwise run: one forward pass, logits of the last token only."""
-    return lambda ids: model(ids[None], logits_to_keep=1).logits[0, -1]
+def transformers_prefill(model: nn.Module) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """What a user would otherwise run: one forward pass over the [B, n] batch, logits of the last token only.
+
+    The benchmark's prompts of a batch have one length, so the attention mask a padded batch carries is all
+    ones, and transformers drops it for the causal kernel.
+    """
+
+    def run(prompts: list[torch.Tensor]) -> torch.Tensor:
+        ids = torch.stack(prompts)
+        return model(ids, attention_mask=torch.ones_like(ids), logits_to_keep=1).logits[:, -1]
+
+    return run
 
 
-def lazy_prefill(adapter: LlamaAdapter, schedule: Schedule) -> Callable[[torch.Tensor], torch.Tensor]:
+def lazy_prefill(adapter: LlamaAdapter, schedule: Schedule) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """The engine's prefill as `generate` runs it, cache allocation included."""
 
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        return Engine(adapter, schedule, capacity=ids.shape[0] + 1).prefill(ids)[0]
+    def run(prompts: list[torch.Tensor]) -> torch.Tensor:
+        return Engine(adapter, schedule, capacity=max(p.shape[0] for p in prompts) + 1).prefill(prompts)[0]
 
     return run
 
@@ -218,28 +236,31 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def bench_ttft(model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
-    """One row per method at prompt length n; a method that runs out of memory gets a note, not a crash.
+def bench_ttft(
+    model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[[str], None], batch: int = 1
+) -> list[dict]:
+    """One row per method for a batch of `batch` prompts of n tokens; running out of memory is a note, not a crash.
 
     Methods are timed in rounds (each method once per round, inputs rotating between rounds), so that a
     GPU whose clocks drift during the run slows every method alike.
     """
     adapter = adapter_for(model)
     device, dims = adapter.device, ModelDims.of(model)
-    inputs = random_prompts(n, adapter.vocab_size, 3, device, cfg.seed)
+    inputs = [random_prompts(n, adapter.vocab_size, batch, device, cfg.seed + 1000 * i) for i in range(3)]
     methods: dict[str, tuple[Callable, Schedule | None]] = {TRANSFORMERS: (transformers_prefill(model), None)}
     for name, schedule in schedules_for(adapter.num_layers).items():
         methods[name] = (lazy_prefill(adapter, schedule), schedule)
-    rows = {name: {"length": n, "method": name, "note": "", "ms": None, "times_ms": []} for name in methods}
+    rows = {name: {"length": n, "batch": batch, "method": name, "note": "", "ms": None, "times_ms": []}
+            for name in methods}
     with torch.inference_mode():
         for name, (fn, schedule) in methods.items():  # warm-ups, kept counts and peak memory
-            progress(f"{n} {name}")
+            progress(f"{n} x{batch} {name}")
             row = rows[name]
             row["computed"] = [n] * adapter.num_layers
             try:
                 _peak_reset(device)
                 if schedule is not None:
-                    row["computed"] = Engine(adapter, schedule, capacity=n + 1).prefill(inputs[0])[1].computed
+                    row["computed"] = Engine(adapter, schedule, capacity=n + 1).prefill(inputs[0])[1][0].computed
                 for i in range(cfg.warmup):
                     fn(inputs[i % len(inputs)])
                 synchronize(device)
@@ -259,6 +280,7 @@ def bench_ttft(model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[[s
         row["ms"] = statistics.median(row["times_ms"]) if row["times_ms"] else None
         row["speedup"] = base / row["ms"] if base and row["ms"] else None
         row["efficiency"] = row["speedup"] / row["ideal"] if row["speedup"] else None
+        row["prefill_tokens_per_s"] = batch * n * 1e3 / row["ms"] if row["ms"] else None
     return list(rows.values())
 
 
@@ -277,35 +299,42 @@ class _StepClock:
         pass
 
 
-def bench_decode(model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
-    """ms per generated token over `decode_tokens` greedy steps after an n-token prompt, per method."""
+def bench_decode(
+    model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[[str], None], batch: int = 1,
+    steps: int | None = None,
+) -> list[dict]:
+    """ms per greedy decoding step (one new token per sequence) after a batch of n-token prompts, per method.
+
+    `steps` defaults to cfg.decode_tokens; tokens/s counts the new tokens of the whole batch.
+    """
     adapter = adapter_for(model)
     device = adapter.device
-    steps = cfg.decode_tokens
-    ids = random_prompts(n, adapter.vocab_size, 1, device, cfg.seed + 1)[0]
-    warm = ids[: min(n, 256)]
+    steps = steps or cfg.decode_tokens
+    prompts = random_prompts(n, adapter.vocab_size, batch, device, cfg.seed + 1)
+    warm = [p[: min(n, 256)] for p in prompts]
     rows: list[dict] = []
     methods: list[str] = [TRANSFORMERS, TRANSFORMERS_FLASH, *schedules_for(adapter.num_layers)]
     lazies = {name: LazyLLM(model, schedule) for name, schedule in schedules_for(adapter.num_layers).items()}
     for name in methods:
-        progress(f"decode {n} {name}")
-        row: dict = {"length": n, "method": name, "new_tokens": steps + 1, "note": ""}
+        progress(f"decode {n} x{batch} {name}")
+        row: dict = {"length": n, "batch": batch, "method": name, "new_tokens": steps + 1, "note": ""}
         per_token: list[float] = []
         try:
             _peak_reset(device)
             for rep in range(cfg.decode_repeats + 1):  # the first run is a short warm-up
-                prompt, count = (warm, 4) if rep == 0 else (ids, steps + 1)
+                prompt, count = (warm, 4) if rep == 0 else (prompts, steps + 1)
                 clock = _StepClock(device)
                 with torch.inference_mode():
                     if name in (TRANSFORMERS, TRANSFORMERS_FLASH):
                         flash = name == TRANSFORMERS_FLASH
+                        ids = torch.stack(prompt)
                         with sdpa_kernel(DECODE_ATTENTION, set_priority=True) if flash else nullcontext():
-                            model.generate(prompt[None], streamer=clock, do_sample=False, pad_token_id=0,
-                                           min_new_tokens=count, max_new_tokens=count)
+                            model.generate(ids, attention_mask=torch.ones_like(ids), streamer=clock, do_sample=False,
+                                           pad_token_id=0, min_new_tokens=count, max_new_tokens=count)
                         stamps = clock.stamps[1:]  # the streamer first receives the prompt
-                    else:
+                    else:  # a list of prompts is a batch: on_token(i, token), once per step for sequence 0
                         lazies[name].generate(prompt, max_new_tokens=count, eos_token_id=[],
-                                              on_token=lambda _t: clock.put(None))
+                                              on_token=lambda i, _t: i == 0 and clock.put(None))
                         stamps = clock.stamps
                 if rep > 0:
                     per_token.append((stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1))
@@ -319,6 +348,7 @@ def bench_decode(model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[
     base = rows[0]["ms_per_token"]
     for row in rows:
         row["speedup"] = base / row["ms_per_token"] if base and row["ms_per_token"] else None
+        row["tokens_per_s"] = batch * 1e3 / row["ms_per_token"] if row["ms_per_token"] else None
     return rows
 
 
@@ -369,12 +399,17 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
             "schedules": {k: {"keep": s.keep, "mode": s.mode} for k, s in schedules_for(num_layers).items()},
             "ttft": [],
             "decode": [],
+            "batch_ttft": [],
+            "batch_decode": [],
         }
         for n in lengths:
             entry["ttft"] += bench_ttft(model, n, cfg, progress)
         for n in cfg.decode_lengths:
-            if n <= max(lengths):
+            if n <= max(lengths, default=0):
                 entry["decode"] += bench_decode(model, n, cfg, progress)
+        for batch in cfg.batch_sizes:
+            entry["batch_ttft"] += bench_ttft(model, cfg.batch_length, cfg, progress, batch)
+            entry["batch_decode"] += bench_decode(model, cfg.batch_length, cfg, progress, batch, cfg.batch_decode_tokens)
         result["models"].append(entry)
         del model
         _peak_reset(device)
@@ -391,8 +426,9 @@ def _config_dict(model: nn.Module) -> dict:
 def progress_total(cfg: BenchConfig, presets: int = len(PRESETS)) -> int:
     """How many progress labels `run` emits (for a progress bar)."""
     per_length = 2 + presets
-    return sum(per_length * len(ls) + (per_length + 1) * sum(n <= max(ls) for n in cfg.decode_lengths)
-               for ls in cfg.lengths.values())
+    batches = (2 * per_length + 1) * len(cfg.batch_sizes)
+    return sum(per_length * len(ls) + (per_length + 1) * sum(n <= max(ls, default=0) for n in cfg.decode_lengths)
+               + batches for ls in cfg.lengths.values())
 
 
 def merge(results: list[dict]) -> dict:
@@ -402,14 +438,14 @@ def merge(results: list[dict]) -> dict:
     for res in results:
         for entry in res["models"]:
             if entry["name"] in by_name:
-                by_name[entry["name"]]["ttft"] += entry["ttft"]
-                by_name[entry["name"]]["decode"] += entry["decode"]
+                for key in ("ttft", "decode", "batch_ttft", "batch_decode"):
+                    by_name[entry["name"]].setdefault(key, []).extend(entry.get(key, []))
             else:
                 by_name[entry["name"]] = json.loads(json.dumps(entry))
                 merged["models"].append(by_name[entry["name"]])
     for entry in merged["models"]:
-        entry["ttft"].sort(key=lambda r: r["length"])
-        entry["decode"].sort(key=lambda r: r["length"])
+        for key in ("ttft", "decode", "batch_ttft", "batch_decode"):
+            entry.setdefault(key, []).sort(key=lambda r: (r["length"], r.get("batch", 1)))
     merged["runs"] = [r["machine"] for r in results]
     return merged
 
@@ -426,9 +462,10 @@ def markdown(result: dict) -> str:
     for entry in result["models"]:
         dtype = entry["config"]["dtype"].removeprefix("torch.")
         weights = f"random {dtype} weights" if entry["random_weights"] else dtype
-        lines += [f"### {entry['name']} ({weights}): time to first token", "",
-                  "| prompt | method | TTFT ms | speedup | ideal | efficiency | peak GB | note |",
-                  "|---:|---|---:|---:|---:|---:|---:|---|"]
+        if entry["ttft"]:
+            lines += [f"### {entry['name']} ({weights}): time to first token", "",
+                      "| prompt | method | TTFT ms | speedup | ideal | efficiency | peak GB | note |",
+                      "|---:|---|---:|---:|---:|---:|---:|---|"]
         for r in entry["ttft"]:
             lines.append(f"| {r['length']} | {r['method']} | {_fmt(r['ms'], '.1f')} | {_fmt(r['speedup'], '.2f')} | "
                          f"{r['ideal']:.2f} | {_fmt(r['efficiency'], '.2f')} | {_fmt(r['peak_gb'], '.1f')} | "
@@ -439,8 +476,27 @@ def markdown(result: dict) -> str:
             for r in entry["decode"]:
                 lines.append(f"| {r['length']} | {r['method']} | {_fmt(r['ms_per_token'], '.2f')} | "
                              f"{_fmt(r['speedup'], '.2f')} | {_fmt(r['peak_gb'], '.1f')} | {r['note']} |")
+        if entry.get("batch_ttft"):
+            lines += [*batch_markdown(entry, weights)]
         lines.append("")
     return "\n".join(lines)
+
+
+def batch_markdown(entry: dict, weights: str) -> list[str]:
+    """One row per batch size and method: prefill (TTFT of the batch) beside decoding throughput."""
+    decode = {(r["batch"], r["method"]): r for r in entry["batch_decode"]}
+    n = entry["batch_ttft"][0]["length"]
+    steps = entry["batch_decode"][0]["new_tokens"] - 1 if entry["batch_decode"] else 0
+    lines = [f"### {entry['name']} ({weights}): batches of {n}-token prompts, {steps} decoding steps", "",
+             "| batch | method | TTFT ms | prefill tok/s | speedup | ideal | decode tok/s | decode speedup | "
+             "peak GB | note |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in entry["batch_ttft"]:
+        d = decode.get((r["batch"], r["method"]), {})
+        lines.append(f"| {r['batch']} | {r['method']} | {_fmt(r['ms'], '.0f')} | "
+                     f"{_fmt(r['prefill_tokens_per_s'], ',.0f')} | {_fmt(r['speedup'], '.2f')} | {r['ideal']:.2f} | "
+                     f"{_fmt(d.get('tokens_per_s'), '.1f')} | {_fmt(d.get('speedup'), '.2f')} | "
+                     f"{_fmt(r['peak_gb'], '.1f')} | {' '.join(x for x in (r['note'], d.get('note', '')) if x)} |")
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -470,13 +526,48 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_batch(result: dict, path: Path) -> None:
+    """Prefill and decoding throughput against batch size, one line per method, one column per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [e for e in result["models"] if e.get("batch_ttft")]
+    fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7.5), squeeze=False)
+    for col, entry in enumerate(models):
+        for row, (key, value, label) in enumerate([
+            ("batch_ttft", "prefill_tokens_per_s", "prefill tokens/s"),
+            ("batch_decode", "tokens_per_s", "decoding tokens/s"),
+        ]):
+            ax = axes[row][col]
+            for method in dict.fromkeys(r["method"] for r in entry[key]):
+                pts = [(r["batch"], r[value]) for r in entry[key] if r["method"] == method and r[value]]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(label)
+            ax.set_title(f"{entry['name']}, {entry[key][0]['length']}-token prompts")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+    fig.suptitle(result["machine"].get("gpu") or result["machine"].get("cpu", ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write(result: dict, out_dir: Path, stem: str) -> dict[str, Path]:
     """Write `<stem>.json`, `<stem>.md` and `<stem>.png` into out_dir; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
     paths["json"].write_text(json.dumps(result, indent=1))
     paths["md"].write_text(markdown(result))
-    plot(result, paths["png"])
+    if any(e.get("ttft") for e in result["models"]):
+        plot(result, paths["png"])
+    else:
+        del paths["png"]
+    if any(e.get("batch_ttft") for e in result["models"]):
+        paths["batch_png"] = out_dir / f"{stem}-batch.png"
+        plot_batch(result, paths["batch_png"])
     return paths
 
 
@@ -488,16 +579,19 @@ def configure(
     repeats: int | None = None,
     warmup: int | None = None,
     decode_repeats: int | None = None,
+    batch_sizes: list[int] | None = None,
+    batch_length: int | None = None,
 ) -> BenchConfig:
-    """A preset with the user's overrides: other models, lengths (for every model) or repeat counts."""
+    """A preset with the user's overrides: other models, lengths (for every model), batches or repeat counts."""
     if preset_name not in BENCH_PRESETS:
         raise ValueError(f"unknown bench preset {preset_name!r}; presets: {', '.join(BENCH_PRESETS)}")
     base = BENCH_PRESETS[preset_name]
     names = models or list(base.lengths)
     per_model = {name: list(lengths or base.lengths.get(name) or next(iter(base.lengths.values()))) for name in names}
-    longest = max(max(ls) for ls in per_model.values())
+    longest = max(max(ls, default=0) for ls in per_model.values())
     if decode_lengths is None:
-        decode_lengths = [n for n in base.decode_lengths if n <= longest] or [min(min(ls) for ls in per_model.values())]
+        shortest = min(min(ls, default=0) for ls in per_model.values())
+        decode_lengths = [n for n in base.decode_lengths if n <= longest] or ([shortest] if shortest else [])
     return BenchConfig(
         lengths=per_model,
         decode_lengths=decode_lengths,
@@ -508,4 +602,7 @@ def configure(
         device=base.device,
         dtype=base.dtype,
         seed=base.seed,
+        batch_sizes=base.batch_sizes if batch_sizes is None else batch_sizes,
+        batch_length=batch_length or base.batch_length,
+        batch_decode_tokens=base.batch_decode_tokens,
     )

@@ -263,6 +263,8 @@ def bench_command(
     lengths: str = typer.Option(None, help="prompt lengths for every model, e.g. 1024,2048 (default: the preset's)"),
     decode_lengths: str = typer.Option(None, help="prompts after which 128 decoding steps are timed ('' for none)"),
     repeats: int = typer.Option(None, help="timed runs per method and length (median reported)"),
+    batch_sizes: str = typer.Option(None, help="batched TTFT and decoding at --batch-length, e.g. 1,4,8 ('' for none)"),
+    batch_length: int = typer.Option(None, min=2, help="prompt tokens of every sequence of a batch"),
     out: Path = typer.Option(Path("benchmarks/results"), help="folder for the JSON, markdown table and PNG plot"),
     stem: str = typer.Option(None, help="output file name without extension (default: the preset's name)"),
 ) -> None:
@@ -276,7 +278,8 @@ def bench_command(
 
     try:
         cfg = bench.configure(
-            preset, model.split(",") if model else None, ints(lengths), ints(decode_lengths), repeats
+            preset, model.split(",") if model else None, ints(lengths), ints(decode_lengths), repeats,
+            batch_sizes=ints(batch_sizes), batch_length=batch_length,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -289,4 +292,4 @@ def bench_command(
         result = bench.run(cfg, progress)
     paths = bench.write(result, out, stem or preset)
     typer.echo(bench.markdown(result))
-    typer.echo(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
