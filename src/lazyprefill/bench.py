@@ -484,18 +484,20 @@ def markdown(result: dict) -> str:
 
 def batch_markdown(entry: dict, weights: str) -> list[str]:
     """One row per batch size and method: prefill (TTFT of the batch) beside decoding throughput."""
+    prefill = {(r["batch"], r["method"]): r for r in entry["batch_ttft"]}
     decode = {(r["batch"], r["method"]): r for r in entry["batch_decode"]}
     n = entry["batch_ttft"][0]["length"]
     steps = entry["batch_decode"][0]["new_tokens"] - 1 if entry["batch_decode"] else 0
     lines = [f"### {entry['name']} ({weights}): batches of {n}-token prompts, {steps} decoding steps", "",
              "| batch | method | TTFT ms | prefill tok/s | speedup | ideal | decode tok/s | decode speedup | "
              "peak GB | note |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in entry["batch_ttft"]:
-        d = decode.get((r["batch"], r["method"]), {})
-        lines.append(f"| {r['batch']} | {r['method']} | {_fmt(r['ms'], '.0f')} | "
-                     f"{_fmt(r['prefill_tokens_per_s'], ',.0f')} | {_fmt(r['speedup'], '.2f')} | {r['ideal']:.2f} | "
+    for key in sorted(dict.fromkeys([*decode, *prefill]), key=lambda k: k[0]):  # stable: methods keep their order
+        p, d = prefill.get(key, {}), decode.get(key, {})
+        lines.append(f"| {key[0]} | {key[1]} | {_fmt(p.get('ms'), '.0f')} | {_fmt(p.get('prefill_tokens_per_s'), ',.0f')} | "
+                     f"{_fmt(p.get('speedup'), '.2f')} | {_fmt(p.get('ideal'), '.2f')} | "
                      f"{_fmt(d.get('tokens_per_s'), '.1f')} | {_fmt(d.get('speedup'), '.2f')} | "
-                     f"{_fmt(r['peak_gb'], '.1f')} | {' '.join(x for x in (r['note'], d.get('note', '')) if x)} |")
+                     f"{_fmt(p.get('peak_gb', d.get('peak_gb')), '.1f')} | "
+                     f"{' '.join(x for x in (p.get('note'), d.get('note')) if x)} |")
     return lines
 
 
@@ -534,6 +536,8 @@ def plot_batch(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = [e for e in result["models"] if e.get("batch_ttft")]
+    methods = dict.fromkeys(r["method"] for e in models for r in [*e["batch_decode"], *e["batch_ttft"]])
+    color = {method: f"C{i}" for i, method in enumerate(methods)}  # one colour per method in every panel
     fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7.5), squeeze=False)
     for col, entry in enumerate(models):
         for row, (key, value, label) in enumerate([
@@ -543,7 +547,7 @@ def plot_batch(result: dict, path: Path) -> None:
             ax = axes[row][col]
             for method in dict.fromkeys(r["method"] for r in entry[key]):
                 pts = [(r["batch"], r[value]) for r in entry[key] if r["method"] == method and r[value]]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=color[method])
             ax.set_xlabel("batch size")
             ax.set_ylabel(label)
             ax.set_title(f"{entry['name']}, {entry[key][0]['length']}-token prompts")
