@@ -86,7 +86,8 @@ def test_sampling_per_sequence_seed():
     lazy = lp.LazyLLM(model, "paper")
     kw = dict(max_new_tokens=8, eos_token_id=[], do_sample=True, top_k=20, temperature=0.8)
     outs = lazy.generate(PROMPTS, seed=5, **kw)
-    assert [o.new_tokens for o in outs] == [lazy.generate(p, seed=5 + b, **kw).new_tokens for b, p in enumerate(PROMPTS)]
+    alone = [lazy.generate(p, seed=5 + b, **kw).new_tokens for b, p in enumerate(PROMPTS)]
+    assert [o.new_tokens for o in outs] == alone
 
 
 def test_stream_and_on_token_name_the_sequence():

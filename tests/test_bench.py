@@ -87,3 +87,20 @@ def test_bench_rejects_an_unknown_preset(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--preset", "tpu", "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "unknown bench preset 'tpu'" in result.output
+
+
+def test_bench_batches_write_rows_for_every_batch_and_method(tmp_path):
+    run = CliRunner().invoke(app, ["bench", "--preset", "cpu", "--model", "tiny", "--lengths", "48",
+                                   "--decode-lengths", "", "--batch-sizes", "1,3", "--batch-length", "40",
+                                   "--repeats", "1", "--out", str(tmp_path), "--stem", "b"])
+    assert run.exit_code == 0, run.output
+    (entry,) = json.loads((tmp_path / "b.json").read_text())["models"]
+    methods = [TRANSFORMERS, "dense", *PRESETS]
+    assert [(r["batch"], r["method"]) for r in entry["batch_ttft"]] == [(b, m) for b in (1, 3) for m in methods]
+    for row in entry["batch_ttft"]:
+        assert row["length"] == 40 and row["ms"] > 0 and row["prefill_tokens_per_s"] > 0
+    decode = [(r["batch"], r["method"]) for r in entry["batch_decode"]]
+    assert decode == [(b, m) for b in (1, 3) for m in [TRANSFORMERS, TRANSFORMERS_FLASH, "dense", *PRESETS]]
+    assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 33 for r in entry["batch_decode"])
+    assert "| batch | method | TTFT ms |" in (tmp_path / "b.md").read_text()
+    assert (tmp_path / "b-batch.png").stat().st_size > 0

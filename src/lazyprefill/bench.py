@@ -409,7 +409,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
                 entry["decode"] += bench_decode(model, n, cfg, progress)
         for batch in cfg.batch_sizes:
             entry["batch_ttft"] += bench_ttft(model, cfg.batch_length, cfg, progress, batch)
-            entry["batch_decode"] += bench_decode(model, cfg.batch_length, cfg, progress, batch, cfg.batch_decode_tokens)
+            steps = cfg.batch_decode_tokens
+            entry["batch_decode"] += bench_decode(model, cfg.batch_length, cfg, progress, batch, steps)
         result["models"].append(entry)
         del model
         _peak_reset(device)
@@ -493,7 +494,8 @@ def batch_markdown(entry: dict, weights: str) -> list[str]:
              "peak GB | note |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key in sorted(dict.fromkeys([*decode, *prefill]), key=lambda k: k[0]):  # stable: methods keep their order
         p, d = prefill.get(key, {}), decode.get(key, {})
-        lines.append(f"| {key[0]} | {key[1]} | {_fmt(p.get('ms'), '.0f')} | {_fmt(p.get('prefill_tokens_per_s'), ',.0f')} | "
+        lines.append(f"| {key[0]} | {key[1]} | {_fmt(p.get('ms'), '.0f')} | "
+                     f"{_fmt(p.get('prefill_tokens_per_s'), ',.0f')} | "
                      f"{_fmt(p.get('speedup'), '.2f')} | {_fmt(p.get('ideal'), '.2f')} | "
                      f"{_fmt(d.get('tokens_per_s'), '.1f')} | {_fmt(d.get('speedup'), '.2f')} | "
                      f"{_fmt(p.get('peak_gb', d.get('peak_gb')), '.1f')} | "

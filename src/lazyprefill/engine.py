@@ -17,6 +17,7 @@ tokens revived from the Aux Cache) against the K/V of that sequence's candidate 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,7 +147,7 @@ class Engine:
             c.v[layer + 1 :][:, seq, :, pos] = 0
         self._dropped = []
 
-    def _scores(self, rows: Packing, attention) -> torch.Tensor:
+    def _scores(self, rows: Packing, attention: Callable[[], torch.Tensor]) -> torch.Tensor:
         """[B, width] importance of the candidates laid out by `rows`: `attention()`, or random draws."""
         if self.generators:
             active = [g for g, n in zip(self.generators, rows.counts) if n]

@@ -49,7 +49,7 @@ class GenerationStats:
 
 @dataclass
 class GenerationOutput:
-    """One sequence's result. In a batch, `ttft_s` is the whole batch's and `total_s` ends when this sequence stopped."""
+    """One sequence's result. In a batch `ttft_s` is the whole batch's, and `total_s` ends when this one stopped."""
 
     sequences: torch.Tensor  # [1, n_prompt + n_new] prompt (padding removed) then generated ids
     new_tokens: list[int]
@@ -119,7 +119,9 @@ class LazyLLM:
             elif on_token is not None:
                 on_token(item)
 
-    def stream(self, input_ids, max_new_tokens: int = 64, **kwargs) -> Generator[int | tuple[int, int], None, object]:
+    def stream(
+        self, input_ids, max_new_tokens: int = 64, **kwargs
+    ) -> Generator[int | tuple[int, int], None, GenerationOutput | list[GenerationOutput]]:
         """Yield token ids as they are generated; the generator's return value is `generate`'s.
 
         Takes `generate`'s keyword arguments except `on_token`. A batch yields (i, token) pairs.
@@ -288,7 +290,8 @@ def _sequences(input_ids, attention_mask) -> tuple[list[torch.Tensor], bool]:
     else:
         seq = list(input_ids)
         if seq and isinstance(seq[0], (list, tuple, torch.Tensor, np.ndarray)):
-            rows = [torch.as_tensor(s) if isinstance(s, (torch.Tensor, np.ndarray)) else torch.tensor(list(s)) for s in seq]
+            rows = [torch.as_tensor(s) if isinstance(s, (torch.Tensor, np.ndarray)) else torch.tensor(list(s))
+                    for s in seq]
             return rows, True
         return [torch.tensor(seq, dtype=torch.long)], False
     if ids.dim() not in (1, 2):
