@@ -28,7 +28,7 @@ class Schedule:
     `keep` maps a layer index to the fraction of that layer's candidates that goes on to deeper
     layers (`ceil(r * |S_l|)`, the last token always kept). `mode` picks the method: `lazy` (LazyLLM,
     reselected at every step), `static` (prefill-only pruning, never revived) or `random` (the same
-    keep counts, chosen uniformly at random with `seed`).
+    keep counts, chosen uniformly at random with `seed`; sequence i of a batch uses `seed + i`).
     """
 
     keep: dict[int, float] = field(default_factory=dict)
