@@ -334,7 +334,7 @@ def bench_decode(
                         stamps = clock.stamps[1:]  # the streamer first receives the prompt
                     else:  # a list of prompts is a batch: on_token(i, token), once per step for sequence 0
                         lazies[name].generate(prompt, max_new_tokens=count, eos_token_id=[],
-                                              on_token=lambda i, _t: i == 0 and clock.put(None))
+                                              on_token=lambda i, _t, clock=clock: i == 0 and clock.put(None))
                         stamps = clock.stamps
                 if rep > 0:
                     per_token.append((stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1))
@@ -490,8 +490,8 @@ def batch_markdown(entry: dict, weights: str) -> list[str]:
     n = entry["batch_ttft"][0]["length"]
     steps = entry["batch_decode"][0]["new_tokens"] - 1 if entry["batch_decode"] else 0
     lines = [f"### {entry['name']} ({weights}): batches of {n}-token prompts, {steps} decoding steps", "",
-             "| batch | method | TTFT ms | prefill tok/s | speedup | ideal | decode tok/s | decode speedup | "
-             "peak GB | note |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             ("| batch | method | TTFT ms | prefill tok/s | speedup | ideal | decode tok/s | decode speedup | "
+              "peak GB | note |"), "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key in sorted(dict.fromkeys([*decode, *prefill]), key=lambda k: k[0]):  # stable: methods keep their order
         p, d = prefill.get(key, {}), decode.get(key, {})
         lines.append(f"| {key[0]} | {key[1]} | {_fmt(p.get('ms'), '.0f')} | "

@@ -17,7 +17,6 @@ tokens revived from the Aux Cache) against the K/V of that sequence's candidate 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,8 +103,10 @@ class Engine:
                 qp, kp, vp, is_causal=True, scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads
             )
             scores = None
-            if l in self.schedule.keep:
-                scores = self._scores(rows, lambda: attention_row(q[rows.last], kp, a.scaling, rows.valid))
+            if l in self.schedule.keep and self.generators:
+                scores = self._random_scores(rows)
+            elif l in self.schedule.keep:
+                scores = attention_row(q[rows.last], kp, a.scaling, rows.valid)  # [B, width]
             del q, k, v, qp, kp, vp  # free them before the MLP's activations: lower peak memory, as in transformers
             o = rows.unpad(o.transpose(1, 2))  # [N, H, dh]
             h = a.finish(l, h, o)
@@ -147,12 +148,10 @@ class Engine:
             c.v[layer + 1 :][:, seq, :, pos] = 0
         self._dropped = []
 
-    def _scores(self, rows: Packing, attention: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """[B, width] importance of the candidates laid out by `rows`: `attention()`, or random draws."""
-        if self.generators:
-            active = [g for g, n in zip(self.generators, rows.counts) if n]
-            return rows.pad(random_scores([n for n in rows.counts if n], active, self.a.device))
-        return attention()
+    def _random_scores(self, rows: Packing) -> torch.Tensor:
+        """[B, width] draws for the `random` baseline, each sequence from its own generator."""
+        active = [g for g, n in zip(self.generators, rows.counts) if n]
+        return rows.pad(random_scores([n for n in rows.counts if n], active, self.a.device))
 
     # --------------------------------------------------------------- decoding
     @sdpa_kernel(DECODE_ATTENTION, set_priority=True)
@@ -257,11 +256,11 @@ class Engine:
         if cand_flat is None and not everything:
             cand_flat = upload(np.concatenate([b * T + s for b, s in zip(seqs, host)]), dev)
 
-        def attention() -> torch.Tensor:
-            full = attention_row(q_last, k, self.a.scaling, in_s)  # [B, T]
-            return cands.pad(full.view(-1) if everything else full.view(-1)[cand_flat])
-
-        scores = self._scores(cands, attention)  # [B, width]
+        if self.generators:
+            scores = self._random_scores(cands)  # [B, width]
+        else:
+            full = attention_row(q_last, k, self.a.scaling, in_s).view(-1)  # [B * T]
+            scores = cands.pad(full if everything else full[cand_flat])
         keep = [self.schedule.kept_count(l, n) if n else 0 for n in cands.counts]
         kept, _ = select(scores, cands, keep)
         if self.trace:

@@ -19,7 +19,7 @@ def attention_row(
     a softmax over each sequence's own keys only: never mixed across the batch. GQA: each query head
     scores with its shared K/V head.
     """
-    B, kv_heads, n, dh = k.shape
+    B, kv_heads, _, dh = k.shape
     q = q_last.view(B, kv_heads, -1, dh)  # [B, Hkv, H/Hkv, dh]
     logits = torch.matmul(q, k.transpose(-1, -2)).float() * scaling  # [B, Hkv, H/Hkv, n]
     if valid is not None:
