@@ -25,11 +25,15 @@ SMALL = dict(
 )
 
 
-def compare(dtype: torch.dtype, n: int = 2000, steps: int = 8) -> float:
-    torch.manual_seed(0)
-    config = LlamaConfig(**SMALL)
+def small_model(seed: int, dtype: torch.dtype, **overrides) -> tuple[LlamaForCausalLM, LlamaConfig]:
+    torch.manual_seed(seed)
+    config = LlamaConfig(**SMALL, **overrides)
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).to("cuda", dtype).eval()
+    return LlamaForCausalLM(config).to("cuda", dtype).eval(), config
+
+
+def compare(dtype: torch.dtype, n: int = 2000, steps: int = 8) -> float:
+    model, config = small_model(0, dtype)
     ids = torch.randint(0, config.vocab_size, (n,), device="cuda")
     with torch.inference_mode():
         ref = model.generate(ids[None], max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
@@ -56,10 +60,7 @@ def compare_reference(n: int = 160, steps: int = 12) -> float:
     sys.path.insert(0, "tests")
     from reference import Reference
 
-    torch.manual_seed(1)
-    config = LlamaConfig(**SMALL, initializer_range=0.1)  # peaked attention: no near-ties in selection
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+    model, config = small_model(1, torch.float32, initializer_range=0.1)  # peaked attention: no near-ties
     ids = torch.randint(0, config.vocab_size, (n,), device="cuda")
     lazy = lp.LazyLLM(model, schedule={1: 0.5, 2: 0.5})
     out = lazy.generate(ids, max_new_tokens=steps + 1, eos_token_id=[], return_logits=True)
@@ -73,10 +74,7 @@ def compare_reference(n: int = 160, steps: int = 12) -> float:
 
 def compare_batch(lengths: tuple[int, ...] = (700, 64, 1500, 300), steps: int = 12) -> float:
     """Invariant 6 on the GPU: each sequence of a batch gets the logits it gets alone (fp32, `paper`)."""
-    torch.manual_seed(2)
-    config = LlamaConfig(**SMALL, initializer_range=0.1)
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+    model, config = small_model(2, torch.float32, initializer_range=0.1)
     prompts = [torch.randint(0, config.vocab_size, (n,), device="cuda") for n in lengths]
     lazy = lp.LazyLLM(model, schedule={1: 0.5, 2: 0.5})
     kw = dict(max_new_tokens=steps, eos_token_id=[], return_logits=True)

@@ -78,6 +78,28 @@ class LazyLLM:
         self.trace = trace
 
     def generate(
+        self, input_ids, max_new_tokens: int = 64, *, on_token: Callable[..., None] | None = None, **options
+    ) -> GenerationOutput | list[GenerationOutput]:
+        """Generate to the end: greedy by default, or sampled with `do_sample=True`.
+
+        One prompt (a list of ids or an [n] tensor) gives one GenerationOutput. A batch gives a list
+        of them, in order: a list of id lists of any lengths, or a [B, n] tensor padded on either
+        side with its `attention_mask`. `options` are `stream`'s keyword arguments (sampling,
+        stopping, `return_logits`). `on_token(token)` is called with each new id as soon as it
+        exists; `on_token(i, token)` for a batch.
+        """
+        run = self.stream(input_ids, max_new_tokens, **options)
+        while True:
+            try:
+                item = next(run)
+            except StopIteration as done:
+                return done.value
+            if on_token is not None and isinstance(item, tuple):
+                on_token(*item)
+            elif on_token is not None:
+                on_token(item)
+
+    def stream(
         self,
         input_ids,
         max_new_tokens: int = 64,
@@ -90,59 +112,16 @@ class LazyLLM:
         seed: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         stop_strings: Sequence[str] | None = None,
-        on_token: Callable[..., None] | None = None,
-        return_logits: bool = False,
-    ) -> GenerationOutput | list[GenerationOutput]:
-        """Greedy by default; `do_sample` with temperature/top_k/top_p/seed samples.
-
-        One prompt (a list of ids or an [n] tensor) gives one GenerationOutput. A batch gives a list
-        of them, in order: a list of id lists of any lengths, or a [B, n] tensor padded on either
-        side with its `attention_mask` (1: token, 0: padding). Every sequence is pruned, sampled and
-        stopped on its own, and gets what it would get alone; sequence i samples with `seed + i` and,
-        under the `random` baseline, draws with the schedule's seed + i.
-
-        Stops at `max_new_tokens`, an EOS id (the model's generation config by default) or a stop
-        string (needs the tokenizer). `on_token(token)` is called with each new id as soon as it
-        exists; `on_token(i, token)` for a batch.
-        """
-        run = self._run(
-            input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p, seed, eos_token_id,
-            stop_strings, return_logits,
-        )
-        while True:
-            try:
-                item = next(run)
-            except StopIteration as done:
-                return done.value
-            if on_token is not None and isinstance(item, tuple):
-                on_token(*item)
-            elif on_token is not None:
-                on_token(item)
-
-    def stream(
-        self, input_ids, max_new_tokens: int = 64, **kwargs
-    ) -> Generator[int | tuple[int, int], None, GenerationOutput | list[GenerationOutput]]:
-        """Yield token ids as they are generated; the generator's return value is `generate`'s.
-
-        Takes `generate`'s keyword arguments except `on_token`. A batch yields (i, token) pairs.
-        Stopping the iteration early stops generation there.
-        """
-        return self._run(input_ids, max_new_tokens, **kwargs)
-
-    def _run(
-        self,
-        input_ids,
-        max_new_tokens: int,
-        attention_mask=None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        stop_strings: Sequence[str] | None = None,
         return_logits: bool = False,
     ) -> Generator[int | tuple[int, int], None, GenerationOutput | list[GenerationOutput]]:
+        """Yield token ids as they are generated ((i, token) pairs for a batch); returns `generate`'s result.
+
+        `attention_mask` (1: token, 0: padding) goes with a padded [B, n] tensor. Every sequence is
+        pruned, sampled and stopped on its own, and gets what it would get alone: sequence i samples
+        with `seed + i` and, under the `random` baseline, draws with the schedule's seed + i.
+        Generation stops at `max_new_tokens`, an EOS id (the model's generation config by default) or
+        a stop string (needs the tokenizer). Stopping the iteration early stops generation there.
+        """
         prompts, batched = self._check_input(input_ids, attention_mask, max_new_tokens)
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: pass LazyLLM(model, tokenizer=tok)")
@@ -194,7 +173,7 @@ class LazyLLM:
                 logits, stats = engine.decode(tokens[going], active)
                 for b, s in zip(active, stats):
                     steps[b].append(s)
-                tokens = _choose(logits, warpers, generators and [generators[b] for b in active])
+                tokens = _choose(logits, warpers, None if generators is None else [generators[b] for b in active])
                 chosen = tokens.tolist()
             synchronize(device)
             end = time.perf_counter() - start
