@@ -28,7 +28,7 @@ from .adapters import LlamaAdapter
 from .cache import LazyCache
 from .packing import Packing, upload
 from .schedule import Schedule
-from .scoring import attention_row, random_scores, select
+from .scoring import ScoreInput, select
 
 # Decoding attends with one or a few query rows to a K/V length that changes every step. cuDNN attention,
 # SDPA's first choice on Hopper, plans a new graph per shape (~1.3 ms of host time per call, measured on an
@@ -57,11 +57,7 @@ class StepTrace:
 
 
 class Engine:
-    """Runs a batch of sequences through prefill and decoding steps under one schedule.
-
-    In the `random` baseline, sequence b draws from its own generator seeded `schedule.seed + b`,
-    so that what it keeps does not depend on the rest of the batch.
-    """
+    """Runs a batch of sequences through prefill and decoding steps under one schedule and its scorer."""
 
     def __init__(self, adapter: LlamaAdapter, schedule: Schedule, capacity: int, trace: bool = False) -> None:
         self.a = adapter
@@ -70,7 +66,6 @@ class Engine:
         self.trace = trace
         self.cache: LazyCache | None = None  # allocated by prefill, once the prompt lengths are known
         self.traces: list[list[StepTrace]] = []  # [sequence][step]
-        self.generators: list[torch.Generator] = []
 
     # ---------------------------------------------------------------- prefill
     def prefill(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[StepStats]]:
@@ -83,8 +78,6 @@ class Engine:
         counts = [p.shape[0] for p in prompts]
         B = len(prompts)
         c = self.cache = LazyCache(a, counts, self.capacity, track_writes=self.trace)
-        if self.schedule.mode == "random":
-            self.generators = [torch.Generator(device=dev).manual_seed(self.schedule.seed + b) for b in range(B)]
         stats, traces = [StepStats() for _ in range(B)], [StepTrace() for _ in range(B)]
         rows = Packing(counts, dev)
         pos = rows.slot  # [N] original position of each active row
@@ -102,11 +95,7 @@ class Engine:
             o = F.scaled_dot_product_attention(
                 qp, kp, vp, is_causal=True, scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads
             )
-            scores = None
-            if l in self.schedule.keep and self.generators:
-                scores = self._random_scores(rows)
-            elif l in self.schedule.keep:
-                scores = attention_row(q[rows.last], kp, a.scaling, rows.valid)  # [B, width]
+            scores = self._prefill_scores(l, qp, kp, rows, pos, max(counts)) if l in self.schedule.keep else None
             del q, k, v, qp, kp, vp  # free them before the MLP's activations: lower peak memory, as in transformers
             o = rows.unpad(o.transpose(1, 2))  # [N, H, dh]
             h = a.finish(l, h, o)
@@ -148,10 +137,22 @@ class Engine:
             c.v[layer + 1 :][:, seq, :, pos] = 0
         self._dropped = []
 
-    def _random_scores(self, rows: Packing) -> torch.Tensor:
-        """[B, width] draws for the `random` baseline, each sequence from its own generator."""
-        active = [g for g, n in zip(self.generators, rows.counts) if n]
-        return rows.pad(random_scores([n for n in rows.counts if n], active, self.a.device))
+    def _prefill_scores(
+        self, layer: int, qp: torch.Tensor, kp: torch.Tensor, rows: Packing, pos: torch.Tensor, span: int
+    ) -> torch.Tensor:
+        """The scorer's [B, width] scores of every active row, from the last `query_rows` rows' queries.
+
+        qp: [B, H, width, dh], kp: [B, Hkv, width, dh] padded as `rows.pad` lays rows out; pos: [N] packed.
+        """
+        w = self.schedule.scorer.query_rows
+        slots = rows.last_slot[:, None] - torch.arange(w - 1, -1, -1, device=pos.device)  # [B, w], q last
+        present = slots >= 0
+        slots = slots.clamp(min=0)
+        q = qp.gather(2, slots[:, None, :, None].expand(-1, qp.shape[1], -1, qp.shape[3]))  # [B, H, w, dh]
+        pos_p = rows.pad(pos)  # [B, width]
+        q_pos = pos_p.gather(1, slots).masked_fill(~present, -1)
+        x = ScoreInput(q, q_pos, kp, pos_p, rows.valid, self.a.scaling, layer, span)
+        return self.schedule.scorer.score(x)
 
     # --------------------------------------------------------------- decoding
     @sdpa_kernel(DECODE_ATTENTION, set_priority=True)
@@ -179,7 +180,7 @@ class Engine:
         prev = {b: np.array([tb]) for b, tb in zip(seqs, t)}
         stats, traces = {b: StepStats() for b in seqs}, {b: StepTrace() for b in seqs}
         for l in range(L):
-            if sched.mode == "static" and sched.keep:
+            if not sched.scorer.reselects and sched.keep:
                 for b, tb in zip(seqs, t):
                     cand[b] = np.append(np.flatnonzero(c.depth[b, :tb] >= l), tb)
                 cand_flat = upload(np.concatenate([b * T + cand[b] for b in seqs]), dev)
@@ -224,7 +225,7 @@ class Engine:
                 for b, tb in zip(seqs, t):
                     traces[b].candidates.append(np.arange(tb + 1) if cand[b] is None else cand[b].copy())
                     traces[b].computed.append(rows[b].copy())
-            if l in sched.keep and sched.mode != "static":
+            if l in sched.keep and sched.scorer.reselects:
                 in_s, cand_flat = self._reselect(l, cand, cand_flat, q[packing.last], k, in_s, t, seqs, traces)
         if self.trace:
             for b in seqs:
@@ -256,11 +257,12 @@ class Engine:
         if cand_flat is None and not everything:
             cand_flat = upload(np.concatenate([b * T + s for b, s in zip(seqs, host)]), dev)
 
-        if self.generators:
-            scores = self._random_scores(cands)  # [B, width]
-        else:
-            full = attention_row(q_last, k, self.a.scaling, in_s).view(-1)  # [B * T]
-            scores = cands.pad(full if everything else full[cand_flat])
+        q_pos = np.zeros(B, dtype=np.int64)
+        q_pos[seqs] = t
+        positions = torch.arange(T, device=dev)[None].expand(B, T)
+        x = ScoreInput(q_last[:, :, None], upload(q_pos, dev)[:, None], k, positions, in_s, self.a.scaling, l, T)
+        full = self.schedule.scorer.score(x).view(-1)  # [B * T]
+        scores = cands.pad(full if everything else full[cand_flat])
         keep = [self.schedule.kept_count(l, n) if n else 0 for n in cands.counts]
         kept, _ = select(scores, cands, keep)
         if self.trace:
