@@ -13,7 +13,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
+from helpers import prompt_ids, tiny_model
 from reference import Reference
 
 import lazyprefill as lp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,14 +40,15 @@ class Schedule:
         if self.mode not in MODES:
             raise ValueError(f"unknown schedule mode {self.mode!r}; use one of {', '.join(MODES)}")
         for layer, ratio in self.keep.items():
-            if not isinstance(layer, int) or isinstance(layer, bool):
+            if not isinstance(layer, numbers.Integral) or isinstance(layer, bool):
                 raise ValueError(f"pruning layer {layer!r} must be an int layer index")
-            if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+            if not (isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0.0 < ratio <= 1.0):
                 raise ValueError(
                     f"keep ratio {ratio!r} at layer {layer} must be in (0, 1]: it is the fraction of "
                     "candidates that goes on to deeper layers (1.0 keeps all)"
                 )
-        object.__setattr__(self, "keep", dict(sorted(self.keep.items())))
+        # numpy scalars (np.int64 layers, np.float32 ratios) become plain Python numbers
+        object.__setattr__(self, "keep", {int(layer): float(ratio) for layer, ratio in sorted(self.keep.items())})
 
     @property
     def is_dense(self) -> bool:
@@ -73,6 +75,12 @@ def preset(name: str, num_layers: int, mode: Mode = "lazy", seed: int = 0) -> Sc
     """Instantiate a depth-relative preset for a model with `num_layers` layers."""
     if name not in PRESETS:
         raise ValueError(f"unknown schedule preset {name!r}; presets: {', '.join(PRESETS)}")
+    if num_layers < 2:
+        layers = f"{num_layers} layer{'s' if num_layers != 1 else ''}"
+        raise ValueError(
+            f"this model has {layers}, too few to prune (a pruned token needs a deeper layer to skip): "
+            "run it dense (schedule 'dense')"
+        )
     keep: dict[int, float] = {}
     for frac, ratio in PRESETS[name].items():
         layer = min(max(int(frac * num_layers), 0), num_layers - 2)
@@ -102,7 +110,9 @@ def parse_schedule(spec: str | Schedule | dict | None, num_layers: int, seed: in
 
 
 def _parse_text(text: str, num_layers: int, seed: int) -> Schedule:
-    if text in DENSE_NAMES or text == "":
+    if text == "":
+        raise ValueError("the schedule is empty: use 'dense' for no pruning, or a preset such as 'paper'")
+    if text in DENSE_NAMES:
         return Schedule()
     mode: Mode = "lazy"
     head, _, rest = text.partition(":")
@@ -116,11 +126,14 @@ def _parse_text(text: str, num_layers: int, seed: int) -> Schedule:
         try:
             if not sep:
                 raise ValueError
-            keep[int(layer)] = float(ratio)
+            index, value = int(layer), float(ratio)
         except ValueError:
             raise ValueError(
                 f"unknown schedule {text!r}: use a preset ({', '.join(PRESETS)}), 'dense', 'static', "
                 "'random', or layer:ratio pairs such as '9:0.7,19:0.7' (optionally prefixed by "
                 "'static:' or 'random:')"
             ) from None
+        if index in keep:
+            raise ValueError(f"layer {index} appears twice in the schedule {text!r}: give each layer one keep ratio")
+        keep[index] = value
     return Schedule(keep, mode=mode, seed=seed)

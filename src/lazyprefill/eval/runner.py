@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ..bench import ModelDims, ideal_speedup
+from ..flops import ModelDims, ideal_speedup
 from ..generation import LazyLLM
 from ..schedule import PRESETS, parse_schedule
 from . import metrics
