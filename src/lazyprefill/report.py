@@ -199,6 +199,7 @@ def inspect_prompt(
     """
     dense_llm = LazyLLM(model, None, tokenizer=tokenizer)
     lazy_llm = LazyLLM(model, schedule, tokenizer=tokenizer)
+    lazy_llm.check_request(ids, max_new_tokens)  # before the warm-up: a request too long fails at once
     warm = ids[: min(len(ids), 64)]
     for llm in (dense_llm, lazy_llm):
         llm.generate(warm, max_new_tokens=2)
