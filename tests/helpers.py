@@ -67,3 +67,20 @@ def prompt_ids(n: int, seed: int = 0) -> torch.Tensor:
     """n random token ids: [n]."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n,), generator=g)
+
+
+def word_tokenizer():
+    """A whitespace word-level tokenizer over VOCAB words ("w0" ... ), unknown words -> "w0"; no network needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
+
+
+def save_tiny_model(path, family: str = "llama_gqa_rope3", num_layers: int = 6):
+    """A tiny model and its word tokenizer saved with save_pretrained, as a user's model folder: path."""
+    tiny_model(family, num_layers).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path

@@ -78,8 +78,12 @@ def load(model: str, device: str, dtype: str) -> tuple:
     from .generation import LazyLLM
     from .models import load_model
 
-    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+    where = Path(model).expanduser()
+    if model.startswith(("/", "./", "../", "~")) and not where.exists():
         fail(f"{model} does not exist: pass smollm2, an existing model folder or .gguf file, or a hub name", "--model")
+    if where.is_dir() and not (where / "config.json").is_file():
+        fail(f"{model} has no config.json, so it is not a transformers checkpoint: pass smollm2, a folder that "
+             "save_pretrained wrote, a .gguf file or a hub name", "--model")
     try:
         lm, tokenizer = load_model(model, device=device, dtype=dtype)
     except LOAD_ERRORS as err:  # what transformers raises for a folder or name that is not a model it can load
