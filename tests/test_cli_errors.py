@@ -106,7 +106,8 @@ def test_folders_and_names_that_are_not_models(command, doc, tmp_path):
 
 def test_an_unsupported_architecture(command, doc, tmp_path):
     gpt2 = tmp_path / "gpt2"
-    tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=400, n_positions=64)).save_pretrained(gpt2)
+    config = tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=400, n_positions=64)
+    tf.GPT2LMHeadModel(config).save_pretrained(gpt2)
     save_tiny_model(tmp_path / "words")  # borrow its tokenizer files
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (gpt2 / name).write_bytes((tmp_path / "words" / name).read_bytes())

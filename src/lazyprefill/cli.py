@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from .generation import GenerationOutput
     from .schedule import Schedule
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="LazyLLM dynamic token pruning for Hugging Face LLMs.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="LazyLLM dynamic token pruning for Hugging Face LLMs."
+)
 
 MODEL_HELP = "smollm2 (embedded default), a local path or a hub name."
 # What loading raises for what is not a model: a missing or invalid config.json or tokenizer (OSError,
@@ -325,7 +327,9 @@ def print_table(run: GenerateRun, what: str) -> None:
 @app.command("eval")
 def eval_command(
     model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
-    tasks: str = typer.Option("code,recall,passkey", "--tasks", help="Comma-separated: code, recall, passkey, fidelity."),
+    tasks: str = typer.Option(
+        "code,recall,passkey", "--tasks", help="Comma-separated: code, recall, passkey, fidelity."
+    ),
     samples: int = typer.Option(5, "--samples", min=1, help="Samples per task and length."),
     lengths: str = typer.Option("512", "--lengths", help="Prompt lengths in tokens, comma-separated."),
     schedules: str = typer.Option(
@@ -334,7 +338,8 @@ def eval_command(
         'a preset name or layer:ratio pairs joined by ";" ("9:0.7;19:0.7").',
     ),
     baselines: str = typer.Option(
-        "all", "--baselines", help='Schedules that also get static and random: "all", "none", or a list like --schedules.'
+        "all", "--baselines",
+        help='Schedules that also get static and random: "all", "none", or a list like --schedules.',
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads [default: torch's]."),
     report_only: bool = typer.Option(
@@ -342,7 +347,9 @@ def eval_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Builds the task samples."),
     out: Path = typer.Option(Path("results/eval"), "--out", file_okay=False, help="Report directory."),
-    cache: Path | None = typer.Option(None, "--cache", file_okay=False, help="Dense-result cache [default: OUT/dense-cache]."),
+    cache: Path | None = typer.Option(
+        None, "--cache", file_okay=False, help="Dense-result cache [default: OUT/dense-cache]."
+    ),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("float32", "--dtype"),
 ) -> None:

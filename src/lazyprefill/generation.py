@@ -220,7 +220,8 @@ class LazyLLM:
         device, warpers = self.adapter.device, sampling.warpers()
         generators = sampling.generators(len(prompts), device) or [None] * len(prompts)
         requests = [Request(b, p, g) for b, (p, g) in enumerate(zip(prompts, generators))]
-        engine = Engine(self.adapter, self.schedule, max(p.shape[0] for p in prompts) + max_new_tokens, trace=self.trace)
+        capacity = max(p.shape[0] for p in prompts) + max_new_tokens
+        engine = Engine(self.adapter, self.schedule, capacity, trace=self.trace)
 
         with torch.inference_mode():
             synchronize(device)

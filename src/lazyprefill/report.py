@@ -410,8 +410,10 @@ var D=JSON.parse(document.getElementById("lp-data").textContent);
 var doc=document.getElementById("doc"),tip=document.getElementById("tip"),spans=doc.children;
 var layers=Object.keys(D.scores).map(Number).sort(function(a,b){{return a-b}});
 var sorted={{}};
-layers.forEach(function(l){{sorted[l]=D.scores[l].filter(function(x){{return x!==null}}).sort(function(a,b){{return b-a}})}});
-function rank(l,s){{var a=sorted[l],lo=0,hi=a.length;while(lo<hi){{var m=(lo+hi)>>1;if(a[m]>s)lo=m+1;else hi=m}}return lo+1}}
+layers.forEach(function(l){{
+  sorted[l]=D.scores[l].filter(function(x){{return x!==null}}).sort(function(a,b){{return b-a}})}});
+function rank(l,s){{
+  var a=sorted[l],lo=0,hi=a.length;while(lo<hi){{var m=(lo+hi)>>1;if(a[m]>s)lo=m+1;else hi=m}}return lo+1}}
 function reach(d){{return d===D.L-1?"all "+D.L+" layers":"layers 0–"+d+" ("+(d+1)+" of "+D.L+")"}}
 function show(v){{
   var d=D[v],count={{}};

@@ -19,12 +19,26 @@ from ..adapters import adapter_for
 from ..env import DTYPES, machine_info
 from ..flops import ModelDims, ideal_speedup, prefill_flops
 from .config import (
-    BENCH_PRESETS, DENSE, SHAPES, TRANSFORMERS, TRANSFORMERS_FLASH, BenchConfig, configure, progress_total,
+    BENCH_PRESETS,
+    DENSE,
+    SHAPES,
+    TRANSFORMERS,
+    TRANSFORMERS_FLASH,
+    BenchConfig,
+    configure,
+    progress_total,
 )
 from .models import load_bench_model, random_model
 from .report import batch_markdown, markdown, merge, plot, plot_batch, write
 from .timing import (
-    bench_decode, bench_ttft, lazy_prefill, random_prompts, reset_peak_memory, schedules_for, time_methods, time_once,
+    bench_decode,
+    bench_ttft,
+    lazy_prefill,
+    random_prompts,
+    reset_peak_memory,
+    schedules_for,
+    time_methods,
+    time_once,
     transformers_prefill,
 )
 
