@@ -136,10 +136,11 @@ class LazyLLM:
     `schedule` is a preset name ("paper"), "dense"/None, "static"/"random" baselines, a
     "layer:ratio,..." string, a `{layer: ratio}` dict or a `Schedule`.
 
-    Threads: one LazyLLM is not safe to call from several threads at once. Each call builds its own
-    Engine and cache and never writes the model's weights, so calls on separate LazyLLM objects over
-    one shared model are independent; but torch's process-wide settings that a decoding step sets
-    (its SDPA backend order) are shared, so serialise calls or use one process per worker.
+    Threads: a LazyLLM is not safe to call from several threads at once, and neither are several
+    LazyLLMs over one model. Each call builds its own Engine and cache and only reads the model, but
+    calls share torch's process-wide state (the SDPA backend choice, the global RNG that seeds
+    sampling when `seed` is None) and concurrent calls are untested: serialise them (one lock) or use
+    one process per worker.
     """
 
     def __init__(
