@@ -21,10 +21,10 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "smollm2 (embedded default), a local path or a hub name."
+SCHEDULE_HELP = 'paper (default), none (dense), static, random or layer:ratio pairs "9:0.7,19:0.7".'
 # What loading raises for what is not a model: a missing or invalid config.json or tokenizer (OSError,
 # ValueError), an unknown model_type (KeyError, ValueError), weights that do not fit (RuntimeError), ...
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError)
-SCHEDULE_HELP = 'paper (default), none (dense), static, random or layer:ratio pairs "9:0.7,19:0.7".'
 
 
 def fail(message: str, option: str | None = None) -> NoReturn:
@@ -78,7 +78,7 @@ def check_schedule_syntax(schedule: str | None) -> None:
 def load(model: str, device: str, dtype: str) -> tuple:
     """(model, tokenizer), or a clear error when `model` is not a causal LM that lazyprefill runs."""
     from .generation import LazyLLM
-    from .models import load_model
+    from .models import EMBEDDED, load_model
 
     where = Path(model).expanduser()
     if model.startswith(("/", "./", "../", "~")) and not where.exists():
@@ -89,6 +89,8 @@ def load(model: str, device: str, dtype: str) -> tuple:
     try:
         lm, tokenizer = load_model(model, device=device, dtype=dtype)
     except LOAD_ERRORS as err:  # what transformers raises for a folder or name that is not a model it can load
+        if model in EMBEDDED:  # the embedded model's own message says how to fetch or clear it
+            fail(f"could not load {model!r}: {err}", "--model")
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         fail(
             f"could not load {model!r} ({reason}): pass smollm2, a folder that holds a transformers checkpoint "
@@ -102,7 +104,7 @@ def load(model: str, device: str, dtype: str) -> tuple:
     return lm, tokenizer
 
 
-def model_schedule(schedule: str | None, num_layers: int):
+def model_schedule(schedule: str | None, num_layers: int) -> Schedule:
     """The checked Schedule: the user's, or the default preset (whose failure is the model's, not --schedule's)."""
     from .schedule import parse_schedule
 
