@@ -8,6 +8,7 @@ time means the host is the bottleneck; kernels other than the model's GEMMs and 
 from __future__ import annotations
 
 import argparse
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -53,7 +54,7 @@ def main() -> None:
         for name, fn in methods.items():
             for _ in range(2):
                 fn([ids])
-            wall = timed(lambda: fn([ids]))
+            wall = timed(lambda fn=fn: fn([ids]))
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn([ids])
                 torch.cuda.synchronize()
@@ -63,7 +64,7 @@ def main() -> None:
         for name, step in decoders(model, adapter, ids, steps).items():
             for _ in range(2):
                 step()
-            wall = timed(lambda: [step() for _ in range(steps)])
+            wall = timed(lambda step=step: [step() for _ in range(steps)])
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(steps):
                     step()
