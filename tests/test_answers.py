@@ -140,3 +140,31 @@ def test_cli_writes_json_table_plot_and_command(tmp_path):
     assert saved["command"].startswith("python benchmarks/answers.py --models tiny")
     assert [r["method"] for r in saved["cases"][0]["rows"]] == ["dense"]
     assert (tmp_path / "chunk.md").exists() and (tmp_path / "chunk.png").exists()
+
+
+def test_revivals_count_prompt_tokens_taken_deeper():
+    model = answers.load("tiny", "cpu", torch.float32)
+    prompt = random_prompts(N, model.config.vocab_size, 1, torch.device("cpu"), 3)[0]
+    got = {name: answers.revivals(LazyLLM(model, name).generate(prompt, 8, eos_token_id=[]).stats, N)
+           for name in ("dense", "static", "paper")}
+    assert got["dense"] == {"revived_per_step": [0] * 7, "prompt_tokens": N, "prompt_deferred": 0, "prompt_revived": 0}
+    assert got["static"]["prompt_deferred"] > 0 and got["static"]["prompt_revived"] == 0  # never revived
+    paper = got["paper"]
+    assert 0 < paper["prompt_revived"] <= paper["prompt_deferred"] < N
+    assert sum(paper["revived_per_step"]) >= paper["prompt_revived"]  # a token may be revived at several layers
+
+
+def test_a_method_that_runs_out_of_memory_is_recorded_and_the_next_goes_on(monkeypatch):
+    real = answers.runner
+
+    def runner(method, model, cache_len):
+        if method == "dense":
+            def run(prompts, count, clock):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return run
+        return real(method, model, cache_len)
+
+    monkeypatch.setattr(answers, "runner", runner)
+    rows = answers.run(config(methods=["dense", "paper"]))["cases"][0]["rows"]
+    assert [(r["method"], r["status"]) for r in rows] == [("dense", "out of memory"), ("paper", "ok")]
+    assert "Tried to allocate" in rows[0]["note"] and "ttft_ms" not in rows[0] and rows[1]["ttft_ms"] > 0

@@ -22,6 +22,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from .bench import (
     time_once,
 )
 from .engine import StepStats
-from .generation import LazyLLM, synchronize
+from .generation import GenerationStats, LazyLLM, synchronize
 from .schedule import PRESETS, Schedule, preset
 
 STATIC = "transformers-static"
@@ -285,6 +286,20 @@ def summarize(case: Case, stamps: list[float], steps: list[list[StepStats]] | No
     return row
 
 
+def revivals(stats: GenerationStats, n_prompt: int) -> dict:
+    """What decoding revived for one sequence: rows per decoding step (summed over layers), and how many prompt
+    tokens prefill deferred (stopped before the last layer) and how many of them a later step took deeper
+    (depth only grows, and only a revival makes a prompt token's depth grow)."""
+    deferred = stats.prefill_depth < stats.num_layers - 1  # [n_prompt]
+    deeper = stats.final_depth[:n_prompt] > stats.prefill_depth  # [n_prompt]
+    return {
+        "revived_per_step": [sum(s.revived) for s in stats.steps[1:]],
+        "prompt_tokens": n_prompt,
+        "prompt_deferred": int(deferred.sum()),
+        "prompt_revived": int(deeper.sum()),
+    }
+
+
 def measure(case: Case, method: str, cfg: AnswerConfig) -> dict:
     """Warm up on a batch of the same shape, then time one run of N tokens."""
     device = case.prompts[0].device
@@ -336,7 +351,7 @@ def measure_case(
     progress: Callable[[str], None], on_row: Callable[[dict], None],
 ) -> dict:
     """Every selected method on B random prompts of n tokens. A method that cannot fit is recorded, not run;
-    one that runs out of memory anyway is recorded too, and the next method goes on."""
+    one that runs out of memory anyway, or fails otherwise, is recorded with its error, and the next goes on."""
     adapter = adapter_for(model)
     device, dims = adapter.device, ModelDims.of(model)
     case = Case(
@@ -359,10 +374,10 @@ def measure_case(
         else:
             try:
                 row.update(measure(case, method, cfg))
-            except RuntimeError as err:
-                if not _is_oom(err):
-                    raise
-                row["status"] = "out of memory"
+            except Exception as err:  # noqa: BLE001 (one method's failure, e.g. a compiler missing, ends no chunk)
+                row["status"] = "out of memory" if _is_oom(err) else "error"
+                row["note"] = f"{type(err).__name__}: {str(err).strip()[:300]}"
+                traceback.print_exc()
                 if method == STATIC:
                     torch._dynamo.reset()
         _reset_peak(device)
@@ -449,7 +464,7 @@ def markdown(result: dict) -> str:
                 floors = f"{_fmt(r.get('floor_ms_dense'), '.2f')} / {_fmt(r.get('floor_ms_candidates'), '.2f')}"
                 totals = " | ".join(_fmt(_seconds(r, t), ".2f") for t in counts)
                 revived = (f"{r['revived_mean']:.1f} ({r['revived_max']})" if "revived_mean" in r else "—")
-                note = " ".join(x for x in (r["status"] if r["status"] != "ok" else "", r["note"]) if x)
+                note = " ".join(x for x in (r["status"] if r["status"] != "ok" else "", r["note"][:80]) if x)
                 lines.append(f"| {case['length']} | {case['batch']} | {r['method']} | {_fmt(r.get('ttft_ms'), '.0f')} | "
                              f"{_fmt(r.get('ms_per_token'), '.2f')} | {floors} | {_fmt(r.get('x_floor_dense'), '.1f')} | "
                              f"{totals} | {revived} | {_fmt(r.get('peak_gb'), '.1f')} | {note} |")
