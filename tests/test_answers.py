@@ -168,3 +168,11 @@ def test_a_method_that_runs_out_of_memory_is_recorded_and_the_next_goes_on(monke
     rows = answers.run(config(methods=["dense", "paper"]))["cases"][0]["rows"]
     assert [(r["method"], r["status"]) for r in rows] == [("dense", "out of memory"), ("paper", "ok")]
     assert "Tried to allocate" in rows[0]["note"] and "ttft_ms" not in rows[0] and rows[1]["ttft_ms"] > 0
+
+
+def test_checkpoints_grow_by_one_method_and_each_can_be_merged():
+    snapshots: list[dict] = []
+    answers.run(config(methods=["dense", "paper"]), checkpoint=lambda r: snapshots.append(json.loads(json.dumps(r))))
+    assert [[r["method"] for r in s["cases"][0]["rows"]] for s in snapshots] == [["dense"], ["dense", "paper"]]
+    for snapshot in snapshots:
+        assert answers.merge([snapshot])["cases"] == snapshot["cases"]

@@ -408,9 +408,10 @@ def run(cfg: AnswerConfig, progress: Callable[[str], None] | None = None,
         for n in cfg.lengths:
             for batch in cfg.batch_sizes:
                 case: dict = {"model": name}
-                result["cases"].append(case)
 
                 def on_row(partial: dict, case: dict = case) -> None:
+                    if "rows" not in case:  # its first method is done: the case enters the result
+                        result["cases"].append(case)
                     case.update(partial)
                     checkpoint(result)
 
