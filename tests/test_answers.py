@@ -157,12 +157,12 @@ def test_revivals_count_prompt_tokens_taken_deeper():
 def test_a_method_that_runs_out_of_memory_is_recorded_and_the_next_goes_on(monkeypatch):
     real = answers.runner
 
-    def runner(method, model, cache_len):
+    def runner(method, model, new):
         if method == "dense":
-            def run(prompts, count, clock):
+            def run(prompts, clock, stop):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return run
-        return real(method, model, cache_len)
+        return real(method, model, new)
 
     monkeypatch.setattr(answers, "runner", runner)
     rows = answers.run(config(methods=["dense", "paper"]))["cases"][0]["rows"]
@@ -176,3 +176,18 @@ def test_checkpoints_grow_by_one_method_and_each_can_be_merged():
     assert [[r["method"] for r in s["cases"][0]["rows"]] for s in snapshots] == [["dense"], ["dense", "paper"]]
     for snapshot in snapshots:
         assert answers.merge([snapshot])["cases"] == snapshot["cases"]
+
+
+@pytest.mark.parametrize("method", ["transformers", "transformers-static", "paper"])
+def test_warm_up_stops_early_with_the_full_runs_allocation(method):
+    model = answers.load("tiny", "cpu", torch.float32)
+    prompts = random_prompts(N, model.config.vocab_size, BATCH, torch.device("cpu"), 5)
+    run = answers.runner(method, model, new=12)
+    skip_prompt = method != "paper"  # a transformers streamer first receives the prompt
+    warm, timed = (answers.TokenClock(torch.device("cpu"), skip_prompt) for _ in range(2))
+    assert run(prompts, warm, 3) is None and len(warm.stamps) == 3
+    if method == "transformers-static":  # the warm-up's static cache has the timed run's size
+        assert model._previous_max_cache_length == N + 12
+    steps = run(prompts, timed, None)
+    assert len(timed.stamps) == 12 and timed.stamps == sorted(timed.stamps)
+    assert steps is None if method != "paper" else [len(s) for s in steps] == [12] * BATCH  # prefill + 11 steps

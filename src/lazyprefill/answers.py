@@ -204,20 +204,22 @@ class TokenClock:
         pass
 
 
-Runner = Callable[[list[torch.Tensor], int, TokenClock], list[list[StepStats]] | None]
+Runner = Callable[[list[torch.Tensor], TokenClock, int | None], list[list[StepStats]] | None]
 
 
-def runner(method: str, model: nn.Module, cache_len: int) -> Runner:
-    """run(prompts, new_tokens, clock) -> per-sequence step stats (ours) or None (transformers), greedy, EOS off.
+def runner(method: str, model: nn.Module, new: int) -> Runner:
+    """run(prompts, clock, stop) -> per-sequence step stats (ours) or None: greedy, EOS off, a generation of `new`
+    tokens, or a warm-up ended after `stop` tokens that allocates what the full run does (the same static cache
+    size, the same engine capacity), so that what is compiled or captured in the warm-up serves the timed run.
 
     transformers gets a [B, n] tensor with its all-ones mask; `min_new_tokens` keeps EOS from ending it early.
-    The static cache is sized `cache_len` in every call, so the warm-up compiles the shapes the timed run uses.
     """
     if method in (TRANSFORMERS, STATIC):
-        extra = {"cache_implementation": "static", "max_cache_len": cache_len} if method == STATIC else {}
 
-        def run_transformers(prompts: list[torch.Tensor], count: int, clock: TokenClock) -> None:
+        def run_transformers(prompts: list[torch.Tensor], clock: TokenClock, stop: int | None) -> None:
             ids = torch.stack(prompts)  # [B, n]
+            count = stop or new
+            extra = {"cache_implementation": "static", "max_cache_len": ids.shape[1] + new} if method == STATIC else {}
             clock.start()
             model.generate(ids, attention_mask=torch.ones_like(ids), streamer=clock, do_sample=False, pad_token_id=0,
                            min_new_tokens=count, max_new_tokens=count, **extra)
@@ -226,10 +228,17 @@ def runner(method: str, model: nn.Module, cache_len: int) -> Runner:
     num_layers = adapter_for(model).num_layers
     lazy = LazyLLM(model, Schedule() if method == DENSE else preset(method, num_layers))
 
-    def run_ours(prompts: list[torch.Tensor], count: int, clock: TokenClock) -> list[list[StepStats]]:
+    def run_ours(prompts: list[torch.Tensor], clock: TokenClock, stop: int | None) -> list[list[StepStats]] | None:
         clock.start()
-        outs = lazy.generate(list(prompts), max_new_tokens=count, eos_token_id=[], on_token=clock.token)
-        return [out.stats.steps for out in outs]
+        if stop is None:
+            outs = lazy.generate(list(prompts), max_new_tokens=new, eos_token_id=[], on_token=clock.token)
+            return [out.stats.steps for out in outs]
+        steps = lazy.stream(list(prompts), max_new_tokens=new, eos_token_id=[])  # yields (sequence, token)
+        for item in steps:
+            clock.token(*item)
+            if len(clock.stamps) == stop and item[0] == len(prompts) - 1:
+                steps.close()  # stopping the iteration stops generation
+        return None
 
     return run_ours
 
@@ -303,18 +312,18 @@ def revivals(stats: GenerationStats, n_prompt: int) -> dict:
 def measure(case: Case, method: str, cfg: AnswerConfig) -> dict:
     """Warm up on a batch of the same shape, then time one run of N tokens."""
     device = case.prompts[0].device
-    run = runner(method, case.model, case.n + case.new)
+    run = runner(method, case.model, case.new)
     compiled = method == STATIC
     if compiled:
         torch._dynamo.reset()  # compile this case's shapes afresh, as a new process would
         vars(case.model).pop("_previous_max_cache_length", None)  # else generate keeps an earlier case's cache size
     graphs = _unique_graphs()
     warm = TokenClock(device, skip_first=method in (TRANSFORMERS, STATIC))
-    run(case.warm, cfg.warmup_tokens, warm)
+    run(case.warm, warm, cfg.warmup_tokens)
     graphs_after_warmup = _unique_graphs()
     _reset_peak(device)
     clock = TokenClock(device, skip_first=method in (TRANSFORMERS, STATIC))
-    steps = run(case.prompts, case.new, clock)
+    steps = run(case.prompts, clock, None)
     row = summarize(case, clock.stamps, steps, cfg)
     row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     row["warmup_s"] = warm.stamps[-1]
