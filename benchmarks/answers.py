@@ -12,8 +12,9 @@ join the chunks here:
 
 Rough device time per chunk on an H100 with today's engine (each method: a warm-up run of the same shape with 16
 tokens, then 512 tokens; transformers-static adds its compilation, about 1-2 min): 8K x1 about 4 min; 32K x1 about
-5 min; 8K x8 about 6 min; 32K x8 (llama3-8b; llama2-7b's 137 GB of K/V is recorded as "does not fit" at once)
-more than 10 min: split it by --methods (e.g. transformers,transformers-static / dense,paper / aggressive).
+5 min; 8K x8 about 7 min; 32K x8 (llama3-8b; llama2-7b's 140 GB of K/V is recorded as "does not fit" at once)
+more than 10 min: split it by --methods (e.g. transformers,transformers-static / dense,paper,aggressive). A first
+smoke chunk checks the GPU path (compilation included) in 1-2 min: --models tiny --lengths 1024 --batch-sizes 1,2.
 """
 
 from __future__ import annotations
