@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
     stem = args.stem or f"revivals-{args.model}"
     model, tokenizer = load_model(args.model)
     models = {"real": model} | ({} if args.no_twin else {"random": random_twin(model, args.seed)})
-    samples = [s for n in args.lengths for task in args.tasks for s in build(task, tokenizer, n, args.samples, args.seed)]
+    samples = [
+        s for n in args.lengths for task in args.tasks for s in build(task, tokenizer, n, args.samples, args.seed)
+    ]
     result = {"kind": "revivals", "machine": machine_info(torch.device("cpu")),
               "command": shlex.join(["python", "benchmarks/revivals.py", *(sys.argv[1:] if argv is None else argv)]),
               "config": vars(args) | {"out": str(args.out)}, "records": [], "summary": []}

@@ -134,7 +134,8 @@ def test_cli_writes_json_table_plot_and_command(tmp_path):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     argv = ["--models", "tiny", "--lengths", "32", "--batch-sizes", "1", "--new-tokens", "11", "--methods", "dense",
-            "--device", "cpu", "--dtype", "float32", "--warmup-tokens", "2", "--copy-mb", "4", "--out", str(tmp_path), "--stem", "chunk"]
+            "--device", "cpu", "--dtype", "float32", "--warmup-tokens", "2", "--copy-mb", "4",
+            "--out", str(tmp_path), "--stem", "chunk"]
     cli.main(argv)
     saved = json.loads((tmp_path / "chunk.json").read_text())
     assert saved["command"].startswith("python benchmarks/answers.py --models tiny")

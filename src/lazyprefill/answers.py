@@ -86,7 +86,9 @@ class AnswerConfig:
         if not self.models or not self.lengths or not self.batch_sizes or not self.new_tokens:
             raise ValueError("give at least one model, prompt length, batch size and new-token count")
         if min(self.lengths) < 2 or min(self.batch_sizes) < 1:
-            raise ValueError(f"prompt lengths must be >= 2 and batch sizes >= 1, got {self.lengths}, {self.batch_sizes}")
+            raise ValueError(
+                f"prompt lengths must be >= 2 and batch sizes >= 1, got {self.lengths}, {self.batch_sizes}"
+            )
         if min(self.new_tokens) < 1 or max(self.new_tokens) < self.steady_skip + 3:
             raise ValueError(f"new tokens {self.new_tokens}: the longest run needs at least steady_skip + 3 = "
                              f"{self.steady_skip + 3} tokens so that a steady state exists; lower steady_skip")
@@ -383,7 +385,7 @@ def measure_case(
         else:
             try:
                 row.update(measure(case, method, cfg))
-            except Exception as err:  # noqa: BLE001 (one method's failure, e.g. a compiler missing, ends no chunk)
+            except Exception as err:
                 row["status"] = "out of memory" if _is_oom(err) else "error"
                 row["note"] = f"{type(err).__name__}: {str(err).strip()[:300]}"
                 traceback.print_exc()
@@ -435,7 +437,8 @@ def merge(results: list[dict]) -> dict:
     (a method measured twice keeps the later chunk's row). Each chunk's machine and command stay in `runs`."""
     order = {m: i for i, m in enumerate(method_names())}
     merged: dict = {"kind": "answers", "machine": results[0]["machine"], "models": {}, "cases": [],
-                    "runs": [{"machine": r["machine"], "command": r["command"], "config": r["config"]} for r in results]}
+                    "runs": [{"machine": r["machine"], "command": r["command"], "config": r["config"]}
+                             for r in results]}
     by_key: dict[tuple, dict] = {}
     for res in results:
         merged["models"].update(res["models"])
@@ -475,10 +478,14 @@ def markdown(result: dict) -> str:
                 totals = " | ".join(_fmt(_seconds(r, t), ".2f") for t in counts)
                 revived = (f"{r['revived_mean']:.1f} ({r['revived_max']})" if "revived_mean" in r else "—")
                 note = " ".join(x for x in (r["status"] if r["status"] != "ok" else "", r["note"][:80]) if x)
-                lines.append(f"| {case['length']} | {case['batch']} | {r['method']} | {_fmt(r.get('ttft_ms'), '.0f')} | "
-                             f"{_fmt(r.get('ms_per_token'), '.2f')} | {floors} | {_fmt(r.get('x_floor_dense'), '.1f')} | "
-                             f"{totals} | {revived} | {_fmt(r.get('peak_gb'), '.1f')} | {note} |")
-        bw = [f"{c['length']} x{c['batch']}: {c['copy_gb_per_s']:.0f} GB/s" for c in result["cases"] if c["model"] == name]
+                ttft, per_token = _fmt(r.get("ttft_ms"), ".0f"), _fmt(r.get("ms_per_token"), ".2f")
+                lines.append(
+                    f"| {case['length']} | {case['batch']} | {r['method']} | {ttft} | {per_token} | {floors} | "
+                    f"{_fmt(r.get('x_floor_dense'), '.1f')} | {totals} | {revived} | {_fmt(r.get('peak_gb'), '.1f')} "
+                    f"| {note} |"
+                )
+        bw = [f"{c['length']} x{c['batch']}: {c['copy_gb_per_s']:.0f} GB/s"
+              for c in result["cases"] if c["model"] == name]
         lines += ["", "Copy bandwidth (read + written): " + ", ".join(bw) + ".", ""]
     return "\n".join(lines)
 
