@@ -38,6 +38,13 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 64,
 }
 
+GEMMA3 = dict(
+    sliding_window=8,
+    layer_types=["full_attention", "sliding_attention"] * 3,
+    query_pre_attn_scalar=24,
+    hidden_activation="gelu_pytorch_tanh",
+)
+
 # family name -> (config class, model class, config overrides)
 FAMILIES: dict[str, tuple[type, type, dict]] = {
     "llama_mha": (tf.LlamaConfig, tf.LlamaForCausalLM, {"num_key_value_heads": 4}),
@@ -47,6 +54,9 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
     "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {}),
     # head_dim * heads != hidden_size, as in real Qwen3 checkpoints
     "qwen3_head32": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 32}),
+    # Gemma 3: sliding layers with a window far shorter than the tests' prompts, full layers where
+    # the shared suites prune (0, 2, 4), two RoPE tables, an attention scale that is not 1/sqrt(dh)
+    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, GEMMA3),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,6 +35,7 @@ class Schedule:
     keep: dict[int, float] = field(default_factory=dict)
     mode: Mode = "lazy"
     seed: int = 0
+    preset: str | None = field(default=None, compare=False)  # the preset it came from, refitted per model
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -52,14 +54,23 @@ class Schedule:
     def is_dense(self) -> bool:
         return not self.keep
 
-    def check(self, num_layers: int) -> None:
-        """Raise if a pruning layer does not exist or is the last one (nothing deeper to skip)."""
+    def check(self, num_layers: int, prunable: Sequence[int] | None = None) -> None:
+        """Raise if a pruning layer does not exist, is the last one (nothing deeper to skip), or is not
+        among the model's `prunable` layers (None: all; see `LlamaAdapter.prunable_layers`)."""
         for layer in self.keep:
             if not 0 <= layer <= num_layers - 2:
                 raise ValueError(
                     f"pruning layer {layer} is out of range: this model has {num_layers} layers, so "
                     f"pruning layers must be in [0, {num_layers - 2}] (the last layer cannot prune)"
                 )
+        refused = [layer for layer in self.keep if prunable is not None and layer not in prunable]
+        if refused:
+            allowed = ", ".join(map(str, prunable)) if prunable else "none"
+            raise ValueError(
+                f"this model cannot prune at layer(s) {', '.join(map(str, refused))}: they attend within a "
+                f"sliding window, where the last token cannot score most of the prompt. Layers that can "
+                f"prune (full attention, not the last): {allowed}"
+            )
 
     def kept_count(self, layer: int, n_candidates: int) -> int:
         """How many of `n_candidates` survive pruning at `layer` (ours: ceil, at least 1).
@@ -69,19 +80,33 @@ class Schedule:
         return max(1, math.ceil(round(self.keep[layer] * n_candidates, 6)))
 
 
-def preset(name: str, num_layers: int, mode: Mode = "lazy", seed: int = 0) -> Schedule:
-    """Instantiate a depth-relative preset for a model with `num_layers` layers."""
+def preset(
+    name: str, num_layers: int, mode: Mode = "lazy", seed: int = 0, prunable: Sequence[int] | None = None
+) -> Schedule:
+    """Instantiate a depth-relative preset for a model with `num_layers` layers.
+
+    On a model that prunes only at some layers (`prunable`, e.g. Gemma 3's full-attention layers),
+    each point moves to the nearest of them (the earlier on a tie), and points that meet multiply
+    their ratios, so the tokens left after the last point stay the preset's.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown schedule preset {name!r}; presets: {', '.join(PRESETS)}")
+    if prunable is not None and not prunable:
+        raise ValueError(f"preset {name!r} needs a layer that can prune, and this model has none: use 'dense'")
     keep: dict[int, float] = {}
     for frac, ratio in PRESETS[name].items():
         layer = min(max(int(frac * num_layers), 0), num_layers - 2)
+        if prunable is not None:
+            layer = min(prunable, key=lambda p: (abs(p - layer), p))
+            ratio = round(ratio * keep.get(layer, 1.0), 6)
         keep[layer] = ratio
-    return Schedule(keep, mode=mode, seed=seed)
+    return Schedule(keep, mode=mode, seed=seed, preset=name)
 
 
-def parse_schedule(spec: str | Schedule | dict | None, num_layers: int, seed: int = 0) -> Schedule:
-    """Turn what a user wrote into a checked Schedule.
+def parse_schedule(
+    spec: str | Schedule | dict | None, num_layers: int, seed: int = 0, prunable: Sequence[int] | None = None
+) -> Schedule:
+    """Turn what a user wrote into a checked Schedule; `prunable`: the layers the model can prune at (None: all).
 
     Accepts a Schedule, a `{layer: ratio}` dict, None / "dense" / "none" (no pruning), a preset name
     ("paper"), "static" or "random" (the paper preset in that mode), "9:0.7,19:0.7" and a mode
@@ -97,7 +122,9 @@ def parse_schedule(spec: str | Schedule | dict | None, num_layers: int, seed: in
         schedule = _parse_text(spec.strip(), num_layers, seed)
     else:
         raise TypeError(f"schedule must be a str, dict, Schedule or None, not {type(spec).__name__}")
-    schedule.check(num_layers)
+    if prunable is not None and schedule.preset is not None:  # fit the preset to this model's layers
+        schedule = preset(schedule.preset, num_layers, schedule.mode, schedule.seed, prunable)
+    schedule.check(num_layers, prunable)
     return schedule
 
 
