@@ -12,7 +12,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="LazyLLM dyna
 @app.command("inspect")
 def inspect_command(
     prompt_file: Path = typer.Option(..., "--prompt-file", exists=True, dir_okay=False, help="The document (text)."),
-    model: str = typer.Option("smollm2", "--model", help="smollm2 (embedded default), a local path or a hub name."),
+    model: str = typer.Option("smollm2", "--model", help="smollm2 (embedded default), gemma3-270m (embedded, 32K context), a local path or a hub name."),
     question: str | None = typer.Option(None, "--question", help="Asked after the document."),
     schedule: str = typer.Option("paper", "--schedule", help='paper, static, random or "9:0.7,19:0.7".'),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
@@ -51,7 +51,7 @@ def generate_command(
         ..., "--prompt-file", "-f", exists=True, dir_okay=False, readable=True,
         help="The document (text). Repeat it to answer several documents as one batch.",
     ),
-    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2 (embedded default), a local path or hub name."),
+    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2 (embedded default), gemma3-270m (embedded, 32K context), a local path or hub name."),
     question: str | None = typer.Option(None, "--question", "-q", help="Asked after each document."),
     schedule: str = typer.Option(
         "paper", "--schedule", "-s", help='paper, none (dense), static, random or layer:ratio pairs "9:0.7,19:0.7".'
@@ -198,7 +198,7 @@ def generate_command(
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2 (embedded default), a local path or a hub name."),
+    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2 (embedded default), gemma3-270m (embedded, 32K context), a local path or a hub name."),
     tasks: str = typer.Option("code,recall,passkey", "--tasks", help="Comma-separated: code, recall, passkey, fidelity."),
     samples: int = typer.Option(5, "--samples", min=1, help="Samples per task and length."),
     lengths: str = typer.Option("512", "--lengths", help="Prompt lengths in tokens, comma-separated."),
