@@ -42,7 +42,6 @@ GEMMA3 = dict(
     sliding_window=8,
     layer_types=["full_attention", "sliding_attention"] * 3,
     query_pre_attn_scalar=24,
-    hidden_activation="gelu_pytorch_tanh",
 )
 
 # family name -> (config class, model class, config overrides)
