@@ -38,11 +38,11 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 64,
 }
 
-GEMMA3 = dict(
-    sliding_window=8,
-    layer_types=["full_attention", "sliding_attention"] * 3,
-    query_pre_attn_scalar=24,
-)
+GEMMA3 = {
+    "sliding_window": 8,
+    "layer_types": ["full_attention", "sliding_attention"] * 3,
+    "query_pre_attn_scalar": 24,
+}
 
 # family name -> (config class, model class, config overrides)
 FAMILIES: dict[str, tuple[type, type, dict]] = {
