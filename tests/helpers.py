@@ -33,6 +33,11 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
+GEMMA3 = {
+    "sliding_window": 8,
+    "layer_types": ["full_attention", "sliding_attention"] * 3,
+    "query_pre_attn_scalar": 24,
+}
 
 # family name -> (config class, model class, config overrides)
 FAMILIES: dict[str, tuple[type, type, dict]] = {
@@ -43,6 +48,9 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
     "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {}),
     # head_dim * heads != hidden_size, as in real Qwen3 checkpoints
     "qwen3_head32": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 32}),
+    # Gemma 3: sliding layers with a window far shorter than the tests' prompts, full layers where
+    # the shared suites prune (0, 2, 4), two RoPE tables, an attention scale that is not 1/sqrt(dh)
+    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, GEMMA3),
 }
 
 

@@ -4,7 +4,8 @@ One sequence, one token at a time: Python loops over steps, layers and tokens, e
 attention masks over every position, manual softmax attention, and its own bookkeeping (K/V per
 (layer, token) in dicts, `depth` and `aux` per token). Nothing is compacted. It shares only the
 model's modules with the engine (projections, norms, MLP, rotary embedding, apply_rotary_pos_emb),
-so agreeing with it is evidence that the fast engine implements the contract.
+so agreeing with it is evidence that the fast engine implements the contract. Sliding-window layers
+(Gemma 3, Mistral, Qwen2) mask keys by original position: row i sees j in (i - window, i].
 
 One rule covers prefill, decoding and revival: at layer l the rows that run are the candidates whose
 depth is l-1 (their hidden state is `aux`, the output of layer l-1), because every candidate of
@@ -14,6 +15,7 @@ S_l has depth >= l-1 on entering layer l.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import sys
 from dataclasses import dataclass, field
@@ -61,6 +63,11 @@ class Reference:
         self.dh = self.base.layers[0].self_attn.head_dim
         self.scaling = self.base.layers[0].self_attn.scaling
         self.apply_rope = sys.modules[type(self.base).__module__].apply_rotary_pos_emb
+        window, types = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
+        self.layer_types = types or [None] * self.L
+        self.windows = [window if types is None or t == "sliding_attention" else None for t in self.layer_types]
+        self.rope_by_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters  # Gemma 3
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.ids: list[int] = []
         self.depth: list[int] = []  # per token, -1: no K/V yet
         self.aux: dict[int, torch.Tensor] = {}  # token -> [d], output of layer depth[token]
@@ -115,8 +122,8 @@ class Reference:
                 S = sorted([t, *others[:n_keep - 1]])
         record.depth = list(self.depth)
         self.steps.append(record)
-        h = self.aux[t]
-        return self.model.lm_head(self.base.norm(h))
+        logits = self.model.lm_head(self.base.norm(self.aux[t]))
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     def _run_layer(self, layer: int, S: list[int], active: list[int]) -> dict[int, dict[int, list[float]]]:
         """Runs `layer` on the rows `active` against the K/V of S; returns each row's attention
@@ -125,7 +132,7 @@ class Reference:
         attn = block.self_attn
         queries: dict[int, torch.Tensor] = {}
         for i in active:  # K/V first: a revived row attends to other rows revived at this layer
-            q, k, v = self._qkv(block, self.aux[i], i)
+            q, k, v = self._qkv(block, self.aux[i], i, self.layer_types[layer])
             queries[i] = q
             assert i not in self.k[layer], "K/V written twice"
             self.k[layer][i], self.v[layer][i] = k, v
@@ -141,21 +148,36 @@ class Reference:
         V = V.repeat_interleave(group, dim=1)
         rows: dict[int, dict[int, list[float]]] = {}
         outputs: dict[int, torch.Tensor] = {}
+        window = self.windows[layer]
         for i in active:
             mask = in_S & (torch.arange(T) <= i)  # [T]: candidates at or before i, by original position
+            if window is not None:
+                mask &= torch.arange(T) > i - window
             logits = torch.einsum("hd,thd->ht", queries[i], K) * self.scaling
             probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)  # [H, T]
             o = torch.einsum("ht,thd->hd", probs, V).reshape(-1)
-            h = self.aux[i] + attn.o_proj(o)
-            outputs[i] = h + block.mlp(block.post_attention_layernorm(h))
-            rows[i] = {j: probs[:, j].tolist() for j in S if j <= i}
+            outputs[i] = self._finish(block, self.aux[i], attn.o_proj(o))
+            # the score rows ignore any window (they matter only where every layer slides)
+            scored = logits.masked_fill(~(in_S & (torch.arange(T) <= i)), float("-inf")).softmax(-1)  # [H, T]
+            rows[i] = {j: scored[:, j].tolist() for j in S if j <= i}
         for i, h in outputs.items():
             self.aux[i] = h
             self.depth[i] = layer
         return rows
 
-    def _qkv(self, block, h: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h: [d] at original position pos -> post-RoPE q [H, dh], k [Hkv, dh], v [Hkv, dh]."""
+    @staticmethod
+    def _finish(block, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual, norms and MLP after attention: Llama's two norms, or Gemma's four."""
+        if hasattr(block, "pre_feedforward_layernorm"):
+            h = h + block.post_attention_layernorm(attn)
+            return h + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h)))
+        h = h + attn
+        return h + block.mlp(block.post_attention_layernorm(h))
+
+    def _qkv(
+        self, block, h: torch.Tensor, pos: int, kind: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h: [d] at original position pos, layer type `kind` -> post-RoPE q [H, dh], k [Hkv, dh], v [Hkv, dh]."""
         attn = block.self_attn
         x = block.input_layernorm(h)[None, None]  # [1, 1, d]
         q = attn.q_proj(x).view(1, 1, self.H, self.dh)
@@ -163,7 +185,7 @@ class Reference:
         v = attn.v_proj(x).view(self.Hkv, self.dh)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = self.base.rotary_emb(x, torch.tensor([[pos]]))
+        cos, sin = self.base.rotary_emb(x, torch.tensor([[pos]]), *([kind] if self.rope_by_type else []))
         q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q[0, :, 0], k[0, :, 0], v
 

@@ -15,7 +15,7 @@ import lazyprefill as lp
 
 DECODE_STEPS = 30
 ATOL = 1e-4
-NO_PRUNING = [None, "dense", {0: 1.0, 2: 1.0, 4: 1.0}, "static:1:1.0,3:1.0,4:1.0", "random:0:1.0,2:1.0,4:1.0"]
+NO_PRUNING = [None, "dense", {0: 1.0, 2: 1.0, 4: 1.0}, "static:0:1.0,2:1.0,4:1.0", "random:0:1.0,2:1.0,4:1.0"]
 
 
 def transformers_logits(model, ids: torch.Tensor, new_tokens: list[int]) -> list[torch.Tensor]:

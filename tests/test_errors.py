@@ -203,14 +203,6 @@ def test_unsupported_architecture(model, baseline, config):
     assert_still_works(lp.LazyLLM(model, schedule="paper"), baseline)
 
 
-def test_beyond_a_sliding_window_is_refused():
-    config = tf.MistralConfig(**{**COMMON, "num_hidden_layers": 2, "sliding_window": 16})
-    lazy = lp.LazyLLM(tf.MistralForCausalLM(config).eval(), schedule=None)
-    with pytest.raises(ValueError, match="16-token sliding attention window"):
-        lazy.generate(prompt_ids(12), max_new_tokens=8)
-    assert len(lazy.generate(prompt_ids(12), max_new_tokens=4, eos_token_id=[]).new_tokens) == 4
-
-
 # ----------------------------------------------------------------- generation controls
 def test_sampling_is_reproducible_by_seed(lazy):
     kw = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=100, top_p=0.95, eos_token_id=[])

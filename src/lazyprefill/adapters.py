@@ -30,7 +30,7 @@ class LlamaAdapter:
         self.vocab_size: int = self.base.embed_tokens.num_embeddings
         self.max_positions: int = cfg.max_position_embeddings
         self.scaling: float = self.layers[0].self_attn.scaling
-        self.sliding_window: int | None = _sliding_window(cfg)
+        self.windows: list[int | None] = _windows(cfg)
         self._apply_rope = sys.modules[type(self.base).__module__].apply_rotary_pos_emb
 
     @property
@@ -45,8 +45,27 @@ class LlamaAdapter:
         """ids: [n] -> h: [n, d]"""
         return self.base.embed_tokens(ids)
 
+    def window(self, layer: int) -> int | None:
+        """How far back `layer` attends: a row at position p sees keys in (p - window, p]; None: everything."""
+        return self.windows[layer]
+
+    def prunable_layers(self) -> list[int] | None:
+        """Layers where the last token's attention row can score every candidate (None: any but the last).
+
+        A sliding-window layer's row covers only the last `window` positions, so a model that mixes
+        window and full-attention layers prunes at its full-attention layers only (README, "Models
+        with sliding-window layers"). A model whose every layer slides (Mistral v0.1) has none; there
+        the row ignores the window, which changes nothing for prompts that fit in it.
+        """
+        if all(w is None for w in self.windows) or all(w is not None for w in self.windows):
+            return None
+        return [layer for layer in range(self.num_layers - 1) if self.windows[layer] is None]
+
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos: [n] original positions -> (cos, sin): [n, d_head] each, in the model's dtype."""
+        """pos: [n] original positions -> (cos, sin), rows on dim 0 ([n, d_head] each), in the model's dtype.
+
+        The engine only selects rows of these tables and hands them back to `qkv`.
+        """
         cos, sin = self.base.rotary_emb(self.base.embed_tokens.weight, pos[None])  # reads only dtype/device
         return cos[0], sin[0]
 
@@ -61,8 +80,13 @@ class LlamaAdapter:
         k = attn.k_proj(x).view(n, -1, self.head_dim)
         v = attn.v_proj(x).view(n, -1, self.head_dim)
         q, k = self._qk_norm(attn, q, k)
+        cos, sin = self._layer_rope(layer, cos, sin)
         q, k = self._apply_rope(q, k, cos, sin, unsqueeze_dim=1)
         return q, k, v
+
+    def _layer_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of `rope`'s tables that `layer` uses: [n, dh] each."""
+        return cos, sin
 
     def _qk_norm(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
@@ -85,7 +109,54 @@ class Qwen3Adapter(LlamaAdapter):
         return attn.q_norm(q), attn.k_norm(k)
 
 
+class Gemma3Adapter(Qwen3Adapter):
+    """Gemma 3 (text): q/k RMSNorm, a local RoPE table for sliding layers and a global one for full
+    layers, norms after attention and around the MLP, and optional final logit soft-capping.
+
+    The embedding scale (sqrt(d)) lives in the model's own embedding module, and the attention scale
+    (query_pre_attn_scalar ** -0.5) in its attention module's `scaling`; both are read, not copied.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        cfg = self.config
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            raise ValueError(
+                "this Gemma model soft-caps attention logits, which SDPA cannot do: lazyprefill supports "
+                "Gemma 3 models with attn_logit_softcapping=None"
+            )
+        if getattr(cfg, "use_bidirectional_attention", False):
+            raise ValueError("bidirectional Gemma 3 (an encoder) is not a causal LM: use a decoder checkpoint")
+        self.layer_types: list[str] = list(cfg.layer_types)
+        self.rope_types: list[str] = sorted(set(self.layer_types))
+        self.softcap: float | None = cfg.final_logit_softcapping
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos: [n] -> (cos, sin): [n, R, dh] each, one table per layer type (R = 2: local and global)."""
+        x = self.base.embed_tokens.weight  # the rotary module reads only its dtype and device
+        tables = [self.base.rotary_emb(x, pos[None], kind) for kind in self.rope_types]
+        return torch.stack([c[0] for c, _ in tables], 1), torch.stack([s[0] for _, s in tables], 1)
+
+    def _layer_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kind = self.rope_types.index(self.layer_types[layer])
+        return cos[:, kind], sin[:, kind]
+
+    def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """h: [n, d] layer input, attn_out: [n, H, dh] -> layer output [n, d]."""
+        block = self.layers[layer]
+        h = h + block.post_attention_layernorm(block.self_attn.o_proj(attn_out.reshape(h.shape[0], -1)))
+        return h + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h)))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [n, d] last-layer output -> logits [n, vocab] in fp32, soft-capped as the model does."""
+        logits = self.model.lm_head(self.base.norm(h))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+
 ADAPTERS: dict[str, type[LlamaAdapter]] = {
+    "gemma3_text": Gemma3Adapter,
     "llama": LlamaAdapter,
     "mistral": LlamaAdapter,
     "qwen2": LlamaAdapter,
@@ -99,15 +170,16 @@ def adapter_for(model: nn.Module) -> LlamaAdapter:
     if model_type not in ADAPTERS:
         raise ValueError(
             f"unsupported architecture {model_type!r}: lazyprefill supports "
-            f"{', '.join(sorted(ADAPTERS))} (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3)"
+            f"{', '.join(sorted(ADAPTERS))} (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, Gemma 3 text)"
         )
     return ADAPTERS[model_type](model)
 
 
-def _sliding_window(config) -> int | None:
-    """The attention window if any layer uses one (Mistral v0.1, Qwen with use_sliding_window)."""
+def _windows(config) -> list[int | None]:
+    """Each layer's attention window, as transformers applies it: Mistral's `sliding_window` covers every
+    layer; Qwen2/3 and Gemma 3 name each layer's type in `layer_types`."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    return window
+    if window is None or layer_types is None:
+        return [window] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]

@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="LazyLLM dynamic token pruning for Hugging Face LLMs."
 )
 
-MODEL_HELP = "smollm2 (embedded default), a local path or a hub name."
+MODEL_HELP = "smollm2 (embedded default), gemma3-270m (embedded, 32K context), a local path or a hub name."
 SCHEDULE_HELP = 'paper (default), none (dense), static, random or layer:ratio pairs "9:0.7,19:0.7".'
 # What loading raises for what is not a model: a missing or invalid config.json or tokenizer (OSError,
 # ValueError), an unknown model_type (KeyError, ValueError), weights that do not fit (RuntimeError), ...

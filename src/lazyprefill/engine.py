@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import LlamaAdapter
+from .attention import decode_mask, prefill_attention
 from .cache import LazyCache
 from .packing import Packing, upload
 from .schedule import Schedule
@@ -92,9 +93,7 @@ class Engine:
             q, k, v = a.qkv(l, h, cos, sin)  # q: [N, H, dh], k/v: [N, Hkv, dh]
             c.write_kv(l, rows.seq, pos, k, v)
             qp, kp, vp = (rows.pad(x).transpose(1, 2) for x in (q, k, v))  # [B, heads, width, dh]
-            o = F.scaled_dot_product_attention(
-                qp, kp, vp, is_causal=True, scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads
-            )
+            o = prefill_attention(qp, kp, vp, rows.pad(pos), a.window(l), max(counts), a.scaling)  # [B, H, W, dh]
             scores = self._prefill_scores(l, qp, kp, rows, pos, max(counts)) if l in self.schedule.keep else None
             del q, k, v, qp, kp, vp  # free them before the MLP's activations: lower peak memory, as in transformers
             o = rows.unpad(o.transpose(1, 2))  # [N, H, dh]
@@ -211,10 +210,7 @@ class Engine:
             # Attend over every cached position and mask out those outside S_l: gathering S_l's K/V
             # instead moves 3x the bytes of S_l per layer (benchmarks/NOTES.md).
             k, v = c.k[l, :, :, :T], c.v[l, :, :, :T]  # [B, Hkv, T, dh] views
-            mask = None if in_s is None else in_s[:, None]  # [B, 1, T]
-            if packing.width > 1:  # revived rows attend causally by original position
-                causal = torch.arange(T, device=dev)[None, None, :] <= packing.pad(pos)[:, :, None]  # [B, r, T]
-                mask = causal if mask is None else mask & causal
+            mask = decode_mask(in_s, packing.pad(pos), T, a.window(l))  # [B, r or 1, T]: S_l, causal, window
             o = _attention(packing.pad(q).transpose(1, 2), k, v, mask, a)  # [B, H, r, dh]
             h = a.finish(l, h, packing.unpad(o.transpose(1, 2)))
             c.aux[packing.seq, pos] = h

@@ -153,7 +153,7 @@ class LazyLLM:
             )
         self.model = model
         self.adapter: LlamaAdapter = adapter_for(model)
-        self.schedule = parse_schedule(schedule, self.adapter.num_layers)
+        self.schedule = parse_schedule(schedule, self.adapter.num_layers, prunable=self.adapter.prunable_layers())
         self.tokenizer = tokenizer
         self.trace = trace
 
@@ -313,11 +313,6 @@ class LazyLLM:
                 raise ValueError(
                     f"{name} ({ids.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
                     f"model's {a.max_positions} positions: shorten the prompt or lower max_new_tokens"
-                )
-            if a.sliding_window is not None and total > a.sliding_window:
-                raise ValueError(
-                    f"{total} tokens exceed this model's {a.sliding_window}-token sliding attention window, "
-                    "which lazyprefill does not implement yet: keep prompt + max_new_tokens within it"
                 )
             prompts.append(ids)
         return prompts, batched

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Schedule:
 
     keep: dict[int, float] = field(default_factory=dict)
     scorer: Scorer = field(default_factory=Last)
+    preset: str | None = field(default=None, compare=False)  # the preset it came from, refitted per model
 
     def __post_init__(self) -> None:
         if not isinstance(self.scorer, Scorer):
@@ -62,14 +64,23 @@ class Schedule:
     def is_dense(self) -> bool:
         return not self.keep
 
-    def check(self, num_layers: int) -> None:
-        """Raise if a pruning layer does not exist or is the last one (nothing deeper to skip)."""
+    def check(self, num_layers: int, prunable: Sequence[int] | None = None) -> None:
+        """Raise if a pruning layer does not exist, is the last one (nothing deeper to skip), or is not
+        among the model's `prunable` layers (None: all; see `LlamaAdapter.prunable_layers`)."""
         for layer in self.keep:
             if not 0 <= layer <= num_layers - 2:
                 raise ValueError(
                     f"pruning layer {layer} is out of range: this model has {num_layers} layers, so "
                     f"pruning layers must be in [0, {num_layers - 2}] (the last layer cannot prune)"
                 )
+        refused = [layer for layer in self.keep if prunable is not None and layer not in prunable]
+        if refused:
+            allowed = ", ".join(map(str, prunable)) if prunable else "none"
+            raise ValueError(
+                f"this model cannot prune at layer(s) {', '.join(map(str, refused))}: they attend within a "
+                f"sliding window, where the last token cannot score most of the prompt. Layers that can "
+                f"prune (full attention, not the last): {allowed}"
+            )
 
     def kept_count(self, layer: int, n_candidates: int) -> int:
         """How many of `n_candidates` survive pruning at `layer` (ours: ceil, at least 1).
@@ -96,8 +107,15 @@ class Schedule:
         return path
 
 
-def preset(name: str, num_layers: int, scorer: Scorer | None = None) -> Schedule:
-    """Instantiate a depth-relative preset for a model with `num_layers` layers (its own scorer unless given)."""
+def preset(
+    name: str, num_layers: int, scorer: Scorer | None = None, prunable: Sequence[int] | None = None
+) -> Schedule:
+    """Instantiate a depth-relative preset for a model with `num_layers` layers (its own scorer unless given).
+
+    On a model that prunes only at some layers (`prunable`, e.g. Gemma 3's full-attention layers),
+    each point moves to the nearest of them (the earlier on a tie), and points that meet multiply
+    their ratios, so the tokens left after the last point stay the preset's.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown schedule preset {name!r}; presets: {', '.join(PRESETS)}")
     spec = PRESETS[name]
@@ -107,15 +125,22 @@ def preset(name: str, num_layers: int, scorer: Scorer | None = None) -> Schedule
             f"this model has {layers}, too few to prune (a pruned token needs a deeper layer to skip): "
             "run it dense (schedule 'dense')"
         )
+    if prunable is not None and not prunable:
+        raise ValueError(f"preset {name!r} needs a layer that can prune, and this model has none: use 'dense'")
     keep: dict[int, float] = {}
     for frac, ratio in spec.keep.items():
         layer = min(max(int(frac * num_layers), 0), num_layers - 2)
+        if prunable is not None:
+            layer = min(prunable, key=lambda p: (abs(p - layer), p))
+            ratio = round(ratio * keep.get(layer, 1.0), 6)
         keep[layer] = ratio
-    return Schedule(keep, scorer=scorer if scorer is not None else parse_scorer(spec.scorer))
+    return Schedule(keep, scorer=scorer if scorer is not None else parse_scorer(spec.scorer), preset=name)
 
 
-def parse_schedule(spec: str | Path | Schedule | dict | None, num_layers: int) -> Schedule:
-    """Turn what a user wrote into a checked Schedule.
+def parse_schedule(
+    spec: str | Path | Schedule | dict | None, num_layers: int, prunable: Sequence[int] | None = None
+) -> Schedule:
+    """Turn what a user wrote into a checked Schedule; `prunable`: the layers the model can prune at (None: all).
 
     Accepts a Schedule, a `{layer: ratio}` dict, None / "dense" / "none" (no pruning), a preset name
     ("paper"), layer:ratio pairs ("9:0.7,19:0.7"), either of those after a scorer and a colon
@@ -134,7 +159,9 @@ def parse_schedule(spec: str | Path | Schedule | dict | None, num_layers: int) -
         schedule = _parse_text(spec.strip(), num_layers)
     else:
         raise TypeError(f"schedule must be a str, path, dict, Schedule or None, not {type(spec).__name__}")
-    schedule.check(num_layers)
+    if prunable is not None and schedule.preset is not None:  # fit the preset to this model's layers
+        schedule = preset(schedule.preset, num_layers, schedule.scorer, prunable)
+    schedule.check(num_layers, prunable)
     return schedule
 
 
