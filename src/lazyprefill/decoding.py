@@ -1,0 +1,220 @@
+"""The device side of a decoding step: one segment of layers (plan.py) over a static [B, R] block of rows.
+
+Legend: B sequences, R rows laid out per sequence (a bucket, plan.row_bucket), T keys attended
+(positions [0, T), plan.key_length), P cache slots (capacity + the scratch slot), H / Hkv query /
+key-value heads, dh head size.
+
+A segment run reads its inputs from buffers that live as long as the engine (the step's tokens and
+positions, the candidate-set membership `in_s`, the cache) and writes only into them, with shapes
+fixed by (segment, R, T). So on CUDA each such run is captured once as a CUDA graph and replayed; on
+the CPU the same code runs eagerly. Padded rows point at the scratch slot: they compute garbage that
+nothing reads, and no write needs a mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import numpy as np
+import torch
+
+from .adapters import LlamaAdapter
+from .cache import LazyCache
+from .plan import Segment, StepPlan
+from .recording import Recorder
+
+# score(layer, q_last [B, H, dh], k [B, Hkv, T, dh], in_s [B, T]) -> importance [B, T] float32
+Scorer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SegmentRunner:
+    """Runs the segments of decoding steps for one batch and cache."""
+
+    def __init__(self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int) -> None:
+        B, P = cache.depth_device.shape
+        dev, long = adapter.device, torch.long
+        self.a, self.cache, self.reselects = adapter, cache, reselects
+        self.positions = torch.arange(P, device=dev)  # [P]
+        self.batch = torch.arange(B, device=dev)  # [B]
+        # inputs of a step, written by `load`
+        self.tokens = torch.zeros(B, dtype=long, device=dev)  # [B] each sequence's newest token
+        self.t = torch.full((B,), cache.scratch, dtype=long, device=dev)  # [B] its q position (scratch: inactive)
+        self.active = torch.zeros(B, dtype=torch.bool, device=dev)  # [B]
+        self.keep = torch.zeros(num_pruning, B, dtype=long, device=dev)  # [n_pruning, B] |S| after each pruning
+        self.seqs = self.batch  # [A] the sequences taking this step
+        # state carried from one segment to the next
+        self.in_s = torch.zeros(B, P, dtype=torch.bool, device=dev)  # [B, P] membership of S_l
+        self.entering = torch.zeros(2, B, dtype=long, device=dev)  # rows entering the next segment, revived ones
+
+    def load(self, tokens: torch.Tensor, seqs: list[int], plan: StepPlan) -> None:
+        """Copy a step's inputs into the buffers (one host-to-device copy). tokens: [A] for `seqs`."""
+        t = np.where(plan.active, plan.t, self.cache.scratch)
+        host = np.concatenate([t, plan.active, plan.keep.reshape(-1), seqs]).astype(np.int64)
+        values = torch.from_numpy(host)
+        if self.a.device.type == "cuda":
+            values = values.pin_memory()
+        values = values.to(self.a.device, non_blocking=True)
+        B = t.shape[0]
+        t_dev, active, keep, self.seqs = values.split([B, B, plan.keep.size, len(seqs)])
+        self.t.copy_(t_dev)
+        self.active.copy_(active.bool())
+        self.keep.copy_(keep.view_as(self.keep))
+        self.tokens.index_copy_(0, self.seqs, tokens)
+
+    def q_hidden(self) -> torch.Tensor:
+        """[A, d] the last layer's output for each stepping sequence's q."""
+        return self.cache.aux[self.seqs, self.t[self.seqs]]
+
+    def run(self, seg: Segment, index: int, R: int, T: int, score: Scorer, recorder: Recorder) -> None:
+        """Layers seg.first..seg.last on the rows entering seg.first (at most R per sequence), keys [0, T).
+
+        `index`: which pruning layer seg.last is (when it prunes). Leaves in `entering` the rows that
+        enter the next segment.
+        """
+        a, c = self.a, self.cache
+        B, H, dh = self.t.shape[0], a.num_heads, a.head_dim
+        if seg.first == 0:
+            c.aux[self.batch, self.t] = a.embed(self.tokens)
+        self._start_membership(seg, T)
+        in_s = self.in_s[:, :T]  # [B, T] view, updated in place
+        keys = self.positions[:T].expand(B, T)
+        rows, valid, count = self._rows(seg.first, R, T)  # [B, R], [B, R], [B]
+        recorder.layers(len(seg.layers), keys, in_s, rows, valid)
+        seq, pos = self.batch[:, None].expand(B, R).reshape(-1), rows.reshape(-1)  # [B * R]
+        h = c.aux[seq, pos]  # [B * R, d]
+        cos, sin = a.rope(pos)
+        mask = in_s[:, None, :] & (keys[:, None, :] <= rows[:, :, None])  # [B, R, T]: in S_l, causal by position
+        for l in seg.layers:
+            q, k, v = a.qkv(l, h, cos, sin)  # q: [B * R, H, dh]
+            c.write_kv(l, seq, pos, k, v)
+            o = masked_attention(q.view(B, R, H, dh).transpose(1, 2), c.k[l, :, :, :T], c.v[l, :, :, :T], mask,
+                                 a.scaling)  # [B, H, R, dh]
+            h = a.finish(l, h, o.transpose(1, 2).reshape(B * R, H, dh))
+        c.aux[seq, pos] = h
+        c.depth_device[seq, pos] = seg.last
+        if not (seg.prunes and self.reselects):
+            return
+        q_last = q.view(B, R, H, dh)[self.batch, (count - 1).clamp(min=0)]  # [B, H, dh]: q is each last row
+        scores = score(seg.last, q_last, c.k[seg.last, :, :, :T], in_s)  # [B, T]
+        recorder.scores(seg.last, keys, in_s, scores)
+        in_s.copy_(top_k(scores, in_s, keys == self.t[:, None], self.keep[index]))
+        entering = (in_s & (c.depth_device[:, :T] == seg.last)).sum(1)
+        stayed = (self.in_s.gather(1, rows) & valid).sum(1)  # rows of this segment still candidates
+        self.entering[0].copy_(entering)
+        self.entering[1].copy_(entering - stayed)
+
+    def _start_membership(self, seg: Segment, T: int) -> None:
+        """S_0 is every token so far; without reselection S_l is the tokens whose K/V at l exists, plus q."""
+        if seg.first > 0 and self.reselects:
+            return  # S was selected at the previous pruning layer
+        pos, t = self.positions[:T], self.t[:, None]
+        members = (pos <= t) & self.active[:, None]
+        if not self.reselects:
+            members &= (self.cache.depth_device[:, :T] >= seg.first) | (pos == t)
+        self.in_s[:, :T] = members
+
+    def _rows(self, first: int, R: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The candidates that stopped just before layer `first`: [B, R] positions in order (scratch slot
+        where padded), [B, R] bool real, [B] count (at most R: the planner chose R from it)."""
+        B = self.t.shape[0]
+        enter = self.in_s[:, :T] & (self.cache.depth_device[:, :T] == first - 1)  # [B, T]
+        count = enter.sum(1)
+        slot = torch.where(enter, enter.cumsum(1) - 1, R)  # column R collects the rest and is dropped
+        rows = torch.full((B, R + 1), self.cache.scratch, dtype=torch.long, device=enter.device)
+        rows.scatter_(1, slot, self.positions[:T].expand(B, T))
+        return rows[:, :R], self.positions[:R] < count[:, None], count
+
+
+def top_k(scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The keep[b] best candidates of each sequence, q always kept -> [B, T] bool.
+
+    scores, in_s, is_q: [B, T] over positions; keep: [B]. Ties go to the earlier position (a stable
+    sort over positions), as scoring.select breaks them over packed candidates in position order.
+    """
+    B, T = scores.shape
+    s = scores.masked_fill(~in_s, float("-inf")).masked_fill(is_q, float("inf"))
+    order = torch.argsort(s, dim=1, descending=True, stable=True)  # [B, T]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=s.device).expand(B, T))
+    return (rank < keep[:, None]) & in_s
+
+
+# Above this many attention logits (B x H x rows x keys; 256 MB in fp32) the rows are taken in chunks.
+MASKED_ATTENTION_MAX_LOGITS = 2**26
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """q: [B, H, R, dh], k/v: [B, Hkv, T, dh], mask: [B, R, T] bool (True: attend) -> [B, H, R, dh].
+
+    Written out as two matmuls around an fp32 softmax because SDPA's masked kernels split the work by
+    query rows: with the one or few rows of a decoding step they leave most of the GPU idle (1.3 ms a
+    layer at 32K keys on an H100, against about 0.2 ms for this; benchmarks/NOTES.md). A row with
+    nothing to attend to (padding) comes out NaN and is never read.
+    """
+    B, H, R, _ = q.shape
+    chunk = max(1, MASKED_ATTENTION_MAX_LOGITS // (B * H * k.shape[2]))
+    if R <= chunk:
+        return _masked_attention(q, k, v, mask, scaling)
+    parts = [_masked_attention(q[:, :, i : i + chunk], k, v, mask[:, i : i + chunk], scaling) for i in range(0, R, chunk)]
+    return torch.cat(parts, dim=2)
+
+
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    B, heads, r, dh = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads  # query heads sharing one K/V head (GQA)
+    qg = q.reshape(B * kv_heads, group * r, dh)
+    logits = fp32_logits(qg, k.reshape(B * kv_heads, n_keys, dh)) * scaling  # [B * Hkv, G * r, T]
+    logits = logits.view(B, kv_heads, group, r, n_keys).masked_fill(~mask[:, None, None], float("-inf"))
+    p = logits.softmax(dim=-1).to(v.dtype).view(B * kv_heads, group * r, n_keys)
+    return torch.bmm(p, v.reshape(B * kv_heads, n_keys, dh)).view(B, heads, r, dh)
+
+
+def fp32_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q: [n, m, dh], k: [n, T, dh] -> q k^T [n, m, T] in fp32, never rounded to a 16-bit type first.
+
+    cuBLAS accumulates in fp32 and writes fp32 directly (`out_dtype`); elsewhere the operands are upcast.
+    """
+    if q.dtype == torch.float32:
+        return torch.bmm(q, k.transpose(1, 2))
+    if q.is_cuda:
+        return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q.float(), k.float().transpose(1, 2))
+
+
+class Graphs:
+    """CUDA graphs of segment runs, one per shape key. The first call of a key runs eagerly on a side
+    stream (the real work, and the warm-up that capture needs) and then captures the same call;
+    later calls replay it. Graphs of another key length (the key's last item) are dropped."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.keys = -1
+
+    def __call__(self, key: tuple, fn: Callable[[], None]) -> None:
+        if key[-1] != self.keys:
+            self.graphs.clear()
+            self.keys = key[-1]
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn()
+        self.pool = graph.pool()
+        self.graphs[key] = graph
+
+
+def eager(key: tuple, fn: Callable[[], None]) -> None:
+    """Runs a segment as it is (CPU, tracing, or graphs turned off)."""
+    fn()
