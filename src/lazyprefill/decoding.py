@@ -186,33 +186,44 @@ def fp32_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 class Graphs:
-    """CUDA graphs of segment runs, one per shape key. The first call of a key runs eagerly on a side
-    stream (the real work, and the warm-up that capture needs) and then captures the same call;
-    later calls replay it. Graphs of another key length (the key's last item) are dropped."""
+    """CUDA graphs of segment runs, one per shape key (segment, rows, keys attended).
+
+    A new key is captured, then replayed to do the step's work. The very first one instead runs
+    eagerly on a side stream before its capture: that run does the real work and is the warm-up that
+    capture needs (cuBLAS handles and workspaces are created outside capture). Graphs of another key
+    length (the key's last item) are dropped: lengths only grow, so they would never run again.
+    """
 
     def __init__(self) -> None:
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
-        self.pool = None
+        self.pool = None  # one memory pool for all: segments run one after another, never concurrently
         self.keys = -1
+        self.warm = False
 
     def __call__(self, key: tuple, fn: Callable[[], None]) -> None:
         if key[-1] != self.keys:
             self.graphs.clear()
             self.keys = key[-1]
         graph = self.graphs.get(key)
-        if graph is not None:
-            graph.replay()
-            return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(fn)
+            if not self.warm:
+                self.warm = True
+                return  # the warm-up run did this step's work
+        graph.replay()
+
+    def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        if not self.warm:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             fn()
         self.pool = graph.pool()
-        self.graphs[key] = graph
+        return graph
 
 
 def eager(key: tuple, fn: Callable[[], None]) -> None:
