@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=16, help="untimed steps first (graph captures happen here)")
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--graphs", choices=["auto", "off"], default="auto", help="off: Engine(graphs=False)")
+    p.add_argument("--attention", choices=["auto", "masked"], default="auto", help="masked: Engine(split_kernel=False)")
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--json", help="write the decoding timings here")
     args = p.parse_args()
@@ -60,6 +61,7 @@ def main() -> None:
     if not args.no_prefill:
         profile_prefill(model, adapter, ids)
     options = {} if args.graphs == "auto" else {"graphs": False}
+    options |= {} if args.attention == "auto" else {"split_kernel": False}
     rows = []
     with torch.inference_mode():
         for name, step in decoders(model, adapter, ids, args.warmup_steps + args.decode_steps + args.profile_steps,
@@ -67,7 +69,7 @@ def main() -> None:
             for _ in range(args.warmup_steps):
                 step()
             ms, revived = step_times(step, args.decode_steps)
-            rows.append({"method": name, "graphs": args.graphs, "median_ms": statistics.median(ms),
+            rows.append({"method": name, "graphs": args.graphs, "attention": args.attention, "median_ms": statistics.median(ms),
                          "mean_ms": sum(ms) / len(ms), "revived_per_step": revived, "steps_ms": ms})
             print(f"decode {name}: median {rows[-1]['median_ms']:.2f} ms/token, mean {rows[-1]['mean_ms']:.2f}",
                   flush=True)
@@ -75,7 +77,7 @@ def main() -> None:
                 for _ in range(args.profile_steps):
                     step()
                 torch.cuda.synchronize()
-            summarize(prof, f"decode after {args.length} {name} (graphs {args.graphs})", sum(ms) / len(ms) *
+            summarize(prof, f"decode after {args.length} {name} (graphs {args.graphs}, attention {args.attention})", sum(ms) / len(ms) *
                       args.profile_steps, args.profile_steps)
     print(f"\n{'method':<14} {'graphs':<6} {'median ms/token':>16} {'mean':>8} {'revived/step':>13}")
     for r in rows:

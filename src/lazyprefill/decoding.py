@@ -30,10 +30,18 @@ Scorer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class SegmentRunner:
     """Runs the segments of decoding steps for one batch and cache."""
 
-    def __init__(self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int) -> None:
+    def __init__(
+        self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int, split_kernel: bool
+    ) -> None:
         B, P = cache.depth_device.shape
         dev, long = adapter.device, torch.long
         self.a, self.cache, self.reselects = adapter, cache, reselects
+        self.split = None  # the Triton kernel that reads only S_l's K/V (CUDA)
+        if split_kernel:
+            from . import split_attention
+
+            split_attention.warm_up(adapter.dtype, adapter.head_dim, dev)
+            self.split = split_attention
         self.positions = torch.arange(P, device=dev)  # [P]
         self.batch = torch.arange(B, device=dev)  # [B]
         # inputs of a step, written by `load`
@@ -83,15 +91,14 @@ class SegmentRunner:
         seq, pos = self.batch[:, None].expand(B, R).reshape(-1), rows.reshape(-1)  # [B * R]
         h = c.aux[seq, pos]  # [B * R, d]
         cos, sin = a.rope(pos)
-        mask = in_s[:, None, :] & (keys[:, None, :] <= rows[:, :, None])  # [B, R, T]: in S_l, causal by position
+        attend = self._attention(in_s, rows, T)
         for l in seg.layers:
             q, k, v = a.qkv(l, h, cos, sin)  # q: [B * R, H, dh]
             c.write_kv(l, seq, pos, k, v)
-            o = masked_attention(q.view(B, R, H, dh).transpose(1, 2), c.k[l, :, :, :T], c.v[l, :, :, :T], mask,
-                                 a.scaling)  # [B, H, R, dh]
+            o = attend(l, q.view(B, R, H, dh).transpose(1, 2))  # [B, H, R, dh]
             h = a.finish(l, h, o.transpose(1, 2).reshape(B * R, H, dh))
         c.aux[seq, pos] = h
-        c.depth_device[seq, pos] = seg.last
+        c.depth_device[seq, pos] = torch.full_like(pos, seg.last, dtype=torch.int32)  # a device value: capturable
         if not (seg.prunes and self.reselects):
             return
         q_last = q.view(B, R, H, dh)[self.batch, (count - 1).clamp(min=0)]  # [B, H, dh]: q is each last row
@@ -102,6 +109,22 @@ class SegmentRunner:
         stayed = (self.in_s.gather(1, rows) & valid).sum(1)  # rows of this segment still candidates
         self.entering[0].copy_(entering)
         self.entering[1].copy_(entering - stayed)
+
+    def _attention(self, in_s: torch.Tensor, rows: torch.Tensor, T: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """How this segment's rows attend, causally by position, to S_l (in_s: [B, T]; rows: [B, R]):
+        (layer, q [B, H, R, dh]) -> [B, H, R, dh]. The Triton kernel reads S_l's K/V through a list of
+        positions built once per segment; the written-out attention reads all T keys with a mask."""
+        c, scaling = self.cache, self.a.scaling
+        B, R = rows.shape
+        if self.split is not None and R * self.a.num_heads // self.a.num_kv_heads <= self.split.MAX_ROWS:
+            n_s = in_s.sum(1, dtype=torch.int32)  # [B]
+            slot = torch.where(in_s, in_s.cumsum(1) - 1, T)  # members first, in order; column T collects the rest
+            listed = torch.zeros(B, T + 1, dtype=torch.int32, device=in_s.device)
+            listed.scatter_(1, slot, self.positions[:T].int().expand(B, T))
+            qpos = rows.int()
+            return lambda l, q: self.split.split_attention(q, c.k[l], c.v[l], listed[:, :T], n_s, qpos, scaling)
+        mask = in_s[:, None, :] & (self.positions[:T] <= rows[:, :, None])  # [B, R, T]
+        return lambda l, q: masked_attention(q, c.k[l, :, :, :T], c.v[l, :, :, :T], mask, scaling)
 
     def _start_membership(self, seg: Segment, T: int) -> None:
         """S_0 is every token so far; without reselection S_l is the tokens whose K/V at l exists, plus q."""

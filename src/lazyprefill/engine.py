@@ -53,11 +53,13 @@ class Engine:
 
     `graphs`: replay decoding segments as CUDA graphs (None: on CUDA whenever possible; never while
     tracing, whose recorder reads the device mid-step, nor under `random`, whose generators live on
-    the host).
+    the host). `split_kernel`: decoding attention through the Triton kernel that reads only S_l's
+    K/V (None: on CUDA); otherwise the written-out masked attention over every position.
     """
 
     def __init__(
-        self, adapter: LlamaAdapter, schedule: Schedule, capacity: int, trace: bool = False, graphs: bool | None = None
+        self, adapter: LlamaAdapter, schedule: Schedule, capacity: int, trace: bool = False,
+        graphs: bool | None = None, split_kernel: bool | None = None,
     ) -> None:
         self.a = adapter
         self.schedule = schedule
@@ -68,6 +70,10 @@ class Engine:
         if graphs and not possible:
             raise ValueError("CUDA graphs need a CUDA model, trace=False and a schedule mode other than random")
         self.graphs = possible if graphs is None else graphs
+        on_cuda = adapter.device.type == "cuda"
+        if split_kernel and not on_cuda:
+            raise ValueError("the split-K attention kernel (Triton) needs a CUDA model")
+        self.split_kernel = on_cuda if split_kernel is None else split_kernel
         self.segments = segments(adapter.num_layers, list(schedule.keep))
         self.cache: LazyCache | None = None  # allocated by prefill, once the batch is known
         self.recorder: Recorder = Recorder()
@@ -144,7 +150,7 @@ class Engine:
         c = self.cache
         c.clear(self._prompt_lengths.tolist(), self._dropped)
         self._dropped = []
-        self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep))
+        self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel)
         self._run_segment = Graphs() if self.graphs else eager
 
     def _random_scores(self, rows: Packing) -> torch.Tensor:
