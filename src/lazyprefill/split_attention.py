@@ -18,9 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # keys per inner iteration
 MAX_ROWS = 128  # M above this: the caller uses the written-out attention instead
+# Launch settings, chosen by benchmarks/decode_attention.py on an H100 (benchmarks/NOTES.md).
+BLOCK_N = 64  # keys per inner iteration
 PROGRAMS_PER_SM = 4
+NUM_WARPS = 4
+NUM_STAGES = 3
 
 # Integer arguments change between calls (rows, splits, strides): compile once, not per value.
 _RUNTIME_INTS = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kt", "s_ib", "s_pb", "s_ob", "s_oh", "s_os", "s_om",
@@ -86,7 +89,8 @@ def _split_kernel(
 
 def split_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, n_s: torch.Tensor, qpos: torch.Tensor,
-    scaling: float,
+    scaling: float, block_n: int = BLOCK_N, programs_per_sm: int = PROGRAMS_PER_SM, num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """q: [B, H, R, dh]; k, v: [B, Hkv, P, dh] a whole cache layer; idx: [B, T] int32, the positions of S_l
     first (n_s[b] of them, in any order); n_s: [B] int32; qpos: [B, R] int32 each row's position
@@ -95,8 +99,8 @@ def split_attention(
     kv_heads = k.shape[1]
     M = (H // kv_heads) * R
     qg = q.reshape(B, kv_heads, M, dh).contiguous()
-    splits = max(1, min(triton.cdiv(idx.shape[1], BLOCK_N), triton.cdiv(PROGRAMS_PER_SM * _sms(q.device),
-                                                                        B * kv_heads)))
+    programs = programs_per_sm * _sms(q.device)
+    splits = max(1, min(triton.cdiv(idx.shape[1], block_n), triton.cdiv(programs, B * kv_heads)))
     o = torch.empty(B, kv_heads, splits, M, dh, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, kv_heads, splits, M, device=q.device, dtype=torch.float32)
     _split_kernel[(B * kv_heads, splits)](
@@ -104,8 +108,8 @@ def split_attention(
         qg.stride(0), qg.stride(1), qg.stride(2), k.stride(0), k.stride(1), k.stride(2), idx.stride(0),
         qpos.stride(0), o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1),
         lse.stride(2), scaling, kv_heads, M, R, splits,
-        DH=dh, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=3,
+        DH=dh, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
     )
     weight = torch.exp(lse - lse.amax(dim=2, keepdim=True))  # [B, Hkv, S, M]
     out = (o * weight[..., None]).sum(2) / weight.sum(2)[..., None]  # [B, Hkv, M, dh]
@@ -116,8 +120,8 @@ def warm_up(dtype: torch.dtype, head_dim: int, device: torch.device) -> None:
     """Compile every row-block size before any CUDA graph capture (compiling while capturing is unsafe)."""
     for m in (16, 32, 64, 128):
         q = torch.zeros(1, 1, m, head_dim, device=device, dtype=dtype)
-        k = torch.zeros(1, 1, BLOCK_N, head_dim, device=device, dtype=dtype)
-        idx = torch.zeros(1, BLOCK_N, device=device, dtype=torch.int32)
+        k = torch.zeros(1, 1, 256, head_dim, device=device, dtype=dtype)
+        idx = torch.zeros(1, 256, device=device, dtype=torch.int32)
         split_attention(q, k, k, idx, torch.ones(1, device=device, dtype=torch.int32),
                         torch.zeros(1, m, device=device, dtype=torch.int32), 1.0)
 
