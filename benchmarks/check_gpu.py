@@ -94,16 +94,19 @@ def compare_batch(lengths: tuple[int, ...] = (700, 64, 1500, 300), steps: int = 
     return worst if same else float("inf")
 
 
-def greedy(engine: Engine, prompt: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor], int]:
-    """Prefill + `steps` greedy decoding steps -> tokens, logits per step, rows revived."""
+def greedy(engine: Engine, prompt: torch.Tensor, steps: int, fed: list[int] | None = None
+           ) -> tuple[list[int], list[torch.Tensor], int]:
+    """Prefill + `steps` decoding steps, each fed the previous argmax (or `fed`'s tokens: teacher forcing)
+    -> the tokens fed after the prefill, logits per step, rows revived."""
     with torch.inference_mode():
         logits, _ = engine.prefill([prompt])
         engine.settle()
-        out, tokens, revived = [logits[0]], [int(logits.argmax())], 0
-        for _ in range(steps):
-            logits, stats = engine.decode(logits.argmax(dim=-1), [0])
+        out, tokens, revived = [logits[0]], [], 0
+        for step in range(steps):
+            token = logits.argmax(dim=-1) if fed is None else torch.tensor(fed[step : step + 1], device=logits.device)
+            tokens.append(int(token))
+            logits, stats = engine.decode(token, [0])
             out.append(logits[0])
-            tokens.append(int(logits.argmax()))
             revived += sum(stats[0].revived)
     return tokens, out, revived
 
@@ -117,10 +120,10 @@ def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64) -> 
     for name, schedule in bench.schedules_for(adapter.num_layers).items():
         runs = [greedy(Engine(adapter, schedule, n + steps + 1, graphs=g), prompt, steps) for g in (True, False)]
         (fast, fast_logits, revived), (slow, slow_logits, _) = runs
-        _, masked_logits, _ = greedy(Engine(adapter, schedule, n + steps + 1, split_kernel=False), prompt, 4)
-        first = max(((a - b).norm() / b.norm()).item() for a, b in zip(fast_logits[:5], masked_logits, strict=True))
-        ok &= first <= 2e-2
-        print(f"{shape} bf16 {n} {name}: split kernel vs written-out attention, first 4 steps: max rel {first:.2e}")
+        _, masked_logits, _ = greedy(Engine(adapter, schedule, n + steps + 1, split_kernel=False), prompt, 8, fast)
+        first = max(((a - b).norm() / b.norm()).item() for a, b in zip(fast_logits[:9], masked_logits, strict=True))
+        ok &= first <= 5e-2
+        print(f"{shape} bf16 {n} {name}: split kernel vs written-out attention, same 8 tokens fed: max rel {first:.2e}")
         rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(fast_logits, slow_logits, strict=True))
         diff = max((a - b).abs().max().item() for a, b in zip(fast_logits, slow_logits, strict=True))
         same = fast == slow

@@ -2,7 +2,7 @@
 
 For S_l = 100%, 70% and 34% of 8K keys: error of the written-out masked attention (decoding.masked_attention,
 reads every key) and of the Triton split-K kernel (split_attention, reads S_l's keys only) against float64,
-and their times (CUDA events, median of 30) with a sweep of the kernel's launch settings. Prints a table
+and their device times (CUDA graphs of 10 calls, median of 7 replays) with a sweep of the kernel's launch settings. Prints a table
 and writes JSON to --json. Run: PYTHONPATH=src python benchmarks/decode_attention.py
 """
 
@@ -23,16 +23,22 @@ SHAPES = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}  # (H, Hkv)
 SETTINGS = list(itertools.product((64, 128), (4, 8), (2, 3, 4), (4, 8, 16)))  # block_n, warps, stages, per SM
 
 
-def median_ms(fn, reps: int = 30) -> float:
-    for _ in range(3):
+def median_ms(fn, calls: int = 10, reps: int = 7) -> float:
+    """Device time of one call: `calls` calls captured in a CUDA graph (as the engine runs them), median of
+    `reps` replays. Timing eager calls one by one would time the host's launches instead."""
+    for _ in range(2):
         fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
         start.record()
-        fn()
+        graph.replay()
         end.record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    return statistics.median(s.elapsed_time(e) for s, e in events) / calls
 
 
 def case(heads: int, kv_heads: int, T: int, frac: float, R: int, g: torch.Generator):
@@ -71,14 +77,16 @@ def main() -> None:
                                            ("llama3-8b", SHAPES["llama3-8b"], 8257, 1)]:
         for frac in (1.0, 0.7, 0.34):
             q, k, v, mask, listed, n_s, qpos, ref = case(heads, kv_heads, T, frac, R, g)
-            masked = lambda: masked_attention(q, k[:, :, :T], v[:, :, :T], mask, 0.088)  # noqa: E731
+            def masked(q=q, k=k, v=v, mask=mask, T=T):
+                return masked_attention(q, k[:, :, :T], v[:, :, :T], mask, 0.088)
+
             row = {"shape": shape, "T": T, "R": R, "frac": frac, "keys": int(n_s),
                    "masked_rel": rel(masked(), ref), "masked_ms": median_ms(masked)}
             gb = int(n_s) * kv_heads * 128 * 2 * 2 / 1e9
             timings = []
             for block_n, warps, stages, per_sm in SETTINGS:
-                def split(block_n=block_n, warps=warps, stages=stages, per_sm=per_sm):
-                    return sa.split_attention(q, k, v, listed, n_s, qpos, 0.088, block_n, per_sm, warps, stages)
+                def split(setting=(block_n, per_sm, warps, stages), inputs=(q, k, v, listed, n_s, qpos)):
+                    return sa.split_attention(*inputs, 0.088, *setting)
                 timings.append(((block_n, warps, stages, per_sm), median_ms(split), rel(split(), ref)))
             best = min(timings, key=lambda x: x[1])
             default = next(t for t in timings if t[0] == (sa.BLOCK_N, sa.NUM_WARPS, sa.NUM_STAGES, sa.PROGRAMS_PER_SM))
