@@ -21,6 +21,8 @@ from fractions import Fraction
 
 import torch
 
+from lazyprefill import scoring
+
 
 @dataclass
 class RefStep:
@@ -34,21 +36,24 @@ class RefStep:
 
 
 class Reference:
-    """SPEC.md for one sequence; `mode` is "lazy" (reselect every step) or "static" (prefill only).
+    """SPEC.md for one sequence under a scorer (scoring.py), scored here by its own loops over tokens.
 
     It runs on a float64 copy of the model by default, so that comparing an fp32 engine with it
     measures the engine's rounding only. Logits come back in the reference's dtype.
     """
 
     def __init__(
-        self, model: torch.nn.Module, keep: dict[int, float], mode: str = "lazy", dtype: torch.dtype = torch.float64
+        self,
+        model: torch.nn.Module,
+        keep: dict[int, float],
+        scorer: scoring.Scorer | None = None,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
-        assert mode in ("lazy", "static")
         self.model = copy.deepcopy(model).to(dtype)
         self.dtype = dtype
         self.base = self.model.model
         self.keep = dict(keep)
-        self.mode = mode
+        self.scorer = scorer if scorer is not None else scoring.Last()
         cfg = self.model.config
         self.L = cfg.num_hidden_layers
         self.H = cfg.num_attention_heads
@@ -85,7 +90,7 @@ class Reference:
         t = len(self.ids) - 1  # q
         start_depth = list(self.depth)
         record = RefStep()
-        if self.mode == "static" and not prefill:
+        if not self.scorer.reselects and not prefill:
             # Prefill-only pruning: S_l is every token whose K/V at l exists, plus q; nothing revives.
             cands = [[i for i in range(t + 1) if start_depth[i] >= layer or i == t] for layer in range(self.L)]
         else:
@@ -100,9 +105,10 @@ class Reference:
             record.candidates.append(list(S))
             record.computed.append(active)
             record.revived.append([i for i in active if i != t and start_depth[i] == layer - 1] if layer > 0 else [])
-            q_probs = self._run_layer(layer, S, active)
-            if layer in self.keep and (prefill or self.mode == "lazy"):
-                scores = dict(zip(S, q_probs.tolist(), strict=True))
+            probs = self._run_layer(layer, S, active)
+            if layer in self.keep and (prefill or self.scorer.reselects):
+                rows = active[-self.scorer.query_rows :] if prefill else [t]
+                scores = ref_scores(self.scorer, {i: probs[i] for i in rows}, S, t, layer)
                 record.scores[layer] = scores
                 n_keep = math.ceil(Fraction(str(self.keep[layer])) * len(S))  # exact: ratio as written
                 others = sorted((i for i in S if i != t), key=lambda i: -scores[i])
@@ -112,8 +118,9 @@ class Reference:
         h = self.aux[t]
         return self.model.lm_head(self.base.norm(h))
 
-    def _run_layer(self, layer: int, S: list[int], active: list[int]) -> torch.Tensor:
-        """Runs `layer` on the rows `active` against the K/V of S; returns q's attention row [len(S)], head-mean."""
+    def _run_layer(self, layer: int, S: list[int], active: list[int]) -> dict[int, dict[int, list[float]]]:
+        """Runs `layer` on the rows `active` against the K/V of S; returns each row's attention
+        probabilities per head: {row: {key: [p_h for each head]}} over the keys of S at or before it."""
         block = self.base.layers[layer]
         attn = block.self_attn
         queries: dict[int, torch.Tensor] = {}
@@ -132,7 +139,7 @@ class Reference:
         group = self.H // self.Hkv
         K = K.repeat_interleave(group, dim=1)  # [T, H, dh]
         V = V.repeat_interleave(group, dim=1)
-        q_row = None
+        rows: dict[int, dict[int, list[float]]] = {}
         outputs: dict[int, torch.Tensor] = {}
         for i in active:
             mask = in_S & (torch.arange(T) <= i)  # [T]: candidates at or before i, by original position
@@ -141,12 +148,11 @@ class Reference:
             o = torch.einsum("ht,thd->hd", probs, V).reshape(-1)
             h = self.aux[i] + attn.o_proj(o)
             outputs[i] = h + block.mlp(block.post_attention_layernorm(h))
-            if i == len(self.ids) - 1:
-                q_row = probs.mean(0)[S]
+            rows[i] = {j: probs[:, j].tolist() for j in S if j <= i}
         for i, h in outputs.items():
             self.aux[i] = h
             self.depth[i] = layer
-        return q_row
+        return rows
 
     def _qkv(self, block, h: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: [d] at original position pos -> post-RoPE q [H, dh], k [Hkv, dh], v [Hkv, dh]."""
@@ -160,3 +166,26 @@ class Reference:
         cos, sin = self.base.rotary_emb(x, torch.tensor([[pos]]))
         q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q[0, :, 0], k[0, :, 0], v
+
+
+def ref_scores(
+    scorer: scoring.Scorer, rows: dict[int, dict[int, list[float]]], S: list[int], t: int, layer: int
+) -> dict[int, float]:
+    """Each candidate's score under `scorer`, one token at a time, from the per-head probability rows of
+    the query rows it reads (prefill: the last `query_rows` active rows; decoding: q's)."""
+    if isinstance(scorer, scoring.Static):
+        return ref_scores(scorer.of, rows, S, t, layer)
+    if isinstance(scorer, scoring.Random):
+        return {j: float(scoring.hash_uniform(*(torch.tensor(v) for v in (scorer.seed, layer, t, j)))) for j in S}
+    if isinstance(scorer, scoring.Pool):
+        inner = ref_scores(scorer.of, rows, S, t, layer)
+        half = scorer.k // 2
+        return {j: max(inner[i] for i in S if abs(i - j) <= half) for j in S}
+    if isinstance(scorer, scoring.Protect):
+        inner = ref_scores(scorer.of, rows, S, t, layer)
+        kept = [j for j in S if j < scorer.sink or j >= t - scorer.recent]
+        return {j: scoring.PROTECTED if j in kept else inner[j] for j in S}
+    assert isinstance(scorer, (scoring.Last, scoring.Window)), f"no reference for {scorer}"
+    reduce = (lambda ps: sum(ps) / len(ps)) if scorer.heads == "mean" else max
+    queries = [t] if isinstance(scorer, scoring.Last) else sorted(rows)
+    return {j: sum(reduce(rows[i][j]) if j in rows[i] else 0.0 for i in queries) / len(queries) for j in S}

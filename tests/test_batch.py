@@ -15,6 +15,7 @@ from conftest import prompt_ids, tiny_model
 import lazyprefill as lp
 from lazyprefill.adapters import adapter_for
 from lazyprefill.engine import Engine
+from lazyprefill.scoring import Random
 
 LENGTHS = [37, 1, 24, 50]  # a one-token prompt is its own q, and nothing else is ever a candidate
 PROMPTS = [prompt_ids(n, seed=20 + i).tolist() for i, n in enumerate(LENGTHS)]
@@ -37,7 +38,9 @@ def padded(prompts: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Ten
 def alone_schedule(schedule, family: str, b: int) -> lp.Schedule:
     """What sequence b of a batch runs: the random baseline draws with the schedule's seed + b."""
     sched = lp.parse_schedule(schedule, tiny_model(family).config.num_hidden_layers)
-    return lp.Schedule(sched.keep, mode=sched.mode, seed=sched.seed + b) if sched.mode == "random" else sched
+    if isinstance(sched.scorer, Random):
+        return lp.Schedule(sched.keep, scorer=Random(seed=sched.scorer.seed + b))
+    return sched
 
 
 def early_eos(model, schedule) -> int:

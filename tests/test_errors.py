@@ -165,6 +165,14 @@ def test_bad_batch_input(lazy, baseline, input_ids, kwargs, match):
         ({1: 1.5}, r"keep ratio 1.5 at layer 1 must be in \(0, 1\]"),
         ("random:2:1.01", r"must be in \(0, 1\]"),
         (lp.Schedule({7: 0.5}), "pruning layer 7 is out of range"),
+        ("lazier:paper", "unknown schedule 'lazier:paper'"),
+        ("pool(k=4):paper", "pooling width must be an odd int"),
+        ("pool(k=7:paper", r"missing '\)'"),
+        ("window(size=3):paper", "scorer 'window' has no field 'size'; its fields: w, heads"),
+        ("window(w=three):paper", "w='three' must be an int"),
+        ("last(heads=median):paper", "use heads=mean"),
+        ("protect(of=banana)", "unknown scorer 'banana': scorers are last"),
+        ("pool(k=3)paper", "put a ':' between the scorer"),
     ],
 )
 def test_bad_schedule(model, baseline, schedule, match):
@@ -176,8 +184,8 @@ def test_bad_schedule(model, baseline, schedule, match):
 def test_bad_schedule_object():
     with pytest.raises(ValueError, match=r"keep ratio 0 at layer 2 must be in \(0, 1\]"):
         lp.Schedule({2: 0})
-    with pytest.raises(ValueError, match="unknown schedule mode 'lazier'"):
-        lp.Schedule({2: 0.5}, mode="lazier")
+    with pytest.raises(ValueError, match="scorer must be a Scorer"):
+        lp.Schedule({2: 0.5}, scorer="lazier")
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from reference import Reference
 import lazyprefill as lp
 from lazyprefill.adapters import adapter_for
 from lazyprefill.engine import Engine
+from lazyprefill.scoring import Random
 
 DECODE_STEPS = 30
 SCHEDULES = [
@@ -100,7 +101,7 @@ def test_keep_counts_are_ceil_of_ratio(driven):
     """|S_{l+1}| = ceil(r * |S_l|) after a pruning layer (prefill only in static mode), else |S_l|."""
     family, schedule, engine, _, _ = driven
     sched = lp.parse_schedule(schedule, tiny_model(family).config.num_hidden_layers)
-    steps = engine.traces[0][:1] if sched.mode == "static" else engine.traces[0]  # static decoding: its own test
+    steps = engine.traces[0] if sched.scorer.reselects else engine.traces[0][:1]  # static decoding: its own test
     for step, trace in enumerate(steps):
         sizes = [len(c) for c in trace.candidates]
         for layer in range(len(sizes) - 1):
@@ -125,7 +126,7 @@ def test_aux_holds_the_output_of_layer_depth(family, schedule):
     adapter = adapter_for(model)
     sched = lp.parse_schedule(schedule, adapter.num_layers)
     engine = Engine(adapter, sched, 24 + DECODE_STEPS, trace=True)
-    ref = Reference(model, sched.keep, mode=sched.mode)
+    ref = Reference(model, sched.keep, sched.scorer)
     ids = prompt_ids(24)
     checked = 0
     with torch.inference_mode():
@@ -224,7 +225,7 @@ def test_random_keeps_lazy_counts_with_other_tokens(family):
     keep = {0: 0.5, 2: 0.5, 4: 0.5}
     prompt = prompt_ids(24, seed=6)
     lazy = lp.LazyLLM(tiny_model(family), schedule=keep, trace=True)
-    rand = lp.LazyLLM(tiny_model(family), schedule=lp.Schedule(keep, mode="random", seed=3), trace=True)
+    rand = lp.LazyLLM(tiny_model(family), schedule=lp.Schedule(keep, scorer=Random(seed=3)), trace=True)
     a = lazy.generate(prompt, max_new_tokens=20, eos_token_id=[])
     b = rand.generate(prompt, max_new_tokens=20, eos_token_id=[])
     assert [s.candidates for s in a.stats.steps] == [s.candidates for s in b.stats.steps]

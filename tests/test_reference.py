@@ -44,7 +44,7 @@ def run_both(family: str, spec, n_prompt: int = 24, seed: int = 0):
     ids = prompt_ids(n_prompt, seed)
     lazy = lp.LazyLLM(model, schedule=spec, trace=True)
     out = lazy.generate(ids, max_new_tokens=DECODE_STEPS + 1, eos_token_id=[], return_logits=True)
-    ref = Reference(model, lazy.schedule.keep, mode=lazy.schedule.mode)
+    ref = Reference(model, lazy.schedule.keep, lazy.schedule.scorer)
     ref_logits = [ref.prefill(ids.tolist())] + [ref.decode(t) for t in out.new_tokens[:-1]]
     return out, ref, ref_logits
 

@@ -396,7 +396,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
             "random_weights": name in SHAPES,
             "config": _config_dict(model),
             "dims": asdict(ModelDims.of(model)),
-            "schedules": {k: {"keep": s.keep, "mode": s.mode} for k, s in schedules_for(num_layers).items()},
+            "schedules": {k: {"keep": s.keep, "scorer": s.scorer.spec()} for k, s in schedules_for(num_layers).items()},
             "ttft": [],
             "decode": [],
             "batch_ttft": [],

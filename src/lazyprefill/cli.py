@@ -151,7 +151,7 @@ def generate_command(
             "model": model,
             "schedule": schedule,
             "schedule_keep": {str(layer): ratio for layer, ratio in sched.keep.items()},
-            "schedule_mode": sched.mode,
+            "schedule_scorer": sched.scorer.spec(),
             "batch_size": len(prompts),
             "max_new_tokens": max_new_tokens,
             "device": device,

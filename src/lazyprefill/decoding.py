@@ -22,9 +22,7 @@ from .adapters import LlamaAdapter
 from .cache import LazyCache
 from .plan import Segment, StepPlan
 from .recording import Recorder
-
-# score(layer, q_last [B, H, dh], k [B, Hkv, T, dh], in_s [B, T]) -> importance [B, T] float32
-Scorer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from .scoring import ScoreInput, Scorer
 
 
 class SegmentRunner:
@@ -73,7 +71,7 @@ class SegmentRunner:
         """[A, d] the last layer's output for each stepping sequence's q."""
         return self.cache.aux[self.seqs, self.t[self.seqs]]
 
-    def run(self, seg: Segment, index: int, R: int, T: int, score: Scorer, recorder: Recorder) -> None:
+    def run(self, seg: Segment, index: int, R: int, T: int, scorer: Scorer, recorder: Recorder) -> None:
         """Layers seg.first..seg.last on the rows entering seg.first (at most R per sequence), keys [0, T).
 
         `index`: which pruning layer seg.last is (when it prunes). Leaves in `entering` the rows that
@@ -102,7 +100,8 @@ class SegmentRunner:
         if not (seg.prunes and self.reselects):
             return
         q_last = q.view(B, R, H, dh)[self.batch, (count - 1).clamp(min=0)]  # [B, H, dh]: q is each last row
-        scores = score(seg.last, q_last, c.k[seg.last, :, :, :T], in_s)  # [B, T]
+        x = ScoreInput(q_last[:, :, None], self.t[:, None], c.k[seg.last, :, :, :T], keys, in_s, a.scaling, seg.last, T)
+        scores = scorer.score(x)  # [B, T]
         recorder.scores(seg.last, keys, in_s, scores)
         in_s.copy_(top_k(scores, in_s, keys == self.t[:, None], self.keep[index]))
         entering = (in_s & (c.depth_device[:, :T] == seg.last)).sum(1)
@@ -214,7 +213,8 @@ class Graphs:
     A new key is captured, then replayed to do the step's work. The very first one instead runs
     eagerly on a side stream before its capture: that run does the real work and is the warm-up that
     capture needs (cuBLAS handles and workspaces are created outside capture). Graphs of another key
-    length (the key's last item) are dropped: lengths only grow, so they would never run again.
+    length (the key's last item) are dropped: lengths only grow, so they would never run again. If a
+    capture is refused (a scorer that copies from the host mid-step, say), every later call runs eagerly.
     """
 
     def __init__(self) -> None:
@@ -222,26 +222,40 @@ class Graphs:
         self.pool = None  # one memory pool for all: segments run one after another, never concurrently
         self.keys = -1
         self.warm = False
+        self.refused: str | None = None  # why capture failed, if it did
 
     def __call__(self, key: tuple, fn: Callable[[], None]) -> None:
+        if self.refused is not None:
+            fn()
+            return
         if key[-1] != self.keys:
             self.graphs.clear()
             self.keys = key[-1]
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._capture(fn)
-            if not self.warm:
-                self.warm = True
-                return  # the warm-up run did this step's work
+            done = not self.warm
+            if done:  # the first call: its eager warm-up run does this step's work
+                self._warm_up(fn)
+            try:
+                graph = self.graphs[key] = self._capture(fn)
+            except RuntimeError as err:
+                self.refused = str(err)
+                if not done:
+                    fn()
+                return
+            if done:
+                return
         graph.replay()
 
+    def _warm_up(self, fn: Callable[[], None]) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        self.warm = True
+
     def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        if not self.warm:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             fn()

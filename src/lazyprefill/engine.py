@@ -28,12 +28,12 @@ from torch.nn.attention import SDPBackend
 
 from .adapters import LlamaAdapter
 from .cache import LazyCache
-from .decoding import Graphs, Scorer, SegmentRunner, eager
+from .decoding import Graphs, SegmentRunner, eager
 from .packing import Packing
-from .plan import StepPlan, plan_step, row_bucket, segments
+from .plan import plan_step, row_bucket, segments
 from .recording import Recorder, StepStats, StepTrace, TraceRecorder
 from .schedule import Schedule
-from .scoring import attention_row, random_scores, select
+from .scoring import ScoreInput, select
 
 __all__ = ["DECODE_ATTENTION", "Engine", "StepStats", "StepTrace"]
 
@@ -46,14 +46,10 @@ DECODE_ATTENTION = [
 
 
 class Engine:
-    """Runs a batch of sequences through prefill and decoding steps under one schedule.
+    """Runs a batch of sequences through prefill and decoding steps under one schedule and its scorer.
 
-    In the `random` baseline, sequence b draws from its own generator seeded `schedule.seed + b`,
-    so that what it keeps does not depend on the rest of the batch.
-
-    `graphs`: replay decoding segments as CUDA graphs (None: on CUDA whenever possible; never while
-    tracing, whose recorder reads the device mid-step, nor under `random`, whose generators live on
-    the host). `split_kernel`: decoding attention through the Triton kernel that reads only S_l's
+    `graphs`: replay decoding segments as CUDA graphs (None: on CUDA unless tracing, whose recorder
+    reads the device mid-step). `split_kernel`: decoding attention through the Triton kernel that reads only S_l's
     K/V (None: on CUDA); otherwise the written-out masked attention over every position.
     """
 
@@ -65,10 +61,10 @@ class Engine:
         self.schedule = schedule
         self.capacity = capacity  # positions per sequence: longest prompt + new tokens
         self.trace = trace
-        self.reselects = schedule.mode != "static"
-        possible = adapter.device.type == "cuda" and not trace and schedule.mode != "random"
+        self.reselects = schedule.scorer.reselects
+        possible = adapter.device.type == "cuda" and not trace
         if graphs and not possible:
-            raise ValueError("CUDA graphs need a CUDA model, trace=False and a schedule mode other than random")
+            raise ValueError("CUDA graphs need a CUDA model and trace=False")
         self.graphs = possible if graphs is None else graphs
         on_cuda = adapter.device.type == "cuda"
         if split_kernel and not on_cuda:
@@ -77,7 +73,6 @@ class Engine:
         self.segments = segments(adapter.num_layers, list(schedule.keep))
         self.cache: LazyCache | None = None  # allocated by prefill, once the batch is known
         self.recorder: Recorder = Recorder()
-        self.generators: list[torch.Generator] = []
 
     @property
     def traces(self) -> list[list[StepTrace]]:
@@ -96,8 +91,6 @@ class Engine:
         B = len(prompts)
         c = self.cache = LazyCache(a, B, self.capacity, count_writes=self.trace)
         self.recorder = TraceRecorder(B) if self.trace else Recorder()
-        if self.schedule.mode == "random":
-            self.generators = [torch.Generator(device=dev).manual_seed(self.schedule.seed + b) for b in range(B)]
         stats = [StepStats() for _ in range(B)]
         self.recorder.begin(list(range(B)))
         rows = Packing(counts, dev)
@@ -120,11 +113,7 @@ class Engine:
             o = F.scaled_dot_product_attention(
                 qp, kp, vp, is_causal=True, scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads
             )
-            scores = None
-            if l in self.schedule.keep and self.generators:
-                scores = self._random_scores(rows)
-            elif l in self.schedule.keep:
-                scores = attention_row(q[rows.last], kp, a.scaling, rows.valid)  # [B, width]
+            scores = self._prefill_scores(l, qp, kp, rows, pos, max(counts)) if l in self.schedule.keep else None
             del q, k, v, qp, kp, vp  # free them before the MLP's activations: lower peak memory, as in transformers
             o = rows.unpad(o.transpose(1, 2))  # [N, H, dh]
             h = a.finish(l, h, o)
@@ -153,10 +142,22 @@ class Engine:
         self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel)
         self._run_segment = Graphs() if self.graphs else eager
 
-    def _random_scores(self, rows: Packing) -> torch.Tensor:
-        """[B, width] draws for the `random` baseline, each sequence from its own generator."""
-        active = [g for g, n in zip(self.generators, rows.counts) if n]
-        return rows.pad(random_scores([n for n in rows.counts if n], active, self.a.device))
+    def _prefill_scores(
+        self, layer: int, qp: torch.Tensor, kp: torch.Tensor, rows: Packing, pos: torch.Tensor, span: int
+    ) -> torch.Tensor:
+        """The scorer's [B, width] scores of every active row, from the last `query_rows` rows' queries.
+
+        qp: [B, H, width, dh], kp: [B, Hkv, width, dh] padded as `rows.pad` lays rows out; pos: [N] packed.
+        """
+        w = self.schedule.scorer.query_rows
+        slots = rows.last_slot[:, None] - torch.arange(w - 1, -1, -1, device=pos.device)  # [B, w], q last
+        present = slots >= 0
+        slots = slots.clamp(min=0)
+        q = qp.gather(2, slots[:, None, :, None].expand(-1, qp.shape[1], -1, qp.shape[3]))  # [B, H, w, dh]
+        pos_p = rows.pad(pos)  # [B, width]
+        q_pos = pos_p.gather(1, slots).masked_fill(~present, -1)
+        x = ScoreInput(q, q_pos, kp, pos_p, rows.valid, self.a.scaling, layer, span)
+        return self.schedule.scorer.score(x)
 
     # --------------------------------------------------------------- decoding
     def decode(self, tokens: torch.Tensor, seqs: list[int]) -> tuple[torch.Tensor, list[StepStats]]:
@@ -175,11 +176,10 @@ class Engine:
         stats = {b: StepStats(candidates=plan.sizes[b].tolist()) for b in seqs}
         entering = np.zeros((2, c.length.shape[0]), dtype=np.int64)  # rows entering, of which revived
         entering[0, seqs] = 1  # q alone enters layer 0
-        score = self._step_scorer(plan, seqs)
         for index, seg in enumerate(self.segments):
             R = row_bucket(int(entering[0].max()))
-            self._run_segment((index, R, plan.keys), partial(self.runner.run, seg, index, R, plan.keys, score,
-                                                              self.recorder))
+            self._run_segment((index, R, plan.keys), partial(self.runner.run, seg, index, R, plan.keys,
+                                                              self.schedule.scorer, self.recorder))
             n = len(seg.layers)
             for b in seqs:
                 stats[b].computed += [int(entering[0, b])] * n
@@ -188,15 +188,3 @@ class Engine:
                 entering = np.array(self.runner.entering.tolist())  # the step's one wait per pruning layer
         self.recorder.end()
         return self.a.logits(self.runner.q_hidden()), [stats[b] for b in seqs]
-
-    def _step_scorer(self, plan: StepPlan, seqs: list[int]) -> Scorer:
-        """The importance of candidates at a pruning layer: q's attention row, or the random baseline's draws."""
-        if not self.generators:
-            return lambda layer, q_last, k, in_s: attention_row(q_last, k, self.a.scaling, in_s)
-
-        def draws(layer: int, q_last: torch.Tensor, k: torch.Tensor, in_s: torch.Tensor) -> torch.Tensor:
-            sizes = [int(plan.sizes[b, layer]) for b in seqs]  # each sequence draws |S_l| values in position order
-            flat = random_scores(sizes, [self.generators[b] for b in seqs], self.a.device)
-            return torch.zeros(in_s.shape, device=in_s.device).masked_scatter_(in_s, flat)
-
-        return draws

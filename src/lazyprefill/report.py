@@ -292,7 +292,7 @@ def _render(
     return _PAGE.format(
         title=html.escape(f"lazyprefill inspect: {model}"),
         model=html.escape(model),
-        schedule=html.escape(f"{schedule_name} ({schedule.mode}: {keep})" if keep else f"{schedule_name} (no pruning)"),
+        schedule=html.escape(f"{schedule_name} ({schedule.scorer.spec()}: {keep})" if keep else f"{schedule_name} (no pruning)"),
         layers=L,
         cards=card_html,
         per_layer=html.escape(_runs(stats.prefill_computed)),

@@ -1,52 +1,61 @@
-"""Pruning schedules: which layers prune, how much each keeps, and how tokens are chosen."""
+"""Pruning schedules: which layers prune, how much each keeps, and which scorer ranks the tokens."""
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
 
-Mode = Literal["lazy", "static", "random"]
-MODES: tuple[str, ...] = ("lazy", "static", "random")
+from .scoring import ALIASES, SCORERS, Last, Scorer, parse_scorer, scorer_help
 
-# Presets are fractions of depth so one name fits every model size. `paper` is Figure 4 of the paper:
-# prune at ~30%, ~60% and ~90% of depth, dropping 30% of the current candidates each time.
-# `aggressive` is the fastest schedule of our evaluation within 5% (relative) of dense on code, recall
-# and passkey (SmolLM2-135M, 512 tokens, CPU: 1.18x measured TTFT speedup; results/README.md). No
-# schedule we measured stayed within 1% on every task, so there is no `balanced` preset yet.
-PRESETS: dict[str, dict[float, float]] = {
-    "paper": {0.3: 0.7, 0.6: 0.7, 0.9: 0.7},
-    "aggressive": {0.67: 0.5},
+
+@dataclass(frozen=True)
+class Preset:
+    """A depth-relative schedule: `keep` maps a fraction of depth to a keep ratio, so one name fits any size."""
+
+    keep: dict[float, float]
+    scorer: str = "last"
+
+
+# `paper` is Figure 4 of the paper: prune at ~30%, ~60% and ~90% of depth, dropping 30% of the current
+# candidates each time, ranked by the last token's attention. `aggressive` is the fastest schedule of our
+# evaluation within 5% (relative) of dense on code, recall and passkey (SmolLM2-135M, 512 tokens, CPU:
+# 1.18x measured TTFT speedup; results/README.md).
+PRESETS: dict[str, Preset] = {
+    "paper": Preset({0.3: 0.7, 0.6: 0.7, 0.9: 0.7}),
+    "aggressive": Preset({0.67: 0.5}),
 }
 DENSE_NAMES = ("dense", "none")
+SCHEDULE_FILE_FORMAT = "lazyprefill-schedule/1"
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Keep ratios per pruning layer, plus how the kept tokens are chosen.
+    """Keep ratios per pruning layer, plus the scorer that chooses the kept tokens.
 
     `keep` maps a layer index to the fraction of that layer's candidates that goes on to deeper
-    layers (`ceil(r * |S_l|)`, the last token always kept). `mode` picks the method: `lazy` (LazyLLM,
-    reselected at every step), `static` (prefill-only pruning, never revived) or `random` (the same
-    keep counts, chosen uniformly at random with `seed`; sequence i of a batch uses `seed + i`).
+    layers (`ceil(r * |S_l|)`, the last token always kept). `scorer` ranks the candidates: `last` is
+    LazyLLM (reselected at every step), `static` prunes in prefill only, `random` keeps the same
+    counts uniformly at random; see scoring.py for the others.
     """
 
     keep: dict[int, float] = field(default_factory=dict)
-    mode: Mode = "lazy"
-    seed: int = 0
+    scorer: Scorer = field(default_factory=Last)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown schedule mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if not isinstance(self.scorer, Scorer):
+            raise ValueError(f"scorer must be a Scorer such as Last(); got {self.scorer!r} ({scorer_help()})")
         for layer, ratio in self.keep.items():
-            if not isinstance(layer, int) or isinstance(layer, bool):
+            if not isinstance(layer, numbers.Integral) or isinstance(layer, bool):
                 raise ValueError(f"pruning layer {layer!r} must be an int layer index")
-            if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+            if not (isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0.0 < ratio <= 1.0):
                 raise ValueError(
                     f"keep ratio {ratio!r} at layer {layer} must be in (0, 1]: it is the fraction of "
                     "candidates that goes on to deeper layers (1.0 keeps all)"
                 )
-        object.__setattr__(self, "keep", dict(sorted(self.keep.items())))
+        object.__setattr__(self, "keep", {int(k): float(v) for k, v in sorted(self.keep.items())})
 
     @property
     def is_dense(self) -> bool:
@@ -68,50 +77,102 @@ class Schedule:
         """
         return max(1, math.ceil(round(self.keep[layer] * n_candidates, 6)))
 
+    def describe(self) -> str:
+        """'last: 9:0.7,18:0.7' -- the text `parse_schedule` reads back."""
+        if self.is_dense:
+            return "dense"
+        return f"{self.scorer.spec()}:{','.join(f'{layer}:{r:g}' for layer, r in self.keep.items())}"
 
-def preset(name: str, num_layers: int, mode: Mode = "lazy", seed: int = 0) -> Schedule:
-    """Instantiate a depth-relative preset for a model with `num_layers` layers."""
+    def to_dict(self) -> dict:
+        return {"format": SCHEDULE_FILE_FORMAT, "keep": {str(k): v for k, v in self.keep.items()},
+                "scorer": self.scorer.spec()}
+
+    def save(self, path: str | Path, **metadata) -> Path:
+        """Write a schedule file that `--schedule FILE` and `LazyLLM(schedule=FILE)` read; `metadata`
+        (model, num_layers, how it was chosen) is stored beside it and checked where it can be."""
+        path = Path(path)
+        path.write_text(json.dumps({**self.to_dict(), **metadata}, indent=2) + "\n")
+        return path
+
+
+def preset(name: str, num_layers: int, scorer: Scorer | None = None) -> Schedule:
+    """Instantiate a depth-relative preset for a model with `num_layers` layers (its own scorer unless given)."""
     if name not in PRESETS:
         raise ValueError(f"unknown schedule preset {name!r}; presets: {', '.join(PRESETS)}")
+    spec = PRESETS[name]
     keep: dict[int, float] = {}
-    for frac, ratio in PRESETS[name].items():
+    for frac, ratio in spec.keep.items():
         layer = min(max(int(frac * num_layers), 0), num_layers - 2)
         keep[layer] = ratio
-    return Schedule(keep, mode=mode, seed=seed)
+    return Schedule(keep, scorer=scorer if scorer is not None else parse_scorer(spec.scorer))
 
 
-def parse_schedule(spec: str | Schedule | dict | None, num_layers: int, seed: int = 0) -> Schedule:
+def parse_schedule(spec: str | Path | Schedule | dict | None, num_layers: int) -> Schedule:
     """Turn what a user wrote into a checked Schedule.
 
     Accepts a Schedule, a `{layer: ratio}` dict, None / "dense" / "none" (no pruning), a preset name
-    ("paper"), "static" or "random" (the paper preset in that mode), "9:0.7,19:0.7" and a mode
-    prefix on either form ("static:paper", "random:9:0.7,19:0.7").
+    ("paper"), layer:ratio pairs ("9:0.7,19:0.7"), either of those after a scorer and a colon
+    ("static:paper", "pool(k=7):9:0.7"), a scorer alone (the paper preset ranked by it), or the path of
+    a schedule file (JSON, as written by `lazyprefill tune` or `Schedule.save`).
     """
     if spec is None:
         schedule = Schedule()
     elif isinstance(spec, Schedule):
         schedule = spec
     elif isinstance(spec, dict):
-        schedule = Schedule(dict(spec), seed=seed)
+        schedule = Schedule(dict(spec))
+    elif isinstance(spec, Path) or (isinstance(spec, str) and spec.strip().endswith(".json")):
+        schedule = load_schedule(Path(spec), num_layers)
     elif isinstance(spec, str):
-        schedule = _parse_text(spec.strip(), num_layers, seed)
+        schedule = _parse_text(spec.strip(), num_layers)
     else:
-        raise TypeError(f"schedule must be a str, dict, Schedule or None, not {type(spec).__name__}")
+        raise TypeError(f"schedule must be a str, path, dict, Schedule or None, not {type(spec).__name__}")
     schedule.check(num_layers)
     return schedule
 
 
-def _parse_text(text: str, num_layers: int, seed: int) -> Schedule:
+def load_schedule(path: Path, num_layers: int | None = None) -> Schedule:
+    """Read a schedule file, saying what is wrong with it and how to fix it when it is not one."""
+    where = f"schedule file {str(path)!r}"
+    if not path.is_file():
+        raise ValueError(f"{where} does not exist: write one with `lazyprefill tune` or Schedule.save()")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{where} is not valid JSON ({err}): write one with `lazyprefill tune`") from None
+    if not isinstance(data, dict) or data.get("format") != SCHEDULE_FILE_FORMAT:
+        raise ValueError(f"{where} is not a lazyprefill schedule: it needs \"format\": \"{SCHEDULE_FILE_FORMAT}\"")
+    keep = data.get("keep")
+    if not isinstance(keep, dict):
+        raise ValueError(f"{where} needs \"keep\": an object of layer -> keep ratio, e.g. {{\"9\": 0.7}}")
+    try:
+        layers = {int(layer): ratio for layer, ratio in keep.items()}
+    except ValueError:
+        raise ValueError(f"{where}: the keys of \"keep\" must be layer indices, got {list(keep)}") from None
+    if not isinstance(data.get("scorer", "last"), str):
+        raise ValueError(f"{where}: \"scorer\" must be a string such as \"last\" or \"pool(k=7)\"")
+    expected = data.get("num_layers")
+    if num_layers is not None and expected is not None and expected != num_layers:
+        raise ValueError(
+            f"{where} was tuned for a model with {expected} layers, but this one has {num_layers}: "
+            "tune a schedule for this model"
+        )
+    try:
+        return Schedule(layers, scorer=parse_scorer(data.get("scorer", "last")))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _parse_text(text: str, num_layers: int) -> Schedule:
     if text in DENSE_NAMES or text == "":
         return Schedule()
-    mode: Mode = "lazy"
-    head, _, rest = text.partition(":")
-    if head in MODES and (rest or head != "lazy"):
-        mode, text = head, (rest or "paper")  # type: ignore[assignment]
-    if text in PRESETS:
-        return preset(text, num_layers, mode=mode, seed=seed)
+    scorer, rest = _split_scorer(text)
+    if rest == "" and scorer is not None:
+        rest = "paper"
+    if rest in PRESETS:
+        return preset(rest, num_layers, scorer)
     keep: dict[int, float] = {}
-    for item in text.split(","):
+    for item in rest.split(","):
         layer, sep, ratio = item.strip().partition(":")
         try:
             if not sep:
@@ -119,8 +180,29 @@ def _parse_text(text: str, num_layers: int, seed: int) -> Schedule:
             keep[int(layer)] = float(ratio)
         except ValueError:
             raise ValueError(
-                f"unknown schedule {text!r}: use a preset ({', '.join(PRESETS)}), 'dense', 'static', "
-                "'random', or layer:ratio pairs such as '9:0.7,19:0.7' (optionally prefixed by "
-                "'static:' or 'random:')"
+                f"unknown schedule {text!r}: use a preset ({', '.join(PRESETS)}), 'dense', layer:ratio pairs "
+                "such as '9:0.7,19:0.7', either optionally after a scorer and a colon ('static:paper', "
+                f"'pool(k=7):9:0.7'), or a schedule file (.json). Scorers: {scorer_help()}"
             ) from None
-    return Schedule(keep, mode=mode, seed=seed)
+    return Schedule(keep, scorer=scorer or Last())
+
+
+def _split_scorer(text: str) -> tuple[Scorer | None, str]:
+    """'pool(k=7):9:0.7' -> (Pool(k=7), '9:0.7'); text that starts with no scorer name -> (None, text)."""
+    name = text.split("(", 1)[0].split(":", 1)[0].strip()
+    if ALIASES.get(name, name) not in SCORERS:
+        return None, text
+    end = len(name)
+    if text[end:].lstrip().startswith("("):
+        depth = 0
+        for end, char in enumerate(text):
+            depth += (char == "(") - (char == ")")
+            if char == ")" and depth == 0:
+                break
+        else:
+            raise ValueError(f"missing ')' in the scorer of schedule {text!r}")
+        end += 1
+    rest = text[end:].strip()
+    if rest and not rest.startswith(":"):
+        raise ValueError(f"schedule {text!r}: put a ':' between the scorer and the layers or preset")
+    return parse_scorer(text[:end]), rest[1:].strip()
