@@ -173,6 +173,10 @@ def compare_split_kernel() -> bool:
 
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
+    if len(sys.argv) > 1:  # a JSON of split_attention launch settings (from decode_attention.py --setting)
+        from profile_stages import use_split_setting
+
+        use_split_setting(sys.argv[1])
     fp32 = max(compare(torch.float32), compare_reference(), compare_batch())
     compare(torch.bfloat16)
     split = compare_split_kernel()

@@ -53,8 +53,11 @@ def main() -> None:
     p.add_argument("--graphs", choices=["auto", "off"], default="auto", help="off: Engine(graphs=False)")
     p.add_argument("--attention", choices=["auto", "masked"], default="auto", help="masked: Engine(split_kernel=False)")
     p.add_argument("--no-prefill", action="store_true")
+    p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
     p.add_argument("--json", help="write the decoding timings here")
     args = p.parse_args()
+    if args.split_setting:
+        use_split_setting(args.split_setting)
     model = bench.random_model(args.model, "cuda", torch.bfloat16)
     adapter = adapter_for(model)
     ids = bench.random_prompts(args.length, adapter.vocab_size, 1, torch.device("cuda"), 0)[0]
@@ -87,6 +90,15 @@ def main() -> None:
         info = {"model": args.model, "length": args.length, "device": torch.cuda.get_device_name(),
                 "torch": torch.__version__, "command": " ".join(sys.argv)}
         Path(args.json).write_text(json.dumps({**info, "decode": rows}, indent=1))
+
+
+def use_split_setting(path: str) -> None:
+    """Set split_attention's launch constants from a JSON file written by decode_attention.py --setting."""
+    from lazyprefill import split_attention
+
+    for name, value in json.loads(Path(path).read_text()).items():
+        setattr(split_attention, name.upper(), value)
+    print("split_attention settings:", Path(path).read_text())
 
 
 def profile_prefill(model, adapter, ids: torch.Tensor) -> None:

@@ -22,8 +22,10 @@ MAX_ROWS = 128  # M above this: the caller uses the written-out attention instea
 # Launch settings, chosen by benchmarks/decode_attention.py on an H100 (benchmarks/NOTES.md).
 BLOCK_N = 64  # keys per inner iteration
 PROGRAMS_PER_SM = 4
+MAX_SPLITS = 64  # parts per (sequence, head): one block size in the merge, so it compiles once
 NUM_WARPS = 4
 NUM_STAGES = 3
+MERGE_KERNEL = True  # merge the parts in one Triton launch (else ~7 torch kernels)
 
 # Integer arguments change between calls (rows, splits, strides): compile once, not per value.
 _RUNTIME_INTS = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kt", "s_ib", "s_pb", "s_ob", "s_oh", "s_os", "s_om",
@@ -87,20 +89,49 @@ def _split_kernel(
     tl.store(LSE + b * s_lb + kvh * s_lh + split * s_ls + rows, m_i + tl.log(l_i), mask=row_ok)
 
 
+@triton.jit(do_not_specialize=["s_ob", "s_oh", "s_os", "s_om", "s_lb", "s_lh", "s_ls", "s_xb", "s_xh", "s_xm", "HKV",
+                                "M", "n_splits"])
+def _merge_kernel(
+    O, LSE, OUT,
+    s_ob, s_oh, s_os, s_om,  # o: [B, Hkv, S, M, dh] fp32
+    s_lb, s_lh, s_ls,  # lse: [B, Hkv, S, M] fp32
+    s_xb, s_xh, s_xm,  # out: [B, Hkv, M, dh] in the model's dtype
+    HKV, M, n_splits,
+    DH: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)  # one (sequence, K/V head, row)
+    m = pid % M
+    b = pid // M // HKV
+    kvh = pid // M % HKV
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, DH)
+    lse = tl.load(LSE + b * s_lb + kvh * s_lh + s * s_ls + m, mask=s < n_splits, other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))  # parts that saw nothing weigh 0
+    o = tl.load(O + b * s_ob + kvh * s_oh + s[:, None] * s_os + m * s_om + d[None, :], mask=(s < n_splits)[:, None],
+                other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(OUT + b * s_xb + kvh * s_xh + m * s_xm + d, out.to(OUT.dtype.element_ty))
+
+
 def split_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, n_s: torch.Tensor, qpos: torch.Tensor,
-    scaling: float, block_n: int = BLOCK_N, programs_per_sm: int = PROGRAMS_PER_SM, num_warps: int = NUM_WARPS,
-    num_stages: int = NUM_STAGES,
+    scaling: float, block_n: int | None = None, programs_per_sm: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, merge_kernel: bool | None = None,
 ) -> torch.Tensor:
     """q: [B, H, R, dh]; k, v: [B, Hkv, P, dh] a whole cache layer; idx: [B, T] int32, the positions of S_l
     first (n_s[b] of them, in any order); n_s: [B] int32; qpos: [B, R] int32 each row's position
-    -> [B, H, R, dh]. A row attends to the listed positions at or before its own."""
+    -> [B, H, R, dh]. A row attends to the listed positions at or before its own. Launch settings
+    default to the module's constants."""
+    block_n, programs_per_sm = block_n or BLOCK_N, programs_per_sm or PROGRAMS_PER_SM
+    num_warps, num_stages = num_warps or NUM_WARPS, num_stages or NUM_STAGES
+    merge_kernel = MERGE_KERNEL if merge_kernel is None else merge_kernel
     B, H, R, dh = q.shape
     kv_heads = k.shape[1]
     M = (H // kv_heads) * R
     qg = q.reshape(B, kv_heads, M, dh).contiguous()
     programs = programs_per_sm * _sms(q.device)
-    splits = max(1, min(triton.cdiv(idx.shape[1], block_n), triton.cdiv(programs, B * kv_heads)))
+    splits = max(1, min(triton.cdiv(idx.shape[1], block_n), triton.cdiv(programs, B * kv_heads), MAX_SPLITS))
     o = torch.empty(B, kv_heads, splits, M, dh, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, kv_heads, splits, M, device=q.device, dtype=torch.float32)
     _split_kernel[(B * kv_heads, splits)](
@@ -111,9 +142,17 @@ def split_attention(
         DH=dh, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )
-    weight = torch.exp(lse - lse.amax(dim=2, keepdim=True))  # [B, Hkv, S, M]
-    out = (o * weight[..., None]).sum(2) / weight.sum(2)[..., None]  # [B, Hkv, M, dh]
-    return out.to(q.dtype).view(B, H, R, dh)
+    if not merge_kernel:
+        weight = torch.exp(lse - lse.amax(dim=2, keepdim=True))  # [B, Hkv, S, M]
+        out = (o * weight[..., None]).sum(2) / weight.sum(2)[..., None]  # [B, Hkv, M, dh]
+        return out.to(q.dtype).view(B, H, R, dh)
+    out = torch.empty(B, kv_heads, M, dh, device=q.device, dtype=q.dtype)
+    _merge_kernel[(B * kv_heads * M,)](
+        o, lse, out, o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), kv_heads, M, splits,
+        DH=dh, BLOCK_S=MAX_SPLITS, num_warps=4,
+    )
+    return out.view(B, H, R, dh)
 
 
 def warm_up(dtype: torch.dtype, head_dim: int, device: torch.device) -> None:
