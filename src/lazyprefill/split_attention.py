@@ -19,13 +19,16 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 128  # M above this: the caller uses the written-out attention instead
-# Launch settings, chosen by benchmarks/decode_attention.py on an H100 (benchmarks/NOTES.md).
-BLOCK_N = 64  # keys per inner iteration
+# Launch settings: the fastest correct ones of benchmarks/decode_attention.py's sweep on an H100 (bf16,
+# llama2-7b and llama3-8b heads, 8K keys, 34-100% of them listed; benchmarks/NOTES.md).
+BLOCK_N = 128  # keys per inner iteration
+# fp32 tiles take twice the shared memory: 128 keys x 3 stages asked for 278 KB of the H100's 232 KB
+BLOCK_N_FP32 = 64
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 64  # parts per (sequence, head): one block size in the merge, so it compiles once
 NUM_WARPS = 4
 NUM_STAGES = 3
-MERGE_KERNEL = True  # merge the parts in one Triton launch (else ~7 torch kernels)
+MERGE_KERNEL = True  # merge the parts in one Triton launch (else ~7 torch kernels: 0.8 ms a token, measured)
 
 # Integer arguments change between calls (rows, splits, strides): compile once, not per value.
 _RUNTIME_INTS = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kt", "s_ib", "s_pb", "s_ob", "s_oh", "s_os", "s_om",
@@ -123,7 +126,8 @@ def split_attention(
     first (n_s[b] of them, in any order); n_s: [B] int32; qpos: [B, R] int32 each row's position
     -> [B, H, R, dh]. A row attends to the listed positions at or before its own. Launch settings
     default to the module's constants."""
-    block_n, programs_per_sm = block_n or BLOCK_N, programs_per_sm or PROGRAMS_PER_SM
+    block_n = block_n or (BLOCK_N_FP32 if q.dtype == torch.float32 else BLOCK_N)
+    programs_per_sm = programs_per_sm or PROGRAMS_PER_SM
     num_warps, num_stages = num_warps or NUM_WARPS, num_stages or NUM_STAGES
     merge_kernel = MERGE_KERNEL if merge_kernel is None else merge_kernel
     B, H, R, dh = q.shape
