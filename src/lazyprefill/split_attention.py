@@ -28,7 +28,7 @@ PROGRAMS_PER_SM = 4
 MAX_SPLITS = 64  # parts per (sequence, head): one block size in the merge, so it compiles once
 NUM_WARPS = 4
 NUM_STAGES = 3
-MERGE_KERNEL = True  # merge the parts in one Triton launch (else ~7 torch kernels: 0.8 ms a token, measured)
+MERGE_KERNEL = True  # merge the parts in one Triton launch: 16-24 us a layer less than ~7 torch kernels (sweep)
 
 # Integer arguments change between calls (rows, splits, strides): compile once, not per value.
 _RUNTIME_INTS = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kt", "s_ib", "s_pb", "s_ob", "s_oh", "s_os", "s_om",
