@@ -2,8 +2,9 @@
 
 For S_l = 100%, 70% and 34% of 8K keys: error of the written-out masked attention (decoding.masked_attention,
 reads every key) and of the Triton split-K kernel (split_attention, reads S_l's keys only) against float64,
-and their device times (CUDA graphs of 10 calls, median of 7 replays) with a sweep of the kernel's launch settings. Prints a table
-and writes JSON to --json. Run: PYTHONPATH=src python benchmarks/decode_attention.py
+and their device times (CUDA graphs of 10 calls, median of 7 replays) with a sweep of the kernel's launch
+settings. Prints a table and writes JSON to --json, the fastest correct setting to --setting.
+Run: PYTHONPATH=src python benchmarks/decode_attention.py --json out.json --setting setting.json
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def main() -> None:
                     "best_ms": best[1], "best_rel": best[2], "S_l_GB": gb,
                     "sweep": [[list(s), ms, r] for s, ms, r in timings]}
             out.append(row)
-            print(f"{shape} T={T} R={R} |S|={frac:.0%}: masked {row['masked_ms'] * 1e3:.0f} us (rel {row['masked_rel']:.1e}) "
+            print(f"{shape} T={T} R={R} |S|={frac:.0%}: masked {row['masked_ms'] * 1e3:.0f} us "
+                  f"(rel {row['masked_rel']:.1e}) "
                   f"| split default {default[1] * 1e3:.0f} us (rel {default[2]:.1e}) | best {best[0]} "
                   f"{best[1] * 1e3:.0f} us = {gb / best[1] * 1e3:.0f} GB/s of S_l's K/V", flush=True)
     correct = [s for s in SETTINGS if all(r <= 1e-2 for row in out for ss, _, r in row["sweep"] if tuple(ss) == s)]

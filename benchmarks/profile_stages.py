@@ -72,7 +72,8 @@ def main() -> None:
             for _ in range(args.warmup_steps):
                 step()
             ms, revived = step_times(step, args.decode_steps)
-            rows.append({"method": name, "graphs": args.graphs, "attention": args.attention, "median_ms": statistics.median(ms),
+            rows.append({"method": name, "graphs": args.graphs, "attention": args.attention,
+                         "median_ms": statistics.median(ms),
                          "mean_ms": sum(ms) / len(ms), "revived_per_step": revived, "steps_ms": ms})
             print(f"decode {name}: median {rows[-1]['median_ms']:.2f} ms/token, mean {rows[-1]['mean_ms']:.2f}",
                   flush=True)
@@ -80,8 +81,8 @@ def main() -> None:
                 for _ in range(args.profile_steps):
                     step()
                 torch.cuda.synchronize()
-            summarize(prof, f"decode after {args.length} {name} (graphs {args.graphs}, attention {args.attention})", sum(ms) / len(ms) *
-                      args.profile_steps, args.profile_steps)
+            label = f"decode after {args.length} {name} (graphs {args.graphs}, attention {args.attention})"
+            summarize(prof, label, sum(ms) / len(ms) * args.profile_steps, args.profile_steps)
     print(f"\n{'method':<14} {'graphs':<6} {'median ms/token':>16} {'mean':>8} {'revived/step':>13}")
     for r in rows:
         print(f"{r['method']:<14} {r['graphs']:<6} {r['median_ms']:>16.2f} {r['mean_ms']:>8.2f} "

@@ -58,7 +58,8 @@ def test_top_k_matches_select_ties_by_position():
 
 def test_masked_attention_in_row_chunks_equals_one_pass(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 30, 8, generator=g), torch.randn(2, 2, 30, 8, generator=g)
+    q = torch.randn(2, 4, 9, 8, generator=g)
+    k, v = torch.randn(2, 2, 30, 8, generator=g), torch.randn(2, 2, 30, 8, generator=g)
     mask = torch.rand(2, 9, 30, generator=g) < 0.6
     mask[..., 0] = True
     whole = masked_attention(q, k, v, mask, 0.3)

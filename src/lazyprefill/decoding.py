@@ -178,7 +178,8 @@ def masked_attention(
     chunk = max(1, MASKED_ATTENTION_MAX_LOGITS // (B * H * k.shape[2]))
     if R <= chunk:
         return _masked_attention(q, k, v, mask, scaling)
-    parts = [_masked_attention(q[:, :, i : i + chunk], k, v, mask[:, i : i + chunk], scaling) for i in range(0, R, chunk)]
+    parts = [_masked_attention(q[:, :, i : i + chunk], k, v, mask[:, i : i + chunk], scaling)
+             for i in range(0, R, chunk)]
     return torch.cat(parts, dim=2)
 
 

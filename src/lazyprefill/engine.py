@@ -49,8 +49,8 @@ class Engine:
     """Runs a batch of sequences through prefill and decoding steps under one schedule and its scorer.
 
     `graphs`: replay decoding segments as CUDA graphs (None: on CUDA unless tracing, whose recorder
-    reads the device mid-step). `split_kernel`: decoding attention through the Triton kernel that reads only S_l's
-    K/V (None: on CUDA); otherwise the written-out masked attention over every position.
+    reads the device mid-step). `split_kernel`: decoding attention through the Triton kernel that
+    reads only S_l's K/V (None: on CUDA); otherwise the written-out masked attention over every position.
     """
 
     def __init__(
