@@ -1,4 +1,4 @@
-# `make demo` and `make test` each build .venv on first use (python3 -m venv + pinned requirements-dev.txt).
+# `make demo`, `make test` and `make lint` each build .venv on first use (python3 -m venv + pinned requirements-dev.txt).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
@@ -7,7 +7,7 @@ QUESTION ?= Who created Python?
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: demo test
+.PHONY: demo test lint
 
 demo: $(INSTALLED)
 	$(VENV)/bin/lazyprefill generate --model smollm2 --prompt-file examples/python_license.txt \
@@ -15,6 +15,9 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
 
 $(INSTALLED): requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

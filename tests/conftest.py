@@ -1,76 +1,13 @@
-"""Tiny random-weight models of every supported family, built from transformers configs (fp32, CPU).
-
-Weights are drawn wider than transformers' default init (std 0.1, not 0.02) so that attention rows
-are peaked: importance scores are then well separated and top-k selection does not hinge on float
-rounding. Norm weights and projection biases are randomised too, so that an engine that skipped a
-norm or a bias would be caught.
-"""
+"""Fixtures shared by the tests; the helpers they use live in helpers.py."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-import transformers as tf
+from helpers import FAMILIES, tiny_model
 
 # Tiny models on a shared 2-core machine: one thread avoids oversubscription (about 50x faster here).
 torch.set_num_threads(1)
-
-VOCAB = 384
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-)
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 10000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
-
-# family name -> (config class, model class, config overrides)
-FAMILIES: dict[str, tuple[type, type, dict]] = {
-    "llama_mha": (tf.LlamaConfig, tf.LlamaForCausalLM, {"num_key_value_heads": 4}),
-    "llama_gqa_rope3": (tf.LlamaConfig, tf.LlamaForCausalLM, {"rope_parameters": LLAMA3_ROPE}),
-    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {}),
-    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
-    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {}),
-    # head_dim * heads != hidden_size, as in real Qwen3 checkpoints
-    "qwen3_head32": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 32}),
-}
-
-
-@functools.cache
-def tiny_model(family: str, num_layers: int = 6, seed: int = 0) -> torch.nn.Module:
-    """A cached tiny model; tests must not modify it (the engine never does)."""
-    config_cls, model_cls, overrides = FAMILIES[family]
-    config = config_cls(**{**COMMON, "num_hidden_layers": num_layers, **overrides})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.3 * torch.randn_like(p))
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    return model
-
-
-def prompt_ids(n: int, seed: int = 0) -> torch.Tensor:
-    """n random token ids: [n]."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (n,), generator=g)
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -112,7 +112,7 @@ class Reference:
                 record.scores[layer] = scores
                 n_keep = math.ceil(Fraction(str(self.keep[layer])) * len(S))  # exact: ratio as written
                 others = sorted((i for i in S if i != t), key=lambda i: -scores[i])
-                S = sorted([t] + others[: n_keep - 1])
+                S = sorted([t, *others[:n_keep - 1]])
         record.depth = list(self.depth)
         self.steps.append(record)
         h = self.aux[t]

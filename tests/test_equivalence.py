@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
+from helpers import prompt_ids, tiny_model
 from transformers import DynamicCache
 
 import lazyprefill as lp

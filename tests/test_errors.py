@@ -10,12 +10,12 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from conftest import COMMON, VOCAB, prompt_ids, tiny_model
+from helpers import COMMON, VOCAB, prompt_ids, tiny_model
 
 import lazyprefill as lp
 
 PROMPT = prompt_ids(20, seed=11)
-MAX_POSITIONS = 256  # conftest.COMMON
+MAX_POSITIONS = 256  # helpers.COMMON
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ class CharTokenizer:
         ([1, 2, -1], 4, "token id -1 is outside the vocabulary"),
         (torch.tensor([5, VOCAB, 7]), 4, f"token id {VOCAB} is outside the vocabulary"),
         ([3, 10**6], 4, "outside the vocabulary"),
-        (prompt_ids(10), -1, "max_new_tokens must be a non-negative int"),
-        (prompt_ids(10), 2.5, "max_new_tokens must be a non-negative int"),
+        (prompt_ids(10), -1, "max_new_tokens must be a positive int"),
+        (prompt_ids(10), 2.5, "max_new_tokens must be a positive int"),
         (prompt_ids(6).float(), 4, "integer token ids"),
     ],
     ids=[

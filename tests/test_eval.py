@@ -87,7 +87,8 @@ def test_select_presets_takes_the_fastest_schedule_within_tolerance_on_every_tas
 def test_methods_pair_each_schedule_with_static_and_random():
     methods = make_methods(["paper", "9:0.5"], num_layers=30, baselines=["paper"])
     assert [(m.name, m.family) for m in methods] == [
-        ("dense", "dense"), ("paper", "lazy"), ("9:0.5", "lazy"), ("static:paper", "static"), ("random:paper", "random"),
+        ("dense", "dense"), ("paper", "lazy"), ("9:0.5", "lazy"), ("static:paper", "static"),
+        ("random:paper", "random"),
     ]
     assert len(sweep_schedules(30)) >= 5
     with pytest.raises(ValueError, match="mode prefix"):

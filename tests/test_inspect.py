@@ -17,7 +17,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from helpers import VOCAB, tiny_model
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner

@@ -13,7 +13,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
+from helpers import prompt_ids, tiny_model
 from reference import Reference
 
 import lazyprefill as lp
@@ -203,7 +203,7 @@ def test_prefill_survivors_use_original_positions(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_never_revives(family):
-    engine, ids, fed = drive(family, "static:0:0.5,2:0.5,4:0.5")
+    engine, ids, _fed = drive(family, "static:0:0.5,2:0.5,4:0.5")
     n = ids.shape[0]
     prefill_depth = engine.traces[0][0]
     depth_after_prefill = np.array(
@@ -216,7 +216,7 @@ def test_static_never_revives(family):
         assert [c.tolist() for c in trace.computed] == [[q]] * L, "static decoding runs only the new token"
         for layer, cands in enumerate(trace.candidates):
             with_kv = [i for i in range(q) if engine.cache.depth[0, i] >= layer]
-            assert cands.tolist() == with_kv + [q], "static decoding attends to every cached K/V"
+            assert cands.tolist() == [*with_kv, q], "static decoding attends to every cached K/V"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

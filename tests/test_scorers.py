@@ -6,12 +6,10 @@ so a new scorer is tested as soon as it is registered, and fails here until the 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
+from helpers import prompt_ids, tiny_model
 from reference import Reference
 
 import lazyprefill as lp

@@ -1,20 +1,126 @@
-"""The `lazyprefill` command line. Each command lives in its own function; the engine knows nothing of it."""
+"""The `lazyprefill` command line: it parses and prints; the engine and the timing protocol know nothing of it.
+
+Every bad input ends in a one-line message that says what to pass instead, exit code 2, no traceback.
+"""
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="LazyLLM dynamic token pruning for Hugging Face LLMs.")
+if TYPE_CHECKING:
+    from .generation import GenerationOutput
+    from .schedule import Schedule
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="LazyLLM dynamic token pruning for Hugging Face LLMs."
+)
+
+MODEL_HELP = "smollm2 (embedded default), a local path or a hub name."
+SCHEDULE_HELP = 'paper (default), none (dense), static, random or layer:ratio pairs "9:0.7,19:0.7".'
+# What loading raises for what is not a model: a missing or invalid config.json or tokenizer (OSError,
+# ValueError), an unknown model_type (KeyError, ValueError), weights that do not fit (RuntimeError), ...
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError)
 
 
+def fail(message: str, option: str | None = None) -> NoReturn:
+    """End the command with `message` about `option`: typer prints it in one panel, exit code 2."""
+    raise typer.BadParameter(message, param_hint=option)
+
+
+# ------------------------------------------------------------------ input checks
+def read_document(path: Path) -> str:
+    """The text of a prompt file, or a clear error if it is not UTF-8 text."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        fail(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded): give a plain text file", "--prompt-file")
+    if "\x00" in text:
+        fail(f"{path} looks like a binary file (it holds NUL bytes): give a plain text file", "--prompt-file")
+    return text
+
+
+def check_device(device: str, dtype: str) -> None:
+    """Refuse an unknown dtype, and a device this machine does not have, before anything loads."""
+    import torch
+
+    from .env import DTYPES
+
+    if dtype not in DTYPES:
+        fail(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}", "--dtype")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        fail(f"unknown device {device!r}: use cpu or cuda (cuda:1 for a second GPU)", "--device")
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail("CUDA is not available on this machine: use --device cpu", "--device")
+    if kind not in ("cpu", "cuda"):
+        fail(f"device {device!r} is not supported: use cpu or cuda", "--device")
+
+
+def check_schedule_syntax(schedule: str | None) -> None:
+    """Refuse a schedule that cannot be parsed; its layers are checked once the model is known."""
+    from .schedule import parse_schedule
+
+    if schedule is None:
+        return
+    try:
+        parse_schedule(schedule, num_layers=1 << 20)
+    except ValueError as err:
+        fail(str(err), "--schedule")
+
+
+def load(model: str, device: str, dtype: str) -> tuple:
+    """(model, tokenizer), or a clear error when `model` is not a causal LM that lazyprefill runs."""
+    from .generation import LazyLLM
+    from .models import EMBEDDED, load_model
+
+    where = Path(model).expanduser()
+    if model.startswith(("/", "./", "../", "~")) and not where.exists():
+        fail(f"{model} does not exist: pass smollm2, an existing model folder or .gguf file, or a hub name", "--model")
+    if where.is_dir() and not (where / "config.json").is_file():
+        fail(f"{model} has no config.json, so it is not a transformers checkpoint: pass smollm2, a folder that "
+             "save_pretrained wrote, a .gguf file or a hub name", "--model")
+    try:
+        lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    except LOAD_ERRORS as err:  # what transformers raises for a folder or name that is not a model it can load
+        if model in EMBEDDED:  # the embedded model's own message says how to fetch or clear it
+            fail(f"could not load {model!r}: {err}", "--model")
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        fail(
+            f"could not load {model!r} ({reason}): pass smollm2, a folder that holds a transformers checkpoint "
+            "(config.json and weights) or a .gguf file, or a hub model name",
+            "--model",
+        )
+    try:
+        LazyLLM(lm, None)  # the architecture check, before any work
+    except ValueError as err:
+        fail(str(err), "--model")
+    return lm, tokenizer
+
+
+def model_schedule(schedule: str | None, num_layers: int) -> Schedule:
+    """The checked Schedule: the user's, or the default preset (whose failure is the model's, not --schedule's)."""
+    from .schedule import parse_schedule
+
+    try:
+        return parse_schedule("paper" if schedule is None else schedule, num_layers)
+    except ValueError as err:
+        fail(str(err), "--schedule" if schedule is not None else "--model")
+
+
+# ---------------------------------------------------------------------- inspect
 @app.command("inspect")
 def inspect_command(
     prompt_file: Path = typer.Option(..., "--prompt-file", exists=True, dir_okay=False, help="The document (text)."),
-    model: str = typer.Option("smollm2", "--model", help="smollm2 (embedded default), a local path or a hub name."),
+    model: str = typer.Option("smollm2", "--model", help=MODEL_HELP),
     question: str | None = typer.Option(None, "--question", help="Asked after the document."),
-    schedule: str = typer.Option("paper", "--schedule", help='paper, static, random or "9:0.7,19:0.7".'),
+    schedule: str | None = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     out: Path = typer.Option(Path("report.html"), "--out", dir_okay=False, help="HTML report; PNGs go beside it."),
     device: str = typer.Option("cpu", "--device"),
@@ -24,20 +130,25 @@ def inspect_command(
     import torch
     from rich.console import Console
 
-    from .models import chat_prompt, load_model
+    from .models import chat_prompt
     from .report import inspect_prompt, token_texts, write_report
-    from .schedule import parse_schedule
 
+    document = read_document(prompt_file)
+    check_device(device, dtype)
+    check_schedule_syntax(schedule)
     console = Console(stderr=True)
-    lm, tokenizer = load_model(model, device=device, dtype=dtype)
-    ids = chat_prompt(tokenizer, prompt_file.read_text(encoding="utf-8"), question)
-    sched = parse_schedule(schedule, lm.config.num_hidden_layers)
+    lm, tokenizer = load(model, device, dtype)
+    sched = model_schedule(schedule, lm.config.num_hidden_layers)
+    ids = chat_prompt(tokenizer, document, question)
     with console.status(f"Running dense and LazyLLM on {len(ids)} prompt tokens..."):
-        lazy, dense = inspect_prompt(lm, tokenizer, torch.tensor(ids, device=lm.device), sched, max_new_tokens)
+        try:
+            lazy, dense = inspect_prompt(lm, tokenizer, torch.tensor(ids, device=lm.device), sched, max_new_tokens)
+        except ValueError as err:  # the request's checks, made before any prefill
+            fail(str(err), "--prompt-file")
     out.parent.mkdir(parents=True, exist_ok=True)
     written = write_report(
         out, lazy, token_texts(tokenizer, ids), model=f"{model} ({device}, {dtype})", schedule=sched,
-        schedule_name=schedule, dense=dense,
+        schedule_name=schedule or "paper", dense=dense,
     )
     console.print(
         f"TTFT LazyLLM {lazy.ttft_s * 1000:.0f} ms, dense {dense.ttft_s * 1000:.0f} ms "
@@ -45,17 +156,16 @@ def inspect_command(
     )
 
 
+# --------------------------------------------------------------------- generate
 @app.command("generate")
 def generate_command(
     prompt_files: list[Path] = typer.Option(
         ..., "--prompt-file", "-f", exists=True, dir_okay=False, readable=True,
         help="The document (text). Repeat it to answer several documents as one batch.",
     ),
-    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2 (embedded default), a local path or hub name."),
+    model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
     question: str | None = typer.Option(None, "--question", "-q", help="Asked after each document."),
-    schedule: str = typer.Option(
-        "paper", "--schedule", "-s", help='paper, none (dense), static, random or layer:ratio pairs "9:0.7,19:0.7".'
-    ),
+    schedule: str | None = typer.Option(None, "--schedule", "-s", help=SCHEDULE_HELP),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
     compare: bool = typer.Option(False, "--compare", help="Also run dense and report both answers and TTFTs."),
     repeats: int | None = typer.Option(
@@ -70,136 +180,158 @@ def generate_command(
     Several --prompt-file options run as one batch: each document is pruned on its own, and the TTFT
     is the whole batch's.
     """
-    import json
-    import statistics
-
-    import torch
     from rich.console import Console
-    from rich.markup import escape
 
+    from .bench import time_methods
     from .generation import LazyLLM
-    from .models import DTYPES, chat_prompt, load_model
-    from .schedule import parse_schedule
+    from .models import chat_prompt
 
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"use one of {', '.join(DTYPES)}", param_hint="--dtype")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise typer.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
-    documents = [path.read_text(encoding="utf-8") for path in prompt_files]
+    documents = [read_document(path) for path in prompt_files]
     for path, document in zip(prompt_files, documents):
         if not document.strip() and not (question or "").strip():
-            raise typer.BadParameter(f"{path} is empty and no --question was given", param_hint="--prompt-file")
-    try:
-        parse_schedule(schedule, num_layers=1 << 20)  # syntax only; layer ranges are checked once the model is known
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--schedule") from None
+            fail(f"{path} is empty and no --question was given", "--prompt-file")
+    check_device(device, dtype)
+    check_schedule_syntax(schedule)
     repeats = repeats or (3 if compare else 1)
-
-    console = Console(stderr=True)
-    try:
-        lm, tokenizer = load_model(model, device=device, dtype=dtype)
-    except (OSError, RuntimeError) as err:
-        console.print(f"[red]Error:[/red] could not load {model!r}: {escape(str(err))}", highlight=False)
-        raise typer.Exit(1) from None
-    try:
-        sched = parse_schedule(schedule, lm.config.num_hidden_layers)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--schedule") from None
+    lm, tokenizer = load(model, device, dtype)
+    sched = model_schedule(schedule, lm.config.num_hidden_layers)
     prompts = [chat_prompt(tokenizer, document, question) for document in documents]
-    n_tokens = sum(len(p) for p in prompts)
-    what = f"{n_tokens} tokens" if len(prompts) == 1 else f"{len(prompts)} prompts, {n_tokens} tokens"
-
-    try:
-        methods = {"lazy": LazyLLM(lm, sched, tokenizer=tokenizer)}
-    except ValueError as err:  # an architecture lazyprefill has no adapter for
-        raise typer.BadParameter(str(err), param_hint="--model") from None
+    methods = {"lazy": LazyLLM(lm, sched, tokenizer=tokenizer)}
     if compare:
         methods["dense"] = LazyLLM(lm, None, tokenizer=tokenizer)
-    outputs, ttfts = {}, {name: [] for name in methods}
-    try:
-        with console.status("Warming up: one untimed prefill of each method..."):
-            for llm in methods.values():  # the first run at a new length pays one-off allocation costs
-                llm.generate(prompts, max_new_tokens=1)  # a batch, of one for one file
-        for run in range(repeats):  # interleaved, so a noisy neighbour slows both methods alike
-            for name, llm in methods.items():
-                label = f"{name} ({schedule})" if name == "lazy" else name
-                with console.status(f"Prefill of {what}, {label}, run {run + 1}/{repeats}..."):
-                    out = llm.generate(prompts, max_new_tokens=max_new_tokens if run == 0 else 1)
-                outputs.setdefault(name, out)  # the first run makes the answers; later runs time TTFT only
-                ttfts[name].append(out[0].ttft_s)  # one TTFT for the whole batch
-    except ValueError as err:  # the engine's input checks, e.g. a prompt longer than the model takes
-        raise typer.BadParameter(str(err), param_hint="--prompt-file") from None
-    ttft = {name: statistics.median(times) for name, times in ttfts.items()}
-
-    num_layers = lm.config.num_hidden_layers
-    answers = []
-    for i, (path, prompt, lazy) in enumerate(zip(prompt_files, prompts, outputs["lazy"])):
-        answer = {
-            "prompt_file": str(path),
-            "prompt_tokens": len(prompt),
-            "text": lazy.text,
-            "token_ids": lazy.new_tokens,
-            "finish_reason": lazy.finish_reason,
-            "prefill_computed": lazy.stats.prefill_computed,
-            "prefill_work": sum(lazy.stats.prefill_computed) / (num_layers * len(prompt)),  # share of dense rows
-        }
-        if compare:
-            answer |= {"dense_text": outputs["dense"][i].text, "dense_token_ids": outputs["dense"][i].new_tokens}
-        answers.append(answer)
+    n_tokens = sum(len(p) for p in prompts)
+    what = f"{n_tokens} tokens" if len(prompts) == 1 else f"{len(prompts)} prompts, {n_tokens} tokens"
+    with Console(stderr=True).status(f"Prefill of {what}...") as status:
+        try:
+            outputs, ttfts = time_methods(
+                methods, prompts, max_new_tokens, repeats, lambda label: status.update(f"Prefill of {what}, {label}...")
+            )
+        except ValueError as err:  # the request's checks, made before any prefill
+            fail(str(err), "--prompt-file")
+    run = GenerateRun(
+        model, schedule or "paper", sched, device, dtype, max_new_tokens, repeats, lm.config.num_hidden_layers,
+        [str(p) for p in prompt_files], prompts, outputs, ttfts,
+    )
     if json_out:
-        result = {
-            "model": model,
-            "schedule": schedule,
-            "schedule_keep": {str(layer): ratio for layer, ratio in sched.keep.items()},
-            "schedule_scorer": sched.scorer.spec(),
-            "batch_size": len(prompts),
-            "max_new_tokens": max_new_tokens,
-            "device": device,
-            "dtype": dtype,
-            "repeats": repeats,
-            "ttft_s": ttft["lazy"],
-            "ttft_runs_s": ttfts["lazy"],
-        }
-        if compare:
-            result |= {
-                "dense_ttft_s": ttft["dense"],
-                "dense_ttft_runs_s": ttfts["dense"],
-                "speedup": ttft["dense"] / ttft["lazy"],
-            }
-        result |= answers[0] if len(answers) == 1 else {"answers": answers}  # one prompt: its fields at the top
-        typer.echo(json.dumps(result))
-        return
+        print_json(run)
+    else:
+        print_table(run, what)
 
+
+@dataclass
+class GenerateRun:
+    """What `generate` measured, ready to print: the request, the first round's answers, the TTFTs."""
+
+    model: str
+    schedule_name: str
+    schedule: Schedule
+    device: str
+    dtype: str
+    max_new_tokens: int
+    repeats: int
+    num_layers: int
+    prompt_files: list[str]
+    prompts: list[list[int]]
+    outputs: dict[str, list[GenerationOutput]]  # method -> one output per prompt, from the first round
+    ttfts: dict[str, list[float]]  # method -> TTFT of every round
+
+    @property
+    def compare(self) -> bool:
+        return "dense" in self.outputs
+
+    @property
+    def ttft(self) -> dict[str, float]:
+        """The median TTFT of each method."""
+        return {name: statistics.median(times) for name, times in self.ttfts.items()}
+
+    def answers(self) -> list[dict]:
+        """One dict per prompt file: its answer, and the prefill work LazyLLM did (share of dense rows)."""
+        answers = []
+        for i, (path, prompt, lazy) in enumerate(zip(self.prompt_files, self.prompts, self.outputs["lazy"])):
+            answer = {
+                "prompt_file": path,
+                "prompt_tokens": len(prompt),
+                "text": lazy.text,
+                "token_ids": lazy.new_tokens,
+                "finish_reason": lazy.finish_reason,
+                "prefill_computed": lazy.stats.prefill_computed,
+                "prefill_work": sum(lazy.stats.prefill_computed) / (self.num_layers * len(prompt)),
+            }
+            if self.compare:
+                dense = self.outputs["dense"][i]
+                answer |= {"dense_text": dense.text, "dense_token_ids": dense.new_tokens}
+            answers.append(answer)
+        return answers
+
+
+def print_json(run: GenerateRun) -> None:
+    """One JSON object: the request, the TTFTs and, for one prompt, its answer's fields at the top."""
+    import json
+
+    result = {
+        "model": run.model,
+        "schedule": run.schedule_name,
+        "schedule_keep": {str(layer): ratio for layer, ratio in run.schedule.keep.items()},
+        "schedule_scorer": run.schedule.scorer.spec(),
+        "batch_size": len(run.prompts),
+        "max_new_tokens": run.max_new_tokens,
+        "device": run.device,
+        "dtype": run.dtype,
+        "repeats": run.repeats,
+        "ttft_s": run.ttft["lazy"],
+        "ttft_runs_s": run.ttfts["lazy"],
+    }
+    if run.compare:
+        result |= {
+            "dense_ttft_s": run.ttft["dense"],
+            "dense_ttft_runs_s": run.ttfts["dense"],
+            "speedup": run.ttft["dense"] / run.ttft["lazy"],
+        }
+    answers = run.answers()
+    result |= answers[0] if len(answers) == 1 else {"answers": answers}
+    typer.echo(json.dumps(result))
+
+
+def print_table(run: GenerateRun, what: str) -> None:
+    """The answers as text, then a table of TTFT, prefill work and new tokens per method."""
+    from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    out_console = Console(highlight=False)
-    out_console.print(
-        f"[bold]{escape(model)}[/bold] on {device} ({dtype}), {what}, "
-        f"TTFT as the median of {repeats} run{'s' if repeats > 1 else ''}"
+    console = Console(highlight=False)
+    label = f"LazyLLM ({escape(run.schedule_name)})"
+    console.print(
+        f"[bold]{escape(run.model)}[/bold] on {run.device} ({run.dtype}), {what}, "
+        f"TTFT as the median of {run.repeats} run{'s' if run.repeats > 1 else ''}"
     )
+    answers = run.answers()
     for answer in answers:
         if len(answers) > 1:
-            out_console.print(f"\n[bold]{escape(answer['prompt_file'])}[/bold] ({answer['prompt_tokens']} tokens)")
-        out_console.print(f"\n[bold]LazyLLM ({escape(schedule)})[/bold]: {escape(answer['text'].strip())}")
-        if compare:
-            out_console.print(f"\n[bold]Dense[/bold]: {escape(answer['dense_text'].strip())}")
-    work = sum(sum(o.stats.prefill_computed) for o in outputs["lazy"]) / (num_layers * n_tokens)
+            console.print(f"\n[bold]{escape(answer['prompt_file'])}[/bold] ({answer['prompt_tokens']} tokens)")
+        console.print(f"\n[bold]{label}[/bold]: {escape(answer['text'].strip())}")
+        if run.compare:
+            console.print(f"\n[bold]Dense[/bold]: {escape(answer['dense_text'].strip())}")
+    n_tokens = sum(len(p) for p in run.prompts)
+    work = sum(sum(o.stats.prefill_computed) for o in run.outputs["lazy"]) / (run.num_layers * n_tokens)
     table = Table("method", "TTFT", "prefill work", "new tokens")
-    if compare:
-        new = sum(len(o.new_tokens) for o in outputs["dense"])
-        table.add_row("dense", f"{ttft['dense']:.3f} s", "100%", str(new))
-    new = sum(len(o.new_tokens) for o in outputs["lazy"])
-    table.add_row(f"LazyLLM ({escape(schedule)})", f"{ttft['lazy']:.3f} s", f"{work:.0%}", str(new))
-    out_console.print()
-    out_console.print(table)
-    if compare:
-        out_console.print(f"TTFT speedup: [bold]{ttft['dense'] / ttft['lazy']:.2f}x[/bold]")
+    if run.compare:
+        new = sum(len(o.new_tokens) for o in run.outputs["dense"])
+        table.add_row("dense", f"{run.ttft['dense']:.3f} s", "100%", str(new))
+    new = sum(len(o.new_tokens) for o in run.outputs["lazy"])
+    table.add_row(label, f"{run.ttft['lazy']:.3f} s", f"{work:.0%}", str(new))
+    console.print()
+    console.print(table)
+    if run.compare:
+        console.print(f"TTFT speedup: [bold]{run.ttft['dense'] / run.ttft['lazy']:.2f}x[/bold]")
 
 
+# ------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_command(
-    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2 (embedded default), a local path or a hub name."),
-    tasks: str = typer.Option("code,recall,passkey", "--tasks", help="Comma-separated: code, recall, passkey, fidelity."),
+    model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
+    tasks: str = typer.Option(
+        "code,recall,passkey", "--tasks", help="Comma-separated: code, recall, passkey, fidelity."
+    ),
     samples: int = typer.Option(5, "--samples", min=1, help="Samples per task and length."),
     lengths: str = typer.Option("512", "--lengths", help="Prompt lengths in tokens, comma-separated."),
     schedules: str = typer.Option(
@@ -208,7 +340,8 @@ def eval_command(
         'a preset name or layer:ratio pairs joined by ";" ("9:0.7;19:0.7").',
     ),
     baselines: str = typer.Option(
-        "all", "--baselines", help='Schedules that also get static and random: "all", "none", or a list like --schedules.'
+        "all", "--baselines",
+        help='Schedules that also get static and random: "all", "none", or a list like --schedules.',
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads [default: torch's]."),
     report_only: bool = typer.Option(
@@ -216,7 +349,9 @@ def eval_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Builds the task samples."),
     out: Path = typer.Option(Path("results/eval"), "--out", file_okay=False, help="Report directory."),
-    cache: Path | None = typer.Option(None, "--cache", file_okay=False, help="Dense-result cache [default: OUT/dense-cache]."),
+    cache: Path | None = typer.Option(
+        None, "--cache", file_okay=False, help="Dense-result cache [default: OUT/dense-cache]."
+    ),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("float32", "--dtype"),
 ) -> None:
@@ -224,7 +359,7 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from .eval import EvalConfig, evaluate, report_from_log
+    from .eval import EvalConfig, evaluate, make_methods, report_from_log
 
     def split(text: str) -> tuple[str, ...]:
         return tuple(s.strip().replace(";", ",") for s in text.split(",") if s.strip())
@@ -237,8 +372,20 @@ def eval_command(
             cache_dir=cache, device=device, dtype=dtype, threads=threads,
         )
     except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
-    result = report_from_log(out, cfg.tolerances) if report_only else evaluate(cfg)
+        fail(str(err))
+    if report_only:
+        missing = [name for name in ("config.json", "records.jsonl") if not (out / name).is_file()]
+        if missing:
+            fail(f"{out} holds no eval run ({' and '.join(missing)} missing): run without --report-only first", "--out")
+        result = report_from_log(out, cfg.tolerances)
+    else:
+        check_device(device, dtype)
+        lm, _ = load(model, device, dtype)
+        try:
+            make_methods(cfg.schedules, lm.config.num_hidden_layers, cfg.baselines)
+        except ValueError as err:
+            fail(str(err), "--schedules / --baselines")
+        result = evaluate(cfg)
     console = Console()
     table = Table("task", "method", "score [95% CI]", "n", "vs dense [95% CI]", "speedup", "ideal")
     for task, methods in result["summary"].items():

@@ -1,7 +1,11 @@
-"""LazyLLM.generate: input checks, the step loop, sampling, stopping, streaming and TTFT."""
+"""LazyLLM.generate: input checks, the step loop, sampling, stopping, streaming and TTFT.
+
+Shapes: B sequences in a batch, A of them still generating, n prompt tokens.
+"""
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +17,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from .adapters import LlamaAdapter, adapter_for
 from .engine import Engine, StepStats, StepTrace
+from .env import synchronize
 from .schedule import Schedule, parse_schedule
 
 
@@ -61,16 +66,91 @@ class GenerationOutput:
     text: str | None = None  # decoded new tokens, when a tokenizer was given
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """How each next token is chosen: greedy (the default) or sampled, checked when it is made.
+
+    Sequence i of a batch samples from its own generator seeded `seed + i` (a fresh random seed when
+    `seed` is None), so that what it draws does not depend on the rest of the batch.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, numbers.Real) or not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}: 1.0 leaves the logits as they are")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 (or None for no limit), got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, numbers.Real) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+
+    def generators(self, count: int, device: torch.device) -> list[torch.Generator] | None:
+        """One seeded generator per sequence when sampling; None when greedy."""
+        if not self.do_sample:
+            return None
+        base = self.seed if self.seed is not None else torch.seed()
+        return [torch.Generator(device=device).manual_seed(base + b) for b in range(count)]
+
+    def warpers(self) -> LogitsProcessorList:
+        """transformers' own temperature, top-k and top-p warpers, in transformers' order."""
+        warpers = LogitsProcessorList()
+        if not self.do_sample:
+            return warpers
+        if self.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k is not None:
+            warpers.append(TopKLogitsWarper(self.top_k))
+        if self.top_p is not None:
+            warpers.append(TopPLogitsWarper(self.top_p))
+        return warpers
+
+
+@dataclass
+class Request:
+    """One sequence while it is generated: what `stream` keeps per batch entry, in one place."""
+
+    index: int  # position in the batch
+    prompt: torch.Tensor  # [n] ids on the model's device, padding removed
+    generator: torch.Generator | None = None  # when sampling
+    new_tokens: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step [vocab] fp32, when return_logits=True
+    steps: list[StepStats] = field(default_factory=list)  # steps[0] is prefill
+    prefill_depth: np.ndarray | None = None  # [n]
+    finish_reason: str | None = None  # None while generating
+    total_s: float = 0.0  # input on the device -> this sequence stopped
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
 class LazyLLM:
     """LazyLLM on a model the user already loaded: never copies or modifies its weights.
 
     `schedule` is a preset name ("paper"), "dense"/None, "static"/"random" baselines, a
     "layer:ratio,..." string, a `{layer: ratio}` dict or a `Schedule`.
+
+    Threads: a LazyLLM is not safe to call from several threads at once, and neither are several
+    LazyLLMs over one model. Each call builds its own Engine and cache and only reads the model, but
+    calls share torch's process-wide state (the SDPA backend choice, the global RNG that seeds
+    sampling when `seed` is None) and concurrent calls are untested: serialise them (one lock) or use
+    one process per worker.
     """
 
     def __init__(
         self, model: nn.Module, schedule: str | dict | Schedule | None = "paper", tokenizer=None, trace: bool = False
     ) -> None:
+        if getattr(model, "lm_head", None) is None:
+            raise ValueError(
+                f"LazyLLM needs a causal LM with its LM head, got a {type(model).__name__}: pass the *ForCausalLM "
+                "model (what AutoModelForCausalLM.from_pretrained returns), not its base `.model`"
+            )
         self.model = model
         self.adapter: LlamaAdapter = adapter_for(model)
         self.schedule = parse_schedule(schedule, self.adapter.num_layers)
@@ -99,6 +179,14 @@ class LazyLLM:
             elif on_token is not None:
                 on_token(item)
 
+    def check_request(self, input_ids, max_new_tokens: int = 64, *, attention_mask=None) -> None:
+        """Raise ValueError if `generate` would refuse this input, without running the model.
+
+        The same checks `generate` and `stream` make first: callers that time or warm up (the CLI)
+        call it before any prefill, so that a request too long for the model fails at once.
+        """
+        self._prompts(input_ids, attention_mask, max_new_tokens)
+
     def stream(
         self,
         input_ids,
@@ -111,7 +199,7 @@ class LazyLLM:
         top_p: float | None = None,
         seed: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
-        stop_strings: Sequence[str] | None = None,
+        stop_strings: str | Sequence[str] | None = None,
         return_logits: bool = False,
     ) -> Generator[int | tuple[int, int], None, GenerationOutput | list[GenerationOutput]]:
         """Yield token ids as they are generated ((i, token) pairs for a batch); returns `generate`'s result.
@@ -119,80 +207,72 @@ class LazyLLM:
         `attention_mask` (1: token, 0: padding) goes with a padded [B, n] tensor. Every sequence is
         pruned, sampled and stopped on its own, and gets what it would get alone: sequence i samples
         with `seed + i` and, under the `random` baseline, draws with the schedule's seed + i.
-        Generation stops at `max_new_tokens`, an EOS id (the model's generation config by default) or
-        a stop string (needs the tokenizer). Stopping the iteration early stops generation there.
+        Generation stops at `max_new_tokens` (at least 1), an EOS id (the model's generation config by
+        default) or a stop string (one string or several; needs the tokenizer). Stopping the iteration
+        early stops generation there. Only the engine's steps run in inference mode: between tokens
+        (and in `on_token`) the caller's grad mode is untouched.
         """
-        prompts, batched = self._check_input(input_ids, attention_mask, max_new_tokens)
-        if stop_strings and self.tokenizer is None:
+        prompts, batched = self._prompts(input_ids, attention_mask, max_new_tokens)
+        sampling = SamplingParams(do_sample, temperature, top_k, top_p, seed)
+        stops = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ())
+        if stops and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: pass LazyLLM(model, tokenizer=tok)")
         eos = self._eos_ids(eos_token_id)
-        warpers = _warpers(do_sample, temperature, top_k, top_p)
-        device, B = self.adapter.device, len(prompts)
-        generators = None
-        if do_sample:
-            base = seed if seed is not None else torch.seed()
-            generators = [torch.Generator(device=device).manual_seed(base + b) for b in range(B)]
+        device, warpers = self.adapter.device, sampling.warpers()
+        generators = sampling.generators(len(prompts), device) or [None] * len(prompts)
+        requests = [Request(b, p, g) for b, (p, g) in enumerate(zip(prompts, generators))]
         capacity = max(p.shape[0] for p in prompts) + max_new_tokens
         engine = Engine(self.adapter, self.schedule, capacity, trace=self.trace)
 
-        new: list[list[int]] = [[] for _ in range(B)]
-        all_logits: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        steps: list[list[StepStats]] = [[] for _ in range(B)]
-        prefill_depth = [np.full(p.shape[0], -1, dtype=np.int32) for p in prompts]
-        finish, total = ["length"] * B, [0.0] * B
-        active = list(range(B)) if max_new_tokens > 0 else []
-        ttft = 0.0
         with torch.inference_mode():
             synchronize(device)
             start = time.perf_counter()
-            if active:
-                logits, stats = engine.prefill(prompts)  # logits: [B, vocab]
-                tokens = _choose(logits, warpers, generators)
-                chosen = tokens.tolist()
-                synchronize(device)
-                ttft = time.perf_counter() - start
-                engine.settle()
-                for b, s in enumerate(stats):
-                    prefill_depth[b] = engine.cache.depth[b, : prompts[b].shape[0]].copy()
-                    steps[b].append(s)
-            while active:
-                going = []
-                for i, b in enumerate(active):
-                    new[b].append(chosen[i])
-                    if return_logits:
-                        all_logits[b].append(logits[i])
-                    yield (b, chosen[i]) if batched else chosen[i]
-                    reason = self._stop_reason(new[b], eos, stop_strings, max_new_tokens)
-                    if reason is None:
-                        going.append(i)
-                        continue
-                    finish[b], total[b] = reason, time.perf_counter() - start
-                if not going:
-                    break
-                active = [active[i] for i in going]
-                logits, stats = engine.decode(tokens[going], active)
-                for b, s in zip(active, stats):
-                    steps[b].append(s)
-                tokens = _choose(logits, warpers, None if generators is None else [generators[b] for b in active])
-                chosen = tokens.tolist()
+            logits, stats = engine.prefill(prompts)  # logits: [B, vocab]
+            tokens = _choose(logits, warpers, requests)  # [B]
+            chosen = tokens.tolist()
             synchronize(device)
-            end = time.perf_counter() - start
-        outputs = []
-        for b, prompt in enumerate(prompts):
-            depth = engine.cache.depth[b, : engine.cache.length[b]].copy() if engine.cache else np.empty(0, np.int32)
-            stats = GenerationStats(
-                steps=steps[b], prefill_depth=prefill_depth[b], final_depth=depth,
-                num_layers=self.adapter.num_layers, traces=engine.traces[b] if engine.traces else [],
-            )
-            sequences = torch.cat([prompt, torch.tensor(new[b], dtype=prompt.dtype, device=device)])[None]
-            text = self.tokenizer.decode(new[b], skip_special_tokens=True) if self.tokenizer is not None else None
-            outputs.append(GenerationOutput(
-                sequences, new[b], ttft, total[b] or end, finish[b], stats, all_logits[b] or None, text
-            ))
+            ttft = time.perf_counter() - start
+            engine.settle()
+        for r, s in zip(requests, stats):
+            r.steps.append(s)
+            r.prefill_depth = engine.cache.depth[r.index, : r.prompt.shape[0]].copy()
+        active = requests
+        while True:
+            for i, r in enumerate(active):
+                r.new_tokens.append(chosen[i])
+                if return_logits:
+                    r.logits.append(logits[i].clone())  # cloned outside inference mode: an ordinary tensor
+                yield (r.index, chosen[i]) if batched else chosen[i]
+                r.finish_reason = self._stop_reason(r.new_tokens, eos, stops, max_new_tokens)
+                if r.done:
+                    r.total_s = time.perf_counter() - start
+            going = [i for i, r in enumerate(active) if not r.done]
+            if not going:
+                break
+            active = [active[i] for i in going]
+            with torch.inference_mode():
+                logits, stats = engine.decode(tokens[going], [r.index for r in active])  # logits: [A, vocab]
+                tokens = _choose(logits, warpers, active)
+                chosen = tokens.tolist()
+            for r, s in zip(active, stats):
+                r.steps.append(s)
+        outputs = [self._output(r, engine, ttft) for r in requests]
         return outputs if batched else outputs[0]
 
+    def _output(self, r: Request, engine: Engine, ttft: float) -> GenerationOutput:
+        stats = GenerationStats(
+            steps=r.steps, prefill_depth=r.prefill_depth,
+            final_depth=engine.cache.depth[r.index, : engine.cache.length[r.index]].copy(),
+            num_layers=self.adapter.num_layers, traces=engine.traces[r.index] if engine.traces else [],
+        )
+        sequences = torch.cat([r.prompt, torch.tensor(r.new_tokens, dtype=r.prompt.dtype, device=r.prompt.device)])
+        text = self.tokenizer.decode(r.new_tokens, skip_special_tokens=True) if self.tokenizer is not None else None
+        return GenerationOutput(
+            sequences[None], r.new_tokens, ttft, r.total_s, r.finish_reason, stats, r.logits or None, text
+        )
+
     def _stop_reason(
-        self, new: list[int], eos: set[int], stop_strings: Sequence[str] | None, max_new_tokens: int
+        self, new: list[int], eos: set[int], stop_strings: tuple[str, ...], max_new_tokens: int
     ) -> str | None:
         if new[-1] in eos:
             return "eos"
@@ -203,11 +283,13 @@ class LazyLLM:
         return None
 
     # ------------------------------------------------------------ input checks
-    def _check_input(self, input_ids, attention_mask, max_new_tokens: int) -> tuple[list[torch.Tensor], bool]:
+    def _prompts(self, input_ids, attention_mask, max_new_tokens: int) -> tuple[list[torch.Tensor], bool]:
         """-> (one [n] id tensor per sequence on the model's device, padding removed; was it a batch)."""
         a = self.adapter
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens must be a positive int (at least 1, as in transformers), got {max_new_tokens!r}"
+            )
         rows, batched = _sequences(input_ids, attention_mask)
         if not rows:
             raise ValueError("the batch is empty: give at least one sequence")
@@ -216,7 +298,7 @@ class LazyLLM:
             what = f"sequence {i} of the batch" if batched else "the prompt"
             if ids.numel() == 0:
                 raise ValueError(f"{what} is empty: give at least one token id")
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
             ids = ids.to(device=a.device, dtype=torch.long)
             lo, hi = int(ids.min()), int(ids.max())
@@ -249,7 +331,7 @@ class LazyLLM:
             return set()
         return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
 
-    def _hit_stop(self, new: list[int], stop_strings: Sequence[str]) -> bool:
+    def _hit_stop(self, new: list[int], stop_strings: tuple[str, ...]) -> bool:
         text = self.tokenizer.decode(new[-32:], skip_special_tokens=True)
         return any(s in text for s in stop_strings)
 
@@ -272,7 +354,7 @@ def _sequences(input_ids, attention_mask) -> tuple[list[torch.Tensor], bool]:
             rows = [torch.as_tensor(s) if isinstance(s, (torch.Tensor, np.ndarray)) else torch.tensor(list(s))
                     for s in seq]
             return rows, True
-        return [torch.tensor(seq, dtype=torch.long)], False
+        return [torch.tensor(seq)], False  # a list of floats stays float and is refused, never cast to ids
     if ids.dim() not in (1, 2):
         raise ValueError(f"input_ids must be [n] or [batch, n], got shape {tuple(ids.shape)}")
     batched = ids.dim() == 2
@@ -295,32 +377,13 @@ def _sequences(input_ids, attention_mask) -> tuple[list[torch.Tensor], bool]:
     return out, batched
 
 
-def _warpers(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
-    if not do_sample:
-        return LogitsProcessorList()
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    warpers = LogitsProcessorList()
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k is not None:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p is not None:
-        warpers.append(TopPLogitsWarper(top_p))
-    return warpers
-
-
-def _choose(
-    logits: torch.Tensor, warpers: LogitsProcessorList, generators: list[torch.Generator] | None
-) -> torch.Tensor:
-    """logits: [A, vocab] -> the next token id of each sequence [A], on the device."""
-    if generators is None:
+def _choose(logits: torch.Tensor, warpers: LogitsProcessorList, requests: list[Request]) -> torch.Tensor:
+    """logits: [A, vocab] of `requests`, in order -> the next token id of each [A], on the device."""
+    if requests[0].generator is None:
         return logits.argmax(dim=-1)
     probs = warpers(None, logits).softmax(dim=-1)  # these warpers never read input_ids
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+    return torch.cat([torch.multinomial(p, 1, generator=r.generator) for p, r in zip(probs, requests, strict=True)])
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that wall-clock timings include it (a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -199,6 +199,7 @@ def inspect_prompt(
     """
     dense_llm = LazyLLM(model, None, tokenizer=tokenizer)
     lazy_llm = LazyLLM(model, schedule, tokenizer=tokenizer)
+    lazy_llm.check_request(ids, max_new_tokens)  # before the warm-up: a request too long fails at once
     warm = ids[: min(len(ids), 64)]
     for llm in (dense_llm, lazy_llm):
         llm.generate(warm, max_new_tokens=2)
@@ -292,7 +293,9 @@ def _render(
     return _PAGE.format(
         title=html.escape(f"lazyprefill inspect: {model}"),
         model=html.escape(model),
-        schedule=html.escape(f"{schedule_name} ({schedule.scorer.spec()}: {keep})" if keep else f"{schedule_name} (no pruning)"),
+        schedule=html.escape(
+            f"{schedule_name} ({schedule.scorer.spec()}: {keep})" if keep else f"{schedule_name} (no pruning)"
+        ),
         layers=L,
         cards=card_html,
         per_layer=html.escape(_runs(stats.prefill_computed)),
@@ -409,8 +412,10 @@ var D=JSON.parse(document.getElementById("lp-data").textContent);
 var doc=document.getElementById("doc"),tip=document.getElementById("tip"),spans=doc.children;
 var layers=Object.keys(D.scores).map(Number).sort(function(a,b){{return a-b}});
 var sorted={{}};
-layers.forEach(function(l){{sorted[l]=D.scores[l].filter(function(x){{return x!==null}}).sort(function(a,b){{return b-a}})}});
-function rank(l,s){{var a=sorted[l],lo=0,hi=a.length;while(lo<hi){{var m=(lo+hi)>>1;if(a[m]>s)lo=m+1;else hi=m}}return lo+1}}
+layers.forEach(function(l){{
+  sorted[l]=D.scores[l].filter(function(x){{return x!==null}}).sort(function(a,b){{return b-a}})}});
+function rank(l,s){{
+  var a=sorted[l],lo=0,hi=a.length;while(lo<hi){{var m=(lo+hi)>>1;if(a[m]>s)lo=m+1;else hi=m}}return lo+1}}
 function reach(d){{return d===D.L-1?"all "+D.L+" layers":"layers 0–"+d+" ("+(d+1)+" of "+D.L+")"}}
 function show(v){{
   var d=D[v],count={{}};

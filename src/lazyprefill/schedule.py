@@ -55,7 +55,8 @@ class Schedule:
                     f"keep ratio {ratio!r} at layer {layer} must be in (0, 1]: it is the fraction of "
                     "candidates that goes on to deeper layers (1.0 keeps all)"
                 )
-        object.__setattr__(self, "keep", {int(k): float(v) for k, v in sorted(self.keep.items())})
+        # numpy scalars (np.int64 layers, np.float32 ratios) become plain Python numbers
+        object.__setattr__(self, "keep", {int(layer): float(ratio) for layer, ratio in sorted(self.keep.items())})
 
     @property
     def is_dense(self) -> bool:
@@ -100,6 +101,12 @@ def preset(name: str, num_layers: int, scorer: Scorer | None = None) -> Schedule
     if name not in PRESETS:
         raise ValueError(f"unknown schedule preset {name!r}; presets: {', '.join(PRESETS)}")
     spec = PRESETS[name]
+    if num_layers < 2:
+        layers = f"{num_layers} layer{'s' if num_layers != 1 else ''}"
+        raise ValueError(
+            f"this model has {layers}, too few to prune (a pruned token needs a deeper layer to skip): "
+            "run it dense (schedule 'dense')"
+        )
     keep: dict[int, float] = {}
     for frac, ratio in spec.keep.items():
         layer = min(max(int(frac * num_layers), 0), num_layers - 2)
@@ -164,7 +171,9 @@ def load_schedule(path: Path, num_layers: int | None = None) -> Schedule:
 
 
 def _parse_text(text: str, num_layers: int) -> Schedule:
-    if text in DENSE_NAMES or text == "":
+    if text == "":
+        raise ValueError("the schedule is empty: use 'dense' for no pruning, or a preset such as 'paper'")
+    if text in DENSE_NAMES:
         return Schedule()
     scorer, rest = _split_scorer(text)
     if rest == "" and scorer is not None:
@@ -177,13 +186,16 @@ def _parse_text(text: str, num_layers: int) -> Schedule:
         try:
             if not sep:
                 raise ValueError
-            keep[int(layer)] = float(ratio)
+            index, value = int(layer), float(ratio)
         except ValueError:
             raise ValueError(
                 f"unknown schedule {text!r}: use a preset ({', '.join(PRESETS)}), 'dense', layer:ratio pairs "
                 "such as '9:0.7,19:0.7', either optionally after a scorer and a colon ('static:paper', "
                 f"'pool(k=7):9:0.7'), or a schedule file (.json). Scorers: {scorer_help()}"
             ) from None
+        if index in keep:
+            raise ValueError(f"layer {index} appears twice in the schedule {text!r}: give each layer one keep ratio")
+        keep[index] = value
     return Schedule(keep, scorer=scorer or Last())
 
 
@@ -195,13 +207,13 @@ def _split_scorer(text: str) -> tuple[Scorer | None, str]:
     end = len(name)
     if text[end:].lstrip().startswith("("):
         depth = 0
-        for end, char in enumerate(text):
+        for at, char in enumerate(text):
             depth += (char == "(") - (char == ")")
             if char == ")" and depth == 0:
+                end = at + 1
                 break
         else:
             raise ValueError(f"missing ')' in the scorer of schedule {text!r}")
-        end += 1
     rest = text[end:].strip()
     if rest and not rest.startswith(":"):
         raise ValueError(f"schedule {text!r}: put a ':' between the scorer and the layers or preset")

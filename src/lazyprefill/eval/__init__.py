@@ -53,7 +53,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """
     import torch
 
-    from ..bench import machine_info
+    from ..env import machine_info
     from ..models import load_model
 
     if cfg.threads is not None:

@@ -9,14 +9,14 @@ equal the reference's exactly (a check in every report).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from ..bench import ModelDims, ideal_speedup
+from ..flops import ModelDims, ideal_speedup
 from ..generation import LazyLLM
 from ..schedule import PRESETS, parse_schedule
 from . import metrics

@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 import re
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Callable
 
 TASKS: tuple[str, ...] = ("code", "recall", "passkey", "fidelity")
 
@@ -113,10 +113,11 @@ def build_recall(tokenizer, length: int, n: int, rng: random.Random) -> list[Sam
     """A sentence from inside a real document is begun again at the end; the model must continue it.
 
     The document is a `length`-token window of the Python Language Reference. A prose sentence (at
-    least 14 words, letters and punctuation only, possibly wrapped over lines) sits at a random depth in [0.05, 0.9] of the window;
-    its first RECALL_PREFIX_WORDS words occur nowhere else in the window, so the continuation is
-    determined (compared with whitespace collapsed). The prompt is the window, a blank line, and those words; the reference is the
-    sentence's next words (up to RECALL_TARGET_WORDS, ending at the sentence's end).
+    least 14 words, letters and punctuation only, possibly wrapped over lines) sits at a random depth
+    in [0.05, 0.9] of the window; its first RECALL_PREFIX_WORDS words occur nowhere else in the window,
+    so the continuation is determined (compared with whitespace collapsed). The prompt is the window, a
+    blank line, and those words; the reference is the sentence's next words (up to RECALL_TARGET_WORDS,
+    ending at the sentence's end).
     """
     text = reference_manual()
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
