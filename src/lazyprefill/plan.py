@@ -36,7 +36,7 @@ def segments(num_layers: int, pruning_layers: list[int]) -> list[Segment]:
     """Split 0..L-1 after every pruning layer: {3, 7} over 10 layers -> 0-3, 4-7, 8-9."""
     cuts = sorted(pruning_layers)
     starts = [0] + [p + 1 for p in cuts]
-    ends = cuts + [num_layers - 1]
+    ends = [*cuts, num_layers - 1]
     return [Segment(s, e, e in cuts) for s, e in zip(starts, ends, strict=True)]
 
 
