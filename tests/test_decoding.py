@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
+from helpers import prompt_ids, tiny_model
 
 import lazyprefill as lp
 from lazyprefill.adapters import adapter_for
