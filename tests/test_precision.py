@@ -16,7 +16,7 @@ import torch
 from helpers import FAMILIES, prompt_ids, tiny_model
 
 import lazyprefill as lp
-import lazyprefill.engine
+import lazyprefill.decoding
 
 STEPS = 8
 
@@ -42,8 +42,9 @@ def test_dense_prefill_and_decoding_match_transformers_in_low_precision(family, 
     assert torch.equal(chosen[clear], hf.argmax(-1)[clear])
 
 
-def test_the_sdpa_fallback_of_masked_attention_gives_the_same_results(monkeypatch):
-    """With the logits limit at 0 every masked decoding attention goes to SDPA, revived rows included."""
+def test_the_row_chunks_of_masked_attention_give_the_same_results(monkeypatch):
+    """With the logits limit at 1 every masked decoding attention runs one query row at a time (the path
+    that keeps many revived rows within memory; decoding calls no SDPA), revived rows included."""
     model = tiny_model("llama_gqa_rope3")
     prompts = [prompt_ids(48, seed=2), prompt_ids(30, seed=4)]  # a ragged batch: S_l masks differ per sequence
     kw = {"max_new_tokens": 12, "eos_token_id": [], "return_logits": True}
@@ -51,18 +52,18 @@ def test_the_sdpa_fallback_of_masked_attention_gives_the_same_results(monkeypatc
     default = llm.generate(prompts, **kw)
     assert any(o.stats.revived > 0 for o in default)  # rows came back from the Aux Cache
 
-    masked_sdpa_calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    chunks = []
+    whole = lazyprefill.decoding._masked_attention
 
-    def counting_sdpa(*args, **kwargs):
-        if kwargs.get("attn_mask") is not None:
-            masked_sdpa_calls.append(args[0].shape)
-        return sdpa(*args, **kwargs)
+    def counting(q, *args):
+        chunks.append(q.shape[2])
+        return whole(q, *args)
 
-    monkeypatch.setattr(lazyprefill.engine, "MASKED_ATTENTION_MAX_LOGITS", 0)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    monkeypatch.setattr(lazyprefill.decoding, "MASKED_ATTENTION_MAX_LOGITS", 1)
+    monkeypatch.setattr(lazyprefill.decoding, "_masked_attention", counting)
     fallback = llm.generate(prompts, **kw)
-    assert any(shape[2] > 1 for shape in masked_sdpa_calls)  # several query rows: revived tokens went through it
+    assert chunks and set(chunks) == {1}  # every call took one row
+    assert len(chunks) > 12 * model.config.num_hidden_layers  # blocks of several rows were split
     for a, b in zip(default, fallback, strict=True):
         assert a.new_tokens == b.new_tokens
         assert [s.computed for s in a.stats.steps] == [s.computed for s in b.stats.steps]
