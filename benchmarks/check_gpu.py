@@ -4,7 +4,9 @@ Prints the max abs and relative error of the logits at prefill and at each greed
 and in bf16, and whether the greedy tokens agree. Then runs a pruning schedule with revival against the
 float64 reference of tests/reference.py on the GPU (the decoding paths that only run there: flash
 attention, written-out masked attention), and a batch of prompts of different lengths against each
-prompt alone. Exits non-zero if fp32 differs by more than 1e-3.
+prompt alone. Then the decoding fast path (CUDA graphs of static-shape segments) against the same engine
+run eagerly, on bf16 `llama2-7b` shapes after an 8K prompt: same greedy tokens over 64 steps, logits within
+bf16 rounding. Exits non-zero if fp32 differs by more than 1e-3 or the graphs differ from eager.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lazyprefill as lp
+from lazyprefill import bench
+from lazyprefill.adapters import adapter_for
+from lazyprefill.engine import Engine
 
 SMALL = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
@@ -89,12 +94,120 @@ def compare_batch(lengths: tuple[int, ...] = (700, 64, 1500, 300), steps: int = 
     return worst if same else float("inf")
 
 
+def greedy(engine: Engine, prompt: torch.Tensor, steps: int, fed: list[int] | None = None
+           ) -> tuple[list[int], list[torch.Tensor], int]:
+    """Prefill + `steps` decoding steps, each fed the previous argmax (or `fed`'s tokens: teacher forcing)
+    -> the tokens fed after the prefill, logits per step, rows revived."""
+    with torch.inference_mode():
+        logits, _ = engine.prefill([prompt])
+        engine.settle()
+        out, tokens, revived = [logits[0]], [], 0
+        for step in range(steps):
+            token = logits.argmax(dim=-1) if fed is None else torch.tensor(fed[step : step + 1], device=logits.device)
+            tokens.append(int(token))
+            logits, stats = engine.decode(token, [0])
+            out.append(logits[0])
+            revived += sum(stats[0].revived)
+    return tokens, out, revived
+
+
+def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64) -> bool:
+    """CUDA graphs against the eager engine, bf16 real shapes: same tokens, logits within bf16 rounding."""
+    model = bench.random_model(shape, "cuda", torch.bfloat16)
+    adapter = adapter_for(model)
+    prompt = bench.random_prompts(n, adapter.vocab_size, 1, torch.device("cuda"), 0)[0]
+    ok = True
+    for name, schedule in bench.schedules_for(adapter.num_layers).items():
+        runs = [greedy(Engine(adapter, schedule, n + steps + 1, graphs=g), prompt, steps) for g in (True, False)]
+        (fast, fast_logits, revived), (slow, slow_logits, _) = runs
+        _, masked_logits, _ = greedy(Engine(adapter, schedule, n + steps + 1, split_kernel=False), prompt, 8, fast)
+        first = max(((a - b).norm() / b.norm()).item() for a, b in zip(fast_logits[:9], masked_logits, strict=True))
+        ok &= first <= 5e-2
+        print(f"{shape} bf16 {n} {name}: split kernel vs written-out attention, same 8 tokens fed: max rel {first:.2e}")
+        rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(fast_logits, slow_logits, strict=True))
+        diff = max((a - b).abs().max().item() for a, b in zip(fast_logits, slow_logits, strict=True))
+        same = fast == slow
+        ok &= same and rel <= 1e-2
+        print(f"{shape} bf16 {n} {name}: graphs vs eager over {steps} steps: tokens {'agree' if same else 'DIFFER'}, "
+              f"max abs {diff:.2e}, max rel {rel:.2e}, {revived} rows revived")
+    del model
+    torch.cuda.empty_cache()
+    return ok
+
+
+def compare_scorers(n: int = 300, steps: int = 12) -> bool:
+    """Every scorer's decoding under CUDA graphs equals the eager engine (fp32, small model); says whether a
+    scorer's code could not be captured (the engine then runs it eagerly)."""
+    model, config = small_model(3, torch.float32, initializer_range=0.1)
+    adapter = adapter_for(model)
+    prompt = torch.randint(0, config.vocab_size, (n,), device="cuda")
+    ok = True
+    for spec in ("last:1:0.5,2:0.5", "random:1:0.5,2:0.5", "static:1:0.5,2:0.5", "pool(k=5):1:0.5,2:0.5",
+                 "protect:1:0.5,2:0.5"):
+        schedule = lp.parse_schedule(spec, adapter.num_layers)
+        fast_engine = Engine(adapter, schedule, n + steps + 1, graphs=True)
+        fast, fast_logits, revived = greedy(fast_engine, prompt, steps)
+        _, slow_logits, _ = greedy(Engine(adapter, schedule, n + steps + 1, graphs=False), prompt, steps, fast)
+        diff = max((a - b).abs().max().item() for a, b in zip(fast_logits, slow_logits, strict=True))
+        ok &= diff <= 1e-5
+        refused = fast_engine._run_segment.refused
+        print(f"{spec}: graphs vs eager max abs {diff:.1e}, {revived} rows revived, "
+              f"{'captured' if refused is None else 'NOT captured: ' + refused[:90]}")
+    return ok
+
+
+def compare_split_kernel() -> bool:
+    """The Triton split-K kernel against the written-out masked attention on random inputs: K/V outside S_l
+    is NaN, so reading it would show. fp32 within 1e-5, bf16 within bf16 rounding."""
+    from lazyprefill.decoding import masked_attention
+    from lazyprefill.split_attention import split_attention
+
+    ok, g = True, torch.Generator(device="cuda").manual_seed(0)
+    for dtype, heads, kv_heads, R in [(torch.float32, 8, 2, 1), (torch.float32, 4, 4, 32), (torch.bfloat16, 32, 32, 1),
+                                      (torch.bfloat16, 32, 8, 8), (torch.bfloat16, 32, 32, 4)]:
+        B, T, P, dh = 3, 2900, 3001, 128
+        t = torch.tensor([2899, 1500, 40], device="cuda")
+        in_s = (torch.rand(B, T, device="cuda", generator=g) < 0.5) & (torch.arange(T, device="cuda") <= t[:, None])
+        rows = torch.sort(torch.randint(0, 40, (B, R), device="cuda", generator=g), dim=1).values
+        rows[:, -1] = t
+        in_s[torch.arange(B, device="cuda")[:, None], rows] = True
+        k = torch.randn(B, kv_heads, P, dh, device="cuda", generator=g).to(dtype)
+        v = torch.randn(B, kv_heads, P, dh, device="cuda", generator=g).to(dtype)
+        q = torch.randn(B, heads, R, dh, device="cuda", generator=g).to(dtype)
+        mask = in_s[:, None, :] & (torch.arange(T, device="cuda") <= rows[:, :, None])
+        want = masked_attention(q, k[:, :, :T], v[:, :, :T], mask, 0.088)
+        poisoned_k, poisoned_v = k.clone(), v.clone()
+        outside = ~in_s[:, None, :, None].expand(B, kv_heads, T, dh)
+        poisoned_k[:, :, :T][outside] = float("nan")
+        poisoned_v[:, :, :T][outside] = float("nan")
+        listed = torch.full((B, T), P - 1, dtype=torch.int32, device="cuda")
+        for b in range(B):
+            members = in_s[b].nonzero()[:, 0].int()
+            listed[b, : members.numel()] = members[torch.randperm(members.numel(), device="cuda", generator=g)]
+        got = split_attention(q, poisoned_k, poisoned_v, listed, in_s.sum(1, dtype=torch.int32), rows.int(), 0.088)
+        rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        good = rel <= (1e-5 if dtype == torch.float32 else 1e-2)
+        ok &= good
+        print(f"split kernel {dtype} H={heads} Hkv={kv_heads} R={R}: rel {rel:.2e} {'ok' if good else 'WRONG'}")
+    return ok
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
+    if len(sys.argv) > 1:  # a JSON of split_attention launch settings (from decode_attention.py --setting)
+        from profile_stages import use_split_setting
+
+        use_split_setting(sys.argv[1])
     fp32 = max(compare(torch.float32), compare_reference(), compare_batch())
     compare(torch.bfloat16)
+    split = compare_split_kernel()
+    graphs = compare_scorers() & compare_graphs()
     if fp32 > 1e-3:
         sys.exit(f"fp32 logits differ from the reference by {fp32:.2e} > 1e-3")
+    if not graphs:
+        sys.exit("the CUDA-graph decoding path differs from the eager one")
+    if not split:
+        sys.exit("the split-K attention kernel differs from the written-out attention")
 
 
 if __name__ == "__main__":

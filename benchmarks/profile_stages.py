@@ -8,6 +8,11 @@ time means the host is the bottleneck; kernels other than the model's GEMMs and 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import sys
+from itertools import pairwise
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -42,11 +47,62 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--length", type=int, default=8192)
-    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--decode-steps", type=int, default=64, help="timed decoding steps per method")
+    p.add_argument("--warmup-steps", type=int, default=16, help="untimed steps first (graph captures happen here)")
+    p.add_argument("--profile-steps", type=int, default=8)
+    p.add_argument("--graphs", choices=["auto", "off"], default="auto", help="off: Engine(graphs=False)")
+    p.add_argument("--attention", choices=["auto", "masked"], default="auto", help="masked: Engine(split_kernel=False)")
+    p.add_argument("--no-prefill", action="store_true")
+    p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
+    p.add_argument("--json", help="write the decoding timings here")
     args = p.parse_args()
+    if args.split_setting:
+        use_split_setting(args.split_setting)
     model = bench.random_model(args.model, "cuda", torch.bfloat16)
     adapter = adapter_for(model)
     ids = bench.random_prompts(args.length, adapter.vocab_size, 1, torch.device("cuda"), 0)[0]
+    if not args.no_prefill:
+        profile_prefill(model, adapter, ids)
+    options = {} if args.graphs == "auto" else {"graphs": False}
+    options |= {} if args.attention == "auto" else {"split_kernel": False}
+    rows = []
+    with torch.inference_mode():
+        for name, step in decoders(model, adapter, ids, args.warmup_steps + args.decode_steps + args.profile_steps,
+                                   options).items():
+            for _ in range(args.warmup_steps):
+                step()
+            ms, revived = step_times(step, args.decode_steps)
+            rows.append({"method": name, "graphs": args.graphs, "attention": args.attention,
+                         "median_ms": statistics.median(ms),
+                         "mean_ms": sum(ms) / len(ms), "revived_per_step": revived, "steps_ms": ms})
+            print(f"decode {name}: median {rows[-1]['median_ms']:.2f} ms/token, mean {rows[-1]['mean_ms']:.2f}",
+                  flush=True)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.profile_steps):
+                    step()
+                torch.cuda.synchronize()
+            label = f"decode after {args.length} {name} (graphs {args.graphs}, attention {args.attention})"
+            summarize(prof, label, sum(ms) / len(ms) * args.profile_steps, args.profile_steps)
+    print(f"\n{'method':<14} {'graphs':<6} {'median ms/token':>16} {'mean':>8} {'revived/step':>13}")
+    for r in rows:
+        print(f"{r['method']:<14} {r['graphs']:<6} {r['median_ms']:>16.2f} {r['mean_ms']:>8.2f} "
+              f"{r['revived_per_step']:>13.1f}")
+    if args.json:
+        info = {"model": args.model, "length": args.length, "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__, "command": " ".join(sys.argv)}
+        Path(args.json).write_text(json.dumps({**info, "decode": rows}, indent=1))
+
+
+def use_split_setting(path: str) -> None:
+    """Set split_attention's launch constants from a JSON file written by decode_attention.py --setting."""
+    from lazyprefill import split_attention
+
+    for name, value in json.loads(Path(path).read_text()).items():
+        setattr(split_attention, name.upper(), value)
+    print("split_attention settings:", Path(path).read_text())
+
+
+def profile_prefill(model, adapter, ids: torch.Tensor) -> None:
     methods = {bench.TRANSFORMERS: bench.transformers_prefill(model)}
     for name, schedule in bench.schedules_for(adapter.num_layers).items():
         methods[name] = bench.lazy_prefill(adapter, schedule)
@@ -58,32 +114,35 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn([ids])
                 torch.cuda.synchronize()
-            summarize(prof, f"prefill {args.length} {name}", wall, 1)
-    steps = args.decode_steps
-    with torch.inference_mode():
-        for name, step in decoders(model, adapter, ids, steps).items():
-            for _ in range(2):
-                step()
-            wall = timed(lambda step=step: [step() for _ in range(steps)])
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(steps):
-                    step()
-                torch.cuda.synchronize()
-            summarize(prof, f"decode after {args.length} {name}", wall, steps)
+            summarize(prof, f"prefill {ids.shape[0]} {name}", wall, 1)
 
 
-def decoders(model, adapter, ids: torch.Tensor, steps: int) -> dict:
-    """One greedy decoding step per call, after a prefill of ids: transformers' forward with its cache, and ours."""
+def step_times(step, steps: int) -> tuple[list[float], float]:
+    """Milliseconds of each of `steps` decoding steps on the device's clock (gaps included), revived rows per step."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    revived = 0
+    events[0].record()
+    for i in range(steps):
+        revived += step()
+        events[i + 1].record()
+    events[-1].synchronize()
+    return [a.elapsed_time(b) for a, b in pairwise(events)], revived / steps
+
+
+def decoders(model, adapter, ids: torch.Tensor, steps: int, options: dict) -> dict:
+    """One greedy decoding step per call, after a prefill of ids: transformers' forward with its cache, and ours.
+    Each call returns the rows it revived."""
     out = model(ids[None], use_cache=True, logits_to_keep=1)
     state = {"past": out.past_key_values, "token": out.logits[0, -1].argmax()}
 
-    def hf_step() -> None:
+    def hf_step() -> int:
         res = model(state["token"].view(1, 1), past_key_values=state["past"], use_cache=True)
         state["token"] = res.logits[0, -1].argmax()
+        return 0
 
     runs = {bench.TRANSFORMERS: hf_step}
     for name, schedule in bench.schedules_for(adapter.num_layers).items():
-        engine = Engine(adapter, schedule, capacity=ids.shape[0] + 3 * steps + 8)
+        engine = Engine(adapter, schedule, capacity=ids.shape[0] + steps + 8, **options)
         logits, _ = engine.prefill([ids])
         engine.settle()
         runs[name] = engine_step(engine, logits.argmax(dim=-1))
@@ -94,8 +153,10 @@ def engine_step(engine: Engine, token: torch.Tensor):
     """A greedy decoding step of `engine` per call, starting from `token`."""
     state = {"token": token}
 
-    def step() -> None:
-        state["token"] = engine.decode(state["token"], [0])[0].argmax(dim=-1)
+    def step() -> int:
+        logits, stats = engine.decode(state["token"], [0])
+        state["token"] = logits.argmax(dim=-1)
+        return sum(stats[0].revived)
 
     return step
 

@@ -203,7 +203,8 @@ class Random(Scorer):
     def score(self, x: ScoreInput) -> torch.Tensor:
         B = x.pos.shape[0]
         seq = torch.arange(B, device=x.pos.device)[:, None] + self.seed
-        return hash_uniform(seq, torch.tensor(x.layer, device=x.pos.device), x.q_pos[:, -1:], x.pos)
+        layer = torch.full((), x.layer, dtype=torch.int64, device=x.pos.device)  # no host copy: capturable
+        return hash_uniform(seq, layer, x.q_pos[:, -1:], x.pos)
 
 
 # ------------------------------------------------------------------------------------------- wrappers

@@ -1,0 +1,284 @@
+"""The device side of a decoding step: one segment of layers (plan.py) over a static [B, R] block of rows.
+
+Legend: B sequences, R rows laid out per sequence (a bucket, plan.row_bucket), T keys attended
+(positions [0, T), plan.key_length), P cache slots (capacity + the scratch slot), H / Hkv query /
+key-value heads, dh head size.
+
+A segment run reads its inputs from buffers that live as long as the engine (the step's tokens and
+positions, the candidate-set membership `in_s`, the cache) and writes only into them, with shapes
+fixed by (segment, R, T). So on CUDA each such run is captured once as a CUDA graph and replayed; on
+the CPU the same code runs eagerly. Padded rows point at the scratch slot: they compute garbage that
+nothing reads, and no write needs a mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import numpy as np
+import torch
+
+from .adapters import LlamaAdapter
+from .attention import decode_mask
+from .cache import LazyCache
+from .plan import Segment, StepPlan
+from .recording import Recorder
+from .scoring import ScoreInput, Scorer
+
+
+class SegmentRunner:
+    """Runs the segments of decoding steps for one batch and cache."""
+
+    def __init__(
+        self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int, split_kernel: bool
+    ) -> None:
+        B, P = cache.depth_device.shape
+        dev, long = adapter.device, torch.long
+        self.a, self.cache, self.reselects = adapter, cache, reselects
+        self.split = None  # the Triton kernel that reads only S_l's K/V (CUDA)
+        if split_kernel:
+            from . import split_attention
+
+            split_attention.warm_up(adapter.dtype, adapter.head_dim, dev)
+            self.split = split_attention
+        self.positions = torch.arange(P, device=dev)  # [P]
+        self.batch = torch.arange(B, device=dev)  # [B]
+        # inputs of a step, written by `load`
+        self.tokens = torch.zeros(B, dtype=long, device=dev)  # [B] each sequence's newest token
+        self.t = torch.full((B,), cache.scratch, dtype=long, device=dev)  # [B] its q position (scratch: inactive)
+        self.active = torch.zeros(B, dtype=torch.bool, device=dev)  # [B]
+        self.keep = torch.zeros(num_pruning, B, dtype=long, device=dev)  # [n_pruning, B] |S| after each pruning
+        self.seqs = self.batch  # [A] the sequences taking this step
+        # state carried from one segment to the next
+        self.in_s = torch.zeros(B, P, dtype=torch.bool, device=dev)  # [B, P] membership of S_l
+        self.entering = torch.zeros(2, B, dtype=long, device=dev)  # rows entering the next segment, revived ones
+
+    def load(self, tokens: torch.Tensor, seqs: list[int], plan: StepPlan) -> None:
+        """Copy a step's inputs into the buffers (one host-to-device copy). tokens: [A] for `seqs`."""
+        t = np.where(plan.active, plan.t, self.cache.scratch)
+        host = np.concatenate([t, plan.active, plan.keep.reshape(-1), seqs]).astype(np.int64)
+        values = torch.from_numpy(host)
+        if self.a.device.type == "cuda":
+            values = values.pin_memory()
+        values = values.to(self.a.device, non_blocking=True)
+        B = t.shape[0]
+        t_dev, active, keep, self.seqs = values.split([B, B, plan.keep.size, len(seqs)])
+        self.t.copy_(t_dev)
+        self.active.copy_(active.bool())
+        self.keep.copy_(keep.view_as(self.keep))
+        self.tokens.index_copy_(0, self.seqs, tokens)
+
+    def q_hidden(self) -> torch.Tensor:
+        """[A, d] the last layer's output for each stepping sequence's q."""
+        return self.cache.aux[self.seqs, self.t[self.seqs]]
+
+    def run(self, seg: Segment, index: int, R: int, T: int, scorer: Scorer, recorder: Recorder) -> None:
+        """Layers seg.first..seg.last on the rows entering seg.first (at most R per sequence), keys [0, T).
+
+        `index`: which pruning layer seg.last is (when it prunes). Leaves in `entering` the rows that
+        enter the next segment.
+        """
+        a, c = self.a, self.cache
+        B, H, dh = self.t.shape[0], a.num_heads, a.head_dim
+        if seg.first == 0:
+            c.aux[self.batch, self.t] = a.embed(self.tokens)
+        self._start_membership(seg, T)
+        in_s = self.in_s[:, :T]  # [B, T] view, updated in place
+        keys = self.positions[:T].expand(B, T)
+        rows, valid, count = self._rows(seg.first, R, T)  # [B, R], [B, R], [B]
+        recorder.layers(len(seg.layers), keys, in_s, rows, valid)
+        seq, pos = self.batch[:, None].expand(B, R).reshape(-1), rows.reshape(-1)  # [B * R]
+        h = c.aux[seq, pos]  # [B * R, d]
+        cos, sin = a.rope(pos)
+        attend = self._attention(in_s, rows, T)
+        for l in seg.layers:
+            q, k, v = a.qkv(l, h, cos, sin)  # q: [B * R, H, dh]
+            c.write_kv(l, seq, pos, k, v)
+            o = attend(l, q.view(B, R, H, dh).transpose(1, 2))  # [B, H, R, dh]
+            h = a.finish(l, h, o.transpose(1, 2).reshape(B * R, H, dh))
+        c.aux[seq, pos] = h
+        c.depth_device[seq, pos] = torch.full_like(pos, seg.last, dtype=torch.int32)  # a device value: capturable
+        if not (seg.prunes and self.reselects):
+            return
+        q_last = q.view(B, R, H, dh)[self.batch, (count - 1).clamp(min=0)]  # [B, H, dh]: q is each last row
+        x = ScoreInput(q_last[:, :, None], self.t[:, None], c.k[seg.last, :, :, :T], keys, in_s, a.scaling, seg.last, T)
+        scores = scorer.score(x)  # [B, T]
+        recorder.scores(seg.last, keys, in_s, scores)
+        in_s.copy_(top_k(scores, in_s, keys == self.t[:, None], self.keep[index]))
+        entering = (in_s & (c.depth_device[:, :T] == seg.last)).sum(1)
+        stayed = (self.in_s.gather(1, rows) & valid).sum(1)  # rows of this segment still candidates
+        self.entering[0].copy_(entering)
+        self.entering[1].copy_(entering - stayed)
+
+    def _attention(self, in_s: torch.Tensor, rows: torch.Tensor, T: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """How this segment's rows attend, causally by position, to S_l (in_s: [B, T]; rows: [B, R]):
+        (layer, q [B, H, R, dh]) -> [B, H, R, dh]. The Triton kernel reads S_l's K/V through a list of
+        positions built once per segment; the written-out attention reads all T keys with a mask, which
+        also carries a sliding-window layer's window (by original position, attention.py)."""
+        c, a, scaling = self.cache, self.a, self.a.scaling
+        B, R = rows.shape
+        masks: dict[int | None, torch.Tensor] = {}  # window -> [B, R or 1, T], built once per segment
+
+        def masked(l: int, q: torch.Tensor) -> torch.Tensor:
+            window = a.window(l)
+            if window not in masks:
+                masks[window] = decode_mask(in_s, rows, T, window)
+            return masked_attention(q, c.k[l, :, :, :T], c.v[l, :, :, :T], masks[window], scaling)
+
+        if self.split is None or R * a.num_heads // a.num_kv_heads > self.split.MAX_ROWS:
+            return masked
+        n_s = in_s.sum(1, dtype=torch.int32)  # [B]
+        slot = torch.where(in_s, in_s.cumsum(1) - 1, T)  # members first, in order; column T collects the rest
+        listed = torch.zeros(B, T + 1, dtype=torch.int32, device=in_s.device)
+        listed.scatter_(1, slot, self.positions[:T].int().expand(B, T))
+        qpos = rows.int()
+
+        def split(l: int, q: torch.Tensor) -> torch.Tensor:
+            if a.window(l) is not None:  # the kernel knows no window
+                return masked(l, q)
+            return self.split.split_attention(q, c.k[l], c.v[l], listed[:, :T], n_s, qpos, scaling)
+
+        return split
+
+    def _start_membership(self, seg: Segment, T: int) -> None:
+        """S_0 is every token so far; without reselection S_l is the tokens whose K/V at l exists, plus q."""
+        if seg.first > 0 and self.reselects:
+            return  # S was selected at the previous pruning layer
+        pos, t = self.positions[:T], self.t[:, None]
+        members = (pos <= t) & self.active[:, None]
+        if not self.reselects:
+            members &= (self.cache.depth_device[:, :T] >= seg.first) | (pos == t)
+        self.in_s[:, :T] = members
+
+    def _rows(self, first: int, R: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The candidates that stopped just before layer `first`: [B, R] positions in order (scratch slot
+        where padded), [B, R] bool real, [B] count (at most R: the planner chose R from it)."""
+        B = self.t.shape[0]
+        enter = self.in_s[:, :T] & (self.cache.depth_device[:, :T] == first - 1)  # [B, T]
+        count = enter.sum(1)
+        slot = torch.where(enter, enter.cumsum(1) - 1, R)  # column R collects the rest and is dropped
+        rows = torch.full((B, R + 1), self.cache.scratch, dtype=torch.long, device=enter.device)
+        rows.scatter_(1, slot, self.positions[:T].expand(B, T))
+        return rows[:, :R], self.positions[:R] < count[:, None], count
+
+
+def top_k(scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The keep[b] best candidates of each sequence, q always kept -> [B, T] bool.
+
+    scores, in_s, is_q: [B, T] over positions; keep: [B]. Ties go to the earlier position (a stable
+    sort over positions), as scoring.select breaks them over packed candidates in position order.
+    """
+    B, T = scores.shape
+    s = scores.masked_fill(~in_s, float("-inf")).masked_fill(is_q, float("inf"))
+    order = torch.argsort(s, dim=1, descending=True, stable=True)  # [B, T]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=s.device).expand(B, T))
+    return (rank < keep[:, None]) & in_s
+
+
+# Above this many attention logits (B x H x rows x keys; 256 MB in fp32) the rows are taken in chunks.
+MASKED_ATTENTION_MAX_LOGITS = 2**26
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """q: [B, H, R, dh], k/v: [B, Hkv, T, dh], mask: [B, R, T] bool (True: attend) -> [B, H, R, dh].
+
+    Written out as two matmuls around an fp32 softmax because SDPA's masked kernels split the work by
+    query rows: with the one or few rows of a decoding step they leave most of the GPU idle (1.3 ms a
+    layer at 32K keys on an H100, against about 0.2 ms for this; benchmarks/NOTES.md). A row with
+    nothing to attend to (padding) comes out NaN and is never read.
+    """
+    B, H, R, _ = q.shape
+    chunk = max(1, MASKED_ATTENTION_MAX_LOGITS // (B * H * k.shape[2]))
+    if R <= chunk:
+        return _masked_attention(q, k, v, mask, scaling)
+    parts = [_masked_attention(q[:, :, i : i + chunk], k, v, mask[:, i : i + chunk], scaling)
+             for i in range(0, R, chunk)]
+    return torch.cat(parts, dim=2)
+
+
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    B, heads, r, dh = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads  # query heads sharing one K/V head (GQA)
+    qg = q.reshape(B * kv_heads, group * r, dh)
+    logits = fp32_logits(qg, k.reshape(B * kv_heads, n_keys, dh)) * scaling  # [B * Hkv, G * r, T]
+    logits = logits.view(B, kv_heads, group, r, n_keys).masked_fill(~mask[:, None, None], float("-inf"))
+    p = logits.softmax(dim=-1).to(v.dtype).view(B * kv_heads, group * r, n_keys)
+    return torch.bmm(p, v.reshape(B * kv_heads, n_keys, dh)).view(B, heads, r, dh)
+
+
+def fp32_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q: [n, m, dh], k: [n, T, dh] -> q k^T [n, m, T] in fp32, never rounded to a 16-bit type first.
+
+    cuBLAS accumulates in fp32 and writes fp32 directly (`out_dtype`); elsewhere the operands are upcast.
+    """
+    if q.dtype == torch.float32:
+        return torch.bmm(q, k.transpose(1, 2))
+    if q.is_cuda:
+        return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q.float(), k.float().transpose(1, 2))
+
+
+class Graphs:
+    """CUDA graphs of segment runs, one per shape key (segment, rows, keys attended).
+
+    A new key is captured, then replayed to do the step's work. The very first one instead runs
+    eagerly on a side stream before its capture: that run does the real work and is the warm-up that
+    capture needs (cuBLAS handles and workspaces are created outside capture). Graphs of another key
+    length (the key's last item) are dropped: lengths only grow, so they would never run again. If a
+    capture is refused (a scorer that copies from the host mid-step, say), every later call runs eagerly.
+    """
+
+    def __init__(self) -> None:
+        self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self.pool = None  # one memory pool for all: segments run one after another, never concurrently
+        self.keys = -1
+        self.warm = False
+        self.refused: str | None = None  # why capture failed, if it did
+
+    def __call__(self, key: tuple, fn: Callable[[], None]) -> None:
+        if self.refused is not None:
+            fn()
+            return
+        if key[-1] != self.keys:
+            self.graphs.clear()
+            self.keys = key[-1]
+        graph = self.graphs.get(key)
+        if graph is None:
+            done = not self.warm
+            if done:  # the first call: its eager warm-up run does this step's work
+                self._warm_up(fn)
+            try:
+                graph = self.graphs[key] = self._capture(fn)
+            except RuntimeError as err:
+                self.refused = str(err)
+                if not done:
+                    fn()
+                return
+            if done:
+                return
+        graph.replay()
+
+    def _warm_up(self, fn: Callable[[], None]) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        self.warm = True
+
+    def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn()
+        self.pool = graph.pool()
+        return graph
+
+
+def eager(key: tuple, fn: Callable[[], None]) -> None:
+    """Runs a segment as it is (CPU, tracing, or graphs turned off)."""
+    fn()

@@ -1,0 +1,136 @@
+"""The decoding step's pieces: the host plan (no model needed), device-side selection, the cache's
+clearing outside the prefill, compact traces, and no process-wide setting changed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import prompt_ids, tiny_model
+
+import lazyprefill as lp
+from lazyprefill.adapters import adapter_for
+from lazyprefill.decoding import masked_attention, top_k
+from lazyprefill.engine import Engine
+from lazyprefill.plan import Segment, key_length, plan_step, row_bucket, segments
+
+
+def test_segments_split_after_each_pruning_layer():
+    assert segments(10, [3, 7]) == [Segment(0, 3, True), Segment(4, 7, True), Segment(8, 9, False)]
+    assert segments(4, []) == [Segment(0, 3, False)]
+    assert segments(6, [0, 4]) == [Segment(0, 0, True), Segment(1, 4, True), Segment(5, 5, False)]
+
+
+def test_row_bucket_holds_n_from_a_short_ladder():
+    assert [row_bucket(n) for n in (0, 1, 2, 8, 9, 33, 512, 513, 3000)] == [1, 1, 8, 8, 32, 128, 512, 1024, 4096]
+
+
+def test_key_length_rounds_up_within_capacity():
+    assert key_length(1, 1000) == 256
+    assert key_length(8193, 10**6) == 8192 + 512 and key_length(8193, 8300) == 8300
+    for n in range(1, 5000, 7):
+        assert n <= key_length(n, 10**6) < n + max(256, n / 16)
+
+
+def test_plan_sizes_follow_kept_count():
+    """|S_l| per layer from the lengths alone, inactive sequences empty; static: prefill's sizes plus new tokens."""
+    sched = lp.Schedule({1: 0.7, 3: 0.28})
+    lengths = np.array([25, 9, 40])
+    plan = plan_step(sched, True, lengths, [0, 2], 5, 64, np.zeros((3, 5), np.int64), np.array([20, 9, 30]))
+    s1 = sched.kept_count(1, 26)
+    assert plan.sizes[0].tolist() == [26, 26, s1, s1, sched.kept_count(3, s1)]
+    assert plan.sizes[1].tolist() == [0] * 5 and plan.keep[:, 1].tolist() == [0, 0]
+    assert plan.keep[:, 2].tolist() == [sched.kept_count(1, 41), sched.kept_count(3, sched.kept_count(1, 41))]
+    assert plan.t.tolist() == [25, 9, 40] and plan.active.tolist() == [True, False, True]
+    prefill = np.array([[20, 20, 14, 14, 4]] * 3)
+    static = plan_step(sched, False, lengths, [0], 5, 64, prefill, np.array([20, 9, 30]))
+    assert static.sizes[0].tolist() == [26, 26, 20, 20, 10]  # 20 kept + 5 generated + q
+
+
+def test_top_k_matches_select_ties_by_position():
+    scores = torch.tensor([[0.5, 0.1, 0.5, 0.5, 0.2, 0.0], [0.3, 0.3, 0.3, 0.9, 0.3, 0.1]])
+    in_s = torch.tensor([[True, True, True, True, True, False], [True, False, True, True, True, True]])
+    is_q = torch.zeros_like(in_s)
+    is_q[0, 4] = is_q[1, 5] = True
+    kept = top_k(scores, in_s, is_q, torch.tensor([3, 3]))
+    assert kept.tolist() == [[True, False, True, False, True, False], [True, False, False, True, False, True]]
+
+
+def test_masked_attention_in_row_chunks_equals_one_pass(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=g)
+    k, v = torch.randn(2, 2, 30, 8, generator=g), torch.randn(2, 2, 30, 8, generator=g)
+    mask = torch.rand(2, 9, 30, generator=g) < 0.6
+    mask[..., 0] = True
+    whole = masked_attention(q, k, v, mask, 0.3)
+    monkeypatch.setattr("lazyprefill.decoding.MASKED_ATTENTION_MAX_LOGITS", 2 * 4 * 30 * 2)  # 2 rows at a time
+    torch.testing.assert_close(masked_attention(q, k, v, mask, 0.3), whole, rtol=0, atol=1e-6)
+
+
+def test_masked_attention_logits_are_not_rounded_to_bf16():
+    """bf16 inputs: the softmax sees fp32 logits, as an fp32 computation on the same bf16 values does."""
+    g = torch.Generator().manual_seed(1)
+    q = (4 * torch.randn(1, 2, 1, 64, generator=g)).bfloat16()
+    k, v = torch.randn(1, 2, 50, 64, generator=g).bfloat16(), torch.randn(1, 2, 50, 64, generator=g).bfloat16()
+    mask = torch.ones(1, 1, 50, dtype=torch.bool)
+    got = masked_attention(q, k, v, mask, 0.125)
+    p = (q.float() @ k.float().transpose(-1, -2) * 0.125).softmax(-1)
+    want = (p.bfloat16().float() @ v.float()).bfloat16()
+    assert torch.equal(got, want)
+
+
+def poisoned_empty(real):
+    """torch.empty that hands out NaN: memory a correct program never reads before writing."""
+
+    def empty(*size, **kw):
+        out = real(*size, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out.fill_(-(2**30))
+
+    return empty
+
+
+def test_prefill_does_not_touch_room_for_new_tokens(monkeypatch):
+    """TTFT cannot depend on max_new_tokens: prefill leaves K/V past each prompt as allocated (here NaN),
+    `settle` clears it afterwards, and the results equal an engine on ordinary memory."""
+    adapter = adapter_for(tiny_model("llama_gqa_rope3"))
+    prompts = [prompt_ids(20, seed=1), prompt_ids(13, seed=2)]
+    schedule = lp.parse_schedule({1: 0.5, 3: 0.5}, adapter.num_layers)
+    with torch.inference_mode():
+        plain = Engine(adapter, schedule, 40)
+        want = [plain.prefill(prompts)[0]]
+        plain.settle()
+        token = want[0].argmax(-1)
+        want += [plain.decode(token, [0, 1])[0] for _ in range(1)]
+        monkeypatch.setattr(torch, "empty", poisoned_empty(torch.empty))
+        engine = Engine(adapter, schedule, 40)
+        got = [engine.prefill(prompts)[0]]
+        cache = engine.cache
+        for b, p in enumerate(prompts):
+            assert cache.k[:, b, :, p.shape[0]:].isnan().all() and cache.v[:, b, :, p.shape[0]:].isnan().all()
+        engine.settle()
+        assert cache.k[:, :, :, :40].isfinite().all() and cache.v[:, :, :, :40].isfinite().all()
+        got += [engine.decode(token, [0, 1])[0] for _ in range(1)]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_trace_shares_arrays_within_a_segment():
+    """A traced step keeps one S_l array per segment (between pruning layers), not one per layer."""
+    model = tiny_model("qwen3")
+    out = lp.LazyLLM(model, {1: 0.5, 3: 0.5}, trace=True).generate(prompt_ids(24), max_new_tokens=4, eos_token_id=[])
+    for trace in out.stats.traces:
+        distinct = {id(c) for c in trace.candidates}
+        assert len(distinct) == 3 and trace.candidates[0] is trace.candidates[1]
+        assert len({id(c) for c in trace.computed}) == 3
+
+
+def test_decoding_leaves_sdpa_priority_alone():
+    before = torch._C._get_sdp_priority_order()
+    lp.LazyLLM(tiny_model("qwen3"), "paper").generate(prompt_ids(24), max_new_tokens=3)
+    assert torch._C._get_sdp_priority_order() == before
+
+
+def test_graphs_need_cuda():
+    adapter = adapter_for(tiny_model("qwen3"))
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        Engine(adapter, lp.parse_schedule("paper", adapter.num_layers), 32, graphs=True)
