@@ -204,8 +204,9 @@ def eval_command(
     lengths: str = typer.Option("512", "--lengths", help="Prompt lengths in tokens, comma-separated."),
     schedules: str = typer.Option(
         "presets", "--schedules",
-        help='LazyLLM schedules, comma-separated; "presets" (all presets), "sweep" (the built-in speed sweep), '
-        'a preset name or layer:ratio pairs joined by ";" ("9:0.7;19:0.7").',
+        help='Schedules, comma-separated (commas inside a scorer\'s parentheses stay): "presets" (all presets), '
+        '"sweep" (the built-in speed sweep), a preset name, layer:ratio pairs joined by ";" ("9:0.7;19:0.7"), either '
+        'after a scorer ("pool(k=7, of=window(w=16)):paper", "static:paper"), or a schedule file.',
     ),
     baselines: str = typer.Option(
         "all", "--baselines", help='Schedules that also get static and random: "all", "none", or a list like --schedules.'
@@ -214,7 +215,10 @@ def eval_command(
     report_only: bool = typer.Option(
         False, "--report-only", help="Rebuild the report from OUT/records.jsonl (complete samples only), run nothing."
     ),
-    seed: int = typer.Option(0, "--seed", help="Builds the task samples."),
+    split: str = typer.Option(
+        "evaluation", "--split", help="calibration (choose presets on it) or evaluation (report them on it)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Builds the task samples [default: the split's seed]."),
     out: Path = typer.Option(Path("results/eval"), "--out", file_okay=False, help="Report directory."),
     cache: Path | None = typer.Option(None, "--cache", file_okay=False, help="Dense-result cache [default: OUT/dense-cache]."),
     device: str = typer.Option("cpu", "--device"),
@@ -225,15 +229,14 @@ def eval_command(
     from rich.table import Table
 
     from .eval import EvalConfig, evaluate, report_from_log
-
-    def split(text: str) -> tuple[str, ...]:
-        return tuple(s.strip().replace(";", ",") for s in text.split(",") if s.strip())
+    from .eval.runner import split_list
 
     try:
         cfg = EvalConfig(
             model=model, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), samples=samples,
-            lengths=tuple(int(n) for n in lengths.split(",")), seed=seed, out_dir=out, schedules=split(schedules),
-            baselines=None if baselines == "all" else () if baselines == "none" else split(baselines),
+            lengths=tuple(int(n) for n in lengths.split(",")), split=split, seed=seed, out_dir=out,
+            schedules=tuple(split_list(schedules)),
+            baselines=None if baselines == "all" else () if baselines == "none" else tuple(split_list(baselines)),
             cache_dir=cache, device=device, dtype=dtype, threads=threads,
         )
     except ValueError as err:
@@ -292,3 +295,75 @@ def bench_command(
     paths = bench.write(result, out, stem or preset)
     typer.echo(bench.markdown(result))
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command("tune")
+def tune_command(
+    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2 (embedded default), a local path or a hub name."),
+    target_loss: float | None = typer.Option(
+        None, "--target-loss", help="Largest relative loss per task vs dense, e.g. 0.05: the fastest schedule within it."
+    ),
+    target_speedup: float | None = typer.Option(
+        None, "--target-speedup", help="Smallest ideal prefill speedup, e.g. 2.0: the most accurate schedule at it."
+    ),
+    out: Path = typer.Option(Path("schedule.json"), "--out", dir_okay=False, help="The schedule file to write."),
+    tasks: str = typer.Option("code,recall,passkey", "--tasks", help="Calibration tasks, comma-separated."),
+    lengths: str = typer.Option("512", "--lengths", help="Prompt lengths in tokens, comma-separated."),
+    samples: int = typer.Option(20, "--samples", min=2, help="Calibration samples per task and length."),
+    scorers: str | None = typer.Option(
+        None, "--scorers", help='Scorers to try, comma-separated ("last, pool(k=7, of=window(w=16))") [default: '
+        "last, pool over window, protect around it]."
+    ),
+    fractions: str = typer.Option("0.1,0.2,0.34,0.5,0.67", "--fractions", help="Depth fractions a pruning layer may sit at."),
+    ratios: str = typer.Option("0.7,0.5,0.3", "--ratios", help="Keep ratios to try (one per schedule, at each of its layers)."),
+    max_layers: int = typer.Option(2, "--max-layers", help="At most this many pruning layers."),
+    rule: str = typer.Option("bound", "--rule", help="bound: the 95% bound of the paired loss meets --target-loss; mean: its mean."),
+    seed: int | None = typer.Option(None, "--seed", help="Builds the calibration prompts [default: the calibration split's]."),
+    eval_samples: int = typer.Option(100, "--eval-samples", help="Calibration prompts found among this many evaluation "
+                                     "samples per task are dropped."),
+    work_dir: Path | None = typer.Option(None, "--work-dir", file_okay=False,
+                                         help="Records (JSONL, resumable), the log and the plot [default: OUT without .json + '-tune']."),
+    cache: Path | None = typer.Option(None, "--cache", file_okay=False, help="Dense-result cache [default: WORK_DIR/dense-cache]."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads [default: torch's]."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype"),
+) -> None:
+    """Search pruning layers, keep ratios and scorers on calibration prompts; write the chosen schedule file."""
+    from rich.console import Console
+
+    from . import tune
+    from .eval.runner import split_list
+    from .eval.tasks import SPLITS
+
+    try:
+        space = tune.SearchSpace(
+            scorers=tuple(split_list(scorers)) if scorers else tune.DEFAULT_SCORERS,
+            fractions=tuple(float(x) for x in fractions.split(",") if x.strip()),
+            ratios=tuple(float(x) for x in ratios.split(",") if x.strip()), max_layers=max_layers,
+        )
+        cfg = tune.TuneConfig(
+            model=model, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+            lengths=tuple(int(n) for n in lengths.split(",")), samples=samples,
+            seed=SPLITS["calibration"] if seed is None else seed, eval_samples=eval_samples,
+            target=tune.Target(max_loss=target_loss, min_speedup=target_speedup, rule=rule), space=space,
+            work_dir=work_dir or out.with_name(out.stem + "-tune"), cache_dir=cache, device=device, dtype=dtype,
+            threads=threads,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    try:
+        result = tune.tune(cfg)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    console = Console()
+    console.print(tune.front_table(result))
+    log = tune.write_log(result, cfg, cfg.work_dir / f"tune-{out.stem}.json")
+    png = tune.plot(result, cfg.work_dir / f"front-{out.stem}.png", f"lazyprefill tune: {model}, {lengths} tokens")
+    console.print(f"wrote {log} and {png}")
+    if result.chosen is None:
+        console.print(f"[red]no candidate meets the target[/red] ({cfg.target}); the front above is what the "
+                      "search space reaches: widen it (--ratios, --fractions, --scorers) or relax the target")
+        raise typer.Exit(1)
+    num_layers = len(result.chosen.candidate.computed)
+    tune.save_schedule(result, cfg, num_layers, out)
+    console.print(f"chose [bold]{result.chosen.candidate.name}[/bold] ({result.chosen.ideal:.2f}x ideal); wrote {out}")

@@ -27,13 +27,14 @@ class EvalConfig:
     lengths: tuple[int, ...] = (512,)
     schedules: tuple[str, ...] = ("presets",)
     baselines: tuple[str, ...] | None = None  # schedules that also get static and random; None: all
-    seed: int = 0
+    split: str = "evaluation"  # tasks.SPLITS: presets are chosen on "calibration" and reported on "evaluation"
+    seed: int | None = None  # builds the samples; None: the split's seed
     out_dir: Path = Path("results/eval")
     cache_dir: Path | None = None
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None  # torch CPU threads; 1 is steadier on a machine shared with other work
-    tolerances: dict[str, float] = field(default_factory=lambda: {"balanced": 0.01, "aggressive": 0.05})
+    tolerances: dict[str, float] = field(default_factory=lambda: {"balanced": 0.01, "fast": 0.05})
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in tasks.TASKS]
@@ -43,6 +44,12 @@ class EvalConfig:
             raise ValueError(f"samples must be at least 1, got {self.samples}")
         if not self.lengths:
             raise ValueError("give at least one prompt length (--lengths 512,1024)")
+        if self.split not in tasks.SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; splits: {', '.join(tasks.SPLITS)}")
+
+    @property
+    def sample_seed(self) -> int:
+        return tasks.SPLITS[self.split] if self.seed is None else self.seed
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
@@ -62,11 +69,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     cache_dir = cfg.cache_dir if cfg.cache_dir is not None else cfg.out_dir / "dense-cache"
     runner = Runner(model, tokenizer, f"{cfg.model}|{cfg.dtype}|{cfg.device}", cache_dir)
     methods = make_methods(cfg.schedules, runner.num_layers, cfg.baselines)
-    samples = tasks.build_all(cfg.tasks, tokenizer, cfg.lengths, cfg.samples, cfg.seed)
+    samples = tasks.build_all(cfg.tasks, tokenizer, cfg.lengths, cfg.samples, cfg.sample_seed)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "model": cfg.model, "tasks": list(cfg.tasks), "samples": cfg.samples, "lengths": list(cfg.lengths),
-        "seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype, "threads": torch.get_num_threads(),
+        "split": cfg.split, "seed": cfg.sample_seed, "device": cfg.device, "dtype": cfg.dtype, "threads": torch.get_num_threads(),
         "num_layers": runner.num_layers, "methods": [vars(m) for m in methods],
         "machine": machine_info(model.device),
     }
