@@ -115,6 +115,19 @@ def test_a_candidate_stops_once_the_target_is_out_of_reach():
     assert tune.cannot_pass([rec("passkey", i, 0.0) for i in range(3)], refs, 0.2) != ""
 
 
+def test_losses_of_a_stopped_candidate_are_relative_to_dense_over_all_samples():
+    refs = {("recall", 512, 0): 0.0, ("recall", 512, 1): 1.0, ("passkey", 512, 0): 1.0, ("passkey", 512, 1): 1.0}
+
+    def rec(task, i, score):
+        return {"task": task, "length": 512, "index": i, "method": "m", "family": "lazy", "base": "m", "score": score,
+                "reference_score": refs[(task, 512, i)], "agree": 1.0, "kl": 0.0, "match": 0, "ttft_s": 0.5,
+                "ideal_speedup": 2.0}
+
+    stats, ideal = tune.task_losses([rec("recall", 0, 0.0), rec("passkey", 0, 0.0)], refs)
+    assert stats["recall"]["loss"] == 0.0 and stats["passkey"]["loss"] == 1.0  # dense 0 on the one recall sample
+    assert ideal == 2.0
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "exactly one target"),
     ({"max_loss": 0.05, "min_speedup": 2.0}, "exactly one target"),
@@ -199,6 +212,16 @@ def test_tune_writes_a_schedule_file_that_the_api_and_the_cli_accept(tiny_dir, t
     again = run_tune(tiny_dir, out, "--target-loss", "0.5", "--rule", "mean")
     assert again.exit_code in (0, 1), again.output
     assert (work / "records.jsonl").read_text().splitlines()[: len(records)] == records
+
+    # --report-only decides from the records alone: the same choice, nothing run
+    records = (work / "records.jsonl").read_text()
+    chosen = json.loads((work / "tune-schedule.json").read_text())["chosen"]
+    replay = run_tune(tiny_dir, out, "--target-loss", "0.5", "--rule", "mean", "--report-only")
+    assert replay.exit_code == again.exit_code, replay.output
+    assert (work / "records.jsonl").read_text() == records
+    assert json.loads((work / "tune-schedule.json").read_text())["chosen"] == chosen
+    empty = run_tune(tiny_dir, tmp_path / "other.json", "--target-loss", "0.5", "--report-only")
+    assert empty.exit_code == 2 and "run the search first" in " ".join(empty.output.split())
 
 
 @pytest.mark.parametrize("target, message", [

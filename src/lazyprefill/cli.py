@@ -325,6 +325,9 @@ def tune_command(
                                          help="Records (JSONL, resumable), the log and the plot [default: OUT without .json + '-tune']."),
     cache: Path | None = typer.Option(None, "--cache", file_okay=False, help="Dense-result cache [default: WORK_DIR/dense-cache]."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads [default: torch's]."),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Decide from WORK_DIR/records.jsonl alone, run nothing (a search stopped early)."
+    ),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("float32", "--dtype"),
 ) -> None:
@@ -347,7 +350,7 @@ def tune_command(
             seed=SPLITS["calibration"] if seed is None else seed, eval_samples=eval_samples,
             target=tune.Target(max_loss=target_loss, min_speedup=target_speedup, rule=rule), space=space,
             work_dir=work_dir or out.with_name(out.stem + "-tune"), cache_dir=cache, device=device, dtype=dtype,
-            threads=threads,
+            threads=threads, run=not report_only,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None

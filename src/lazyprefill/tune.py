@@ -161,7 +161,6 @@ class Outcome:
     why: str = ""
     tasks: dict[str, dict] = field(default_factory=dict)  # task -> score, dense, loss, loss_bound, n
     ideal: float = 0.0
-    measured: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -175,21 +174,26 @@ class Outcome:
         c = self.candidate
         return {"schedule": c.name, "scorer": c.scorer, "keep": {str(k): v for k, v in c.schedule.keep.items()},
                 "fractions": {str(k): v for k, v in c.fractions.items()}, "status": self.status, "why": self.why,
-                "ideal_speedup": self.ideal or c.ideal, "measured_speedup": self.measured, "tasks": self.tasks}
+                "ideal_speedup": self.ideal or c.ideal, "tasks": self.tasks}
 
 
-def task_losses(records: list[dict], dense_ttft: dict[tuple, float]) -> tuple[dict[str, dict], float, float | None]:
-    """Per task: score and dense means, the relative loss and its 95% bound; plus ideal and measured speedups."""
-    summary = report.summarize(records)  # per task, this one method
+def task_losses(records: list[dict], references: dict[tuple, float]) -> tuple[dict[str, dict], float]:
+    """Per task: score and dense means, the relative loss and its 95% bound; plus the ideal speedup.
+
+    No measured speedup: dense runs once per sample, at the start, not beside each candidate, so on a
+    shared machine the ratio of the two times says more about the load than the schedule (`eval`
+    interleaves them and reports it).
+
+    Losses are relative to dense's mean over all of the task's calibration samples, so that a candidate
+    stopped early (on a few samples, where dense may have scored 0) still has one."""
     out = {}
-    for task, methods in summary.items():
-        (s,) = methods.values()
-        dense = s["dense_score"]["mean"]
-        out[task] = {"score": s["score"]["mean"], "dense": dense, "n": s["score"]["n"],
+    for task, methods in report.summarize(records).items():
+        (s,) = methods.values()  # one method
+        dense = statistics.fmean(v for k, v in references.items() if k[0] == task)
+        out[task] = {"score": s["score"]["mean"], "dense": s["dense_score"]["mean"], "n": s["score"]["n"],
                      "diff_ci95": s["diff_vs_dense"]["ci95"],
                      "loss": -s["diff_vs_dense"]["mean"] / dense, "loss_bound": -s["diff_vs_dense"]["ci95"][0] / dense}
-    ratios = [dense_ttft[_key(r)] / r["ttft_s"] for r in records if _key(r) in dense_ttft]
-    return out, statistics.median(r["ideal_speedup"] for r in records), statistics.median(ratios) if ratios else None
+    return out, statistics.median(r["ideal_speedup"] for r in records)
 
 
 def _key(r: dict) -> tuple:
@@ -234,6 +238,7 @@ class TuneConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    run: bool = True  # False: rebuild the outcomes from work_dir's records, run nothing
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in eval_tasks.TASKS]
@@ -254,12 +259,19 @@ class TuneResult:
     dense: dict[str, float]  # task -> dense mean score on the calibration samples
 
 
-class Search:
-    """Evaluates candidates on the calibration samples, reusing and appending to a JSONL log."""
+class NotRun(Exception):
+    """A record the log does not hold, asked for in a search that runs nothing (`run=False`)."""
 
-    def __init__(self, runner: Runner, samples: list[eval_tasks.Sample], log_path: Path,
-                 progress: Callable[[str], None] = lambda _: None) -> None:
-        self.runner, self.samples, self.log_path, self.progress = runner, samples, log_path, progress
+
+class Search:
+    """Evaluates candidates on the calibration samples, reusing and appending to a JSONL log.
+
+    With `run=False` it only reads the log: references come from the dense records, and a candidate
+    the log does not fully hold comes out "not run" (its partial statistics kept)."""
+
+    def __init__(self, runner: Runner | None, samples: list[eval_tasks.Sample], log_path: Path,
+                 progress: Callable[[str], None] = lambda _: None, run: bool = True) -> None:
+        self.runner, self.samples, self.log_path, self.progress, self.run = runner, samples, log_path, progress, run
         self.done: dict[tuple[str, tuple], dict] = {}
         if log_path.exists():
             for line in log_path.read_text().splitlines():
@@ -269,13 +281,20 @@ class Search:
         self.refs = {}
         self.references: dict[tuple, float] = {}
         for sample in samples:
-            ref = runner.reference(sample)
-            self.refs[_key(vars(sample))] = ref
-            self.references[_key(vars(sample))] = task_score(sample, ref.text, ref.tokens, ref.tokens)
+            key = _key(vars(sample))
+            if run:
+                self.refs[key] = ref = runner.reference(sample)
+                self.references[key] = task_score(sample, ref.text, ref.tokens, ref.tokens)
+            elif ("dense", key) in self.done:
+                self.references[key] = self.done[("dense", key)]["reference_score"]
+            else:
+                raise ValueError(f"{log_path} has no dense record of {key}: run the search first (without --report-only)")
 
     def record(self, sample: eval_tasks.Sample, method: Method) -> dict:
         key = (method.name, _key(vars(sample)))
         if key not in self.done:
+            if not self.run:
+                raise NotRun(method.name)
             r = self.runner.run_one(sample, method, self.refs[key[1]])
             r["reference_score"] = self.references[key[1]]
             self.done[key] = r
@@ -283,8 +302,10 @@ class Search:
                 log.write(json.dumps(r) + "\n")
         return self.done[key]
 
-    def dense_ttft(self) -> dict[tuple, float]:
-        return {_key(vars(s)): self.record(s, DENSE)["ttft_s"] for s in self.samples}
+    def run_dense(self) -> None:
+        """Dense as a method on every sample: its scores must equal the references' (a check in the log)."""
+        for s in self.samples:
+            self.record(s, DENSE)
 
     def evaluate(self, cand: Candidate, target: Target) -> Outcome:
         """All samples (stopping early when a loss target is out of reach), then the per-task statistics."""
@@ -292,16 +313,23 @@ class Search:
         records: list[dict] = []
         for i, sample in enumerate(self.samples):
             self.progress(f"{cand.name} {i + 1}/{len(self.samples)}")
-            records.append(self.record(sample, method))
+            try:
+                records.append(self.record(sample, method))
+            except NotRun:
+                if not records:
+                    return Outcome(cand, "not run", "no record in the log")
+                stats, ideal = task_losses(records, self.references)
+                return Outcome(cand, "not run", f"the log holds {len(records)} of {len(self.samples)} samples",
+                               stats, ideal)
             why = cannot_pass(records, self.references, target.max_loss) if target.max_loss is not None else ""
             if why and i + 1 < len(self.samples):
-                stats, ideal, measured = task_losses(records, self.dense_ttft())
-                return Outcome(cand, "stopped", why, stats, ideal, measured)
-        stats, ideal, measured = task_losses(records, self.dense_ttft())
+                stats, ideal = task_losses(records, self.references)
+                return Outcome(cand, "stopped", why, stats, ideal)
+        stats, ideal = task_losses(records, self.references)
         if target.max_loss is None:
-            return Outcome(cand, "evaluated", "", stats, ideal, measured)
+            return Outcome(cand, "evaluated", "", stats, ideal)
         why = passes(stats, target)
-        return Outcome(cand, "failed" if why else "passed", why, stats, ideal, measured)
+        return Outcome(cand, "failed" if why else "passed", why, stats, ideal)
 
 
 def search(space_candidates: list[Candidate], evaluate: Callable[[Candidate], Outcome], target: Target,
@@ -325,7 +353,9 @@ def search(space_candidates: list[Candidate], evaluate: Callable[[Candidate], Ou
         outcome = evaluate(cand)
         outcomes.append(outcome)
         pending.remove(cand)
-        if outcome.status == "passed":
+        if outcome.status == "not run":
+            cut, why = [], ""
+        elif outcome.status == "passed":
             cut = [c for c in pending if c.covers(cand)]
             why = f"computes no fewer tokens than {cand.name}, which passed"
         else:
@@ -350,7 +380,7 @@ def choose(outcomes: list[Outcome], target: Target) -> Outcome | None:
     """The fastest candidate that passed a loss target, or the most accurate one at a speedup target."""
     if target.max_loss is not None:
         ok = [o for o in outcomes if o.status == "passed"]
-        return max(ok, key=lambda o: (o.ideal, -o.worst_loss)) if ok else None
+        return max(ok, key=lambda o: (o.ideal, -o.worst_loss)) if ok else None  # ties: the first evaluated
     done = [o for o in outcomes if o.complete]
     return min(done, key=lambda o: (o.worst_loss, -o.ideal)) if done else None
 
@@ -367,25 +397,25 @@ def tune(cfg: TuneConfig, progress: bool = True) -> TuneResult:
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(model, tokenizer, f"{cfg.model}|{cfg.dtype}|{cfg.device}",
-                    cfg.cache_dir if cfg.cache_dir is not None else cfg.work_dir / "dense-cache")
+                    cfg.cache_dir if cfg.cache_dir is not None else cfg.work_dir / "dense-cache") if cfg.run else None
     samples, shared = calibration_samples(cfg.tasks, tokenizer, cfg.lengths, cfg.samples, cfg.seed,
                                           cfg.eval_seed, cfg.eval_samples)
     calibration = {"tasks": list(cfg.tasks), "lengths": list(cfg.lengths), "samples_per_task": cfg.samples,
                    "seed": cfg.seed, "samples": len(samples), "dropped_shared_with_evaluation": shared,
                    "evaluation_split": {"seed": cfg.eval_seed, "samples_per_task": cfg.eval_samples}}
     _check_log(cfg, calibration)
-    space = candidates(cfg.space, runner.dims, max(cfg.lengths))
+    space = candidates(cfg.space, ModelDims.of(model), max(cfg.lengths))
     if cfg.target.min_speedup is not None and not any(c.ideal >= cfg.target.min_speedup for c in space):
         raise ValueError(f"--target-speedup {cfg.target.min_speedup}: the fastest schedule of the search space "
                          f"gives {space[-1].ideal:.2f}x ideal; lower the target or add lower --ratios / more --max-layers")
     with tqdm(total=len(space), desc="tune", unit="cand", disable=not progress) as bar:
-        log = Search(runner, samples, cfg.work_dir / "records.jsonl", progress=bar.set_postfix_str)
+        log = Search(runner, samples, cfg.work_dir / "records.jsonl", progress=bar.set_postfix_str, run=cfg.run)
         dense = {t: statistics.fmean(v for k, v in log.references.items() if k[0] == t) for t in cfg.tasks}
         for task, mean in dense.items():
             if mean == 0:
                 raise ValueError(f"dense scores 0 on {task} at {cfg.lengths} tokens: a relative loss is undefined; "
                                  "drop the task or use lengths where the model does it")
-        log.dense_ttft()
+        log.run_dense()
         outcomes = search(space, lambda c: log.evaluate(c, cfg.target), cfg.target, on_resolved=bar.update)
     return TuneResult(outcomes, choose(outcomes, cfg.target), pareto_front(outcomes), calibration, dense)
 
@@ -407,7 +437,7 @@ def save_schedule(result: TuneResult, cfg: TuneConfig, num_layers: int, path: Pa
     target = {k: v for k, v in asdict(cfg.target).items() if v is not None}
     return o.candidate.schedule.save(
         path, model=cfg.model, num_layers=num_layers, target=target, calibration=result.calibration,
-        scores=o.tasks, ideal_speedup=o.ideal, measured_speedup=o.measured,
+        scores=o.tasks, ideal_speedup=o.ideal,
         preset={"keep": {str(k): v for k, v in o.candidate.fractions.items()}, "scorer": o.candidate.scorer},
     )
 
@@ -455,11 +485,10 @@ def front_table(result: TuneResult):
     """The Pareto front as a rich table: per task, the score and its relative loss [95% bound]."""
     from rich.table import Table
 
-    table = Table("schedule", "ideal", "measured", *result.dense, "status", title="Pareto front (calibration)")
+    table = Table("schedule", "ideal", *result.dense, "status", title="Pareto front (calibration)")
     for o in result.front:
-        cells = [f"{s['score']:.3f} loss {s['loss']:.1%} (<= {s['loss_bound']:.1%}) n={s['n']}"
+        cells = [f"{s['score']:.3f} loss {s['loss'] + 0.0:.1%} (bound {s['loss_bound'] + 0.0:.1%}) n={s['n']}"
                  for s in (o.tasks[t] for t in result.dense)]
         chosen = " [bold](chosen)[/bold]" if o is result.chosen else ""
-        table.add_row(o.candidate.name, f"{o.ideal:.2f}x", f"{o.measured:.2f}x" if o.measured else "-",
-                      *cells, o.status + chosen)
+        table.add_row(o.candidate.name, f"{o.ideal:.2f}x", *cells, o.status + chosen)
     return table
