@@ -11,7 +11,7 @@ export PIP_NO_INPUT := 1
 
 demo: $(INSTALLED)
 	$(VENV)/bin/lazyprefill generate --model smollm2 --prompt-file examples/python_license.txt \
-		--question "$(QUESTION)" --compare
+		--question "$(QUESTION)" --schedule paper --compare
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q

@@ -38,13 +38,13 @@ def test_json_reports_the_answer_and_per_layer_work(doc):
     result = generate("--prompt-file", str(doc), "--question", "Who created Python?", "-n", "4", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["model"] == "smollm2" and out["schedule"] == "paper" and out["schedule_scorer"] == "last(heads=mean)"
-    assert out["schedule_keep"] == {"9": 0.7, "18": 0.7, "27": 0.7}  # 30 layers
+    assert out["model"] == "smollm2" and out["schedule"] == "balanced" and out["schedule_scorer"] == "last(heads=mean)"
+    assert out["schedule_keep"] == {"20": 0.3}  # the default preset: 67% of 30 layers
     assert 1 <= len(out["token_ids"]) <= 4 and isinstance(out["text"], str)
     assert out["ttft_s"] > 0 and len(out["ttft_runs_s"]) == 1
     computed = out["prefill_computed"]
     assert len(computed) == 30 and computed[0] == out["prompt_tokens"]
-    assert computed[9] == out["prompt_tokens"] and computed[10] < computed[9]  # pruned after layer 9
+    assert computed[20] == out["prompt_tokens"] and computed[21] < computed[20]  # pruned after layer 20
     assert "dense_ttft_s" not in out
 
 
@@ -69,7 +69,7 @@ def test_keep_all_schedule_answers_like_dense(doc):
 def test_compare_text_prints_both_answers_and_the_speedup(doc):
     result = generate("--prompt-file", str(doc), "-n", "2", "--compare", "--repeats", "1")
     assert result.exit_code == 0, result.output
-    assert "LazyLLM (paper):" in result.stdout and "Dense:" in result.stdout
+    assert "LazyLLM (balanced):" in result.stdout and "Dense:" in result.stdout
     assert "TTFT speedup:" in result.stdout
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from lazyprefill.cli import app
 from lazyprefill.eval import metrics, report, tasks
-from lazyprefill.eval.runner import make_methods, sweep_schedules
+from lazyprefill.eval.runner import make_methods, split_list, sweep_schedules
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -68,19 +68,19 @@ def test_intervals():
 
 
 def test_select_presets_takes_the_fastest_schedule_within_tolerance_on_every_task():
-    def stats(family, score, dense, speedup):
-        return {"family": family, "score": {"mean": score}, "dense_score": {"mean": dense},
+    def stats(family, bound, speedup):  # bound: the 95% upper bound of the relative loss
+        return {"family": family, "score": {"mean": 0.5}, "dense_score": {"mean": 0.5}, "loss_bound": bound,
                 "speedup": speedup, "ideal_speedup": speedup}
 
     summary = {
-        "code": {"a": stats("lazy", 0.50, 0.50, 1.2), "b": stats("lazy", 0.497, 0.50, 1.5),
-                 "c": stats("lazy", 0.48, 0.50, 2.0), "static:c": stats("static", 0.5, 0.5, 3.0)},
-        "passkey": {"a": stats("lazy", 1.0, 1.0, 1.2), "b": stats("lazy", 1.0, 1.0, 1.5),
-                    "c": stats("lazy", 0.96, 1.0, 2.0), "static:c": stats("static", 1.0, 1.0, 3.0)},
+        "code": {"a": stats("lazy", 0.0, 1.2), "b": stats("lazy", 0.006, 1.5), "c": stats("lazy", 0.04, 2.0),
+                 "static:c": stats("static", 0.0, 3.0)},
+        "passkey": {"a": stats("lazy", 0.0, 1.2), "b": stats("lazy", 0.01, 1.5), "c": stats("lazy", 0.05, 2.0),
+                    "static:c": stats("static", 0.0, 3.0)},
     }
-    chosen = report.select_presets(summary, {"balanced": 0.01, "aggressive": 0.05, "none": 0.0})
+    chosen = report.select_presets(summary, {"balanced": 0.01, "fast": 0.05, "none": 0.0})
     assert chosen["balanced"]["schedule"] == "b"
-    assert chosen["aggressive"]["schedule"] == "c"
+    assert chosen["fast"]["schedule"] == "c"
     assert chosen["none"]["schedule"] == "a"
 
 
@@ -91,10 +91,26 @@ def test_methods_pair_each_schedule_with_static_and_random():
         ("random:paper", "random"),
     ]
     assert len(sweep_schedules(30)) >= 5
-    with pytest.raises(ValueError, match="mode prefix"):
-        make_methods(["static:paper"], num_layers=30)
     with pytest.raises(ValueError, match="not among"):
         make_methods(["paper"], num_layers=30, baselines=["9:0.5"])
+
+
+def test_methods_take_their_family_from_the_scorer():
+    spec = "pool(k=5, of=window(w=8)):9:0.5,18:0.5"
+    methods = make_methods(split_list(f"static:paper, {spec.replace(',1', ';1')}, random:9:0.5"), num_layers=30)
+    by_name = {m.name: m for m in methods}
+    assert [m.family for m in methods] == ["dense", "lazy", "static", "random", "static", "random"]
+    assert by_name[spec].scorer == "pool(k=5, of=window(w=8, heads=mean))"
+    # the static baseline of a schedule keeps its scorer in prefill; random draws the same counts
+    assert by_name[f"static:{spec}"].schedule == "static(of=pool(k=5, of=window(w=8, heads=mean))):9:0.5,18:0.5"
+    assert by_name[f"random:{spec}"].schedule == "random(seed=0):9:0.5,18:0.5"
+    assert by_name["static:paper"].family == "static" and by_name["random:9:0.5"].family == "random"
+
+
+def test_schedule_lists_split_outside_parentheses():
+    assert split_list("paper, pool(k=5, of=window(w=8)):9:0.5;18:0.5,9:0.7;19:0.7") == [
+        "paper", "pool(k=5, of=window(w=8)):9:0.5,18:0.5", "9:0.7,19:0.7"]
+    assert split_list(" , paper,") == ["paper"]
 
 
 # -------------------------------------------------------------------------------------------- tasks
@@ -149,5 +165,6 @@ def test_eval_cli_writes_the_report_and_dense_matches_itself(tmp_path):
     for r in data["records"]:
         if r["method"] == "dense":  # a fresh dense run against the cached dense reference
             assert r["score"] == r["reference_score"] and r["agree"] == 1.0 and r["kl"] == 0.0
-    assert "balanced" in data["presets"] and "aggressive" in data["presets"]
+    assert "balanced" in data["presets"] and "fast" in data["presets"]
+    assert data["config"]["split"] == "evaluation" and data["config"]["seed"] == 0
     assert (out / "eval.md").read_text().count("| paper |") == 3

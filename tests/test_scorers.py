@@ -139,7 +139,7 @@ def test_scorer_text_round_trips(spec):
         ("static", {2: 0.7, 4: 0.7, 6: 0.7}, "static"),
         ("lazy:2:0.5", {2: 0.5}, "last"),
         ("window(w=8):1:0.5,4:0.25", {1: 0.5, 4: 0.25}, "window(w=8)"),
-        ("pool(k=5, of=window(w=8)):aggressive", {5: 0.5}, "pool(k=5, of=window(w=8))"),
+        ("pool(k=5, of=window(w=8)):balanced", {5: 0.3}, "pool(k=5, of=window(w=8))"),
         ("protect", {2: 0.7, 4: 0.7, 6: 0.7}, "protect"),
     ],
 )

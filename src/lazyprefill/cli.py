@@ -21,7 +21,9 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "smollm2 (embedded default), gemma3-270m (embedded, 32K context), a local path or a hub name."
-SCHEDULE_HELP = 'paper (default), none (dense), static, random or layer:ratio pairs "9:0.7,19:0.7".'
+SCHEDULE_HELP = (
+    'balanced (default), paper, none (dense), static, random, layer:ratio pairs "9:0.7,19:0.7" or a .json file.'
+)
 # What loading raises for what is not a model: a missing or invalid config.json or tokenizer (OSError,
 # ValueError), an unknown model_type (KeyError, ValueError), weights that do not fit (RuntimeError), ...
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError)
@@ -84,8 +86,11 @@ def load(model: str, device: str, dtype: str) -> tuple:
     if model.startswith(("/", "./", "../", "~")) and not where.exists():
         fail(f"{model} does not exist: pass smollm2, an existing model folder or .gguf file, or a hub name", "--model")
     if where.is_dir() and not (where / "config.json").is_file():
-        fail(f"{model} has no config.json, so it is not a transformers checkpoint: pass smollm2, a folder that "
-             "save_pretrained wrote, a .gguf file or a hub name", "--model")
+        fail(
+            f"{model} has no config.json, so it is not a transformers checkpoint: pass smollm2, a folder that "
+            "save_pretrained wrote, a .gguf file or a hub name",
+            "--model",
+        )
     try:
         lm, tokenizer = load_model(model, device=device, dtype=dtype)
     except LOAD_ERRORS as err:  # what transformers raises for a folder or name that is not a model it can load
@@ -106,10 +111,10 @@ def load(model: str, device: str, dtype: str) -> tuple:
 
 def model_schedule(schedule: str | None, num_layers: int) -> Schedule:
     """The checked Schedule: the user's, or the default preset (whose failure is the model's, not --schedule's)."""
-    from .schedule import parse_schedule
+    from .schedule import DEFAULT_PRESET, parse_schedule
 
     try:
-        return parse_schedule("paper" if schedule is None else schedule, num_layers)
+        return parse_schedule(DEFAULT_PRESET if schedule is None else schedule, num_layers)
     except ValueError as err:
         fail(str(err), "--schedule" if schedule is not None else "--model")
 
@@ -132,6 +137,7 @@ def inspect_command(
 
     from .models import chat_prompt
     from .report import inspect_prompt, token_texts, write_report
+    from .schedule import DEFAULT_PRESET
 
     document = read_document(prompt_file)
     check_device(device, dtype)
@@ -147,8 +153,13 @@ def inspect_command(
             fail(str(err), "--prompt-file")
     out.parent.mkdir(parents=True, exist_ok=True)
     written = write_report(
-        out, lazy, token_texts(tokenizer, ids), model=f"{model} ({device}, {dtype})", schedule=sched,
-        schedule_name=schedule or "paper", dense=dense,
+        out,
+        lazy,
+        token_texts(tokenizer, ids),
+        model=f"{model} ({device}, {dtype})",
+        schedule=sched,
+        schedule_name=schedule or DEFAULT_PRESET,
+        dense=dense,
     )
     console.print(
         f"TTFT LazyLLM {lazy.ttft_s * 1000:.0f} ms, dense {dense.ttft_s * 1000:.0f} ms "
@@ -160,7 +171,12 @@ def inspect_command(
 @app.command("generate")
 def generate_command(
     prompt_files: list[Path] = typer.Option(
-        ..., "--prompt-file", "-f", exists=True, dir_okay=False, readable=True,
+        ...,
+        "--prompt-file",
+        "-f",
+        exists=True,
+        dir_okay=False,
+        readable=True,
         help="The document (text). Repeat it to answer several documents as one batch.",
     ),
     model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
@@ -185,6 +201,7 @@ def generate_command(
     from .bench import time_methods
     from .generation import LazyLLM
     from .models import chat_prompt
+    from .schedule import DEFAULT_PRESET
 
     documents = [read_document(path) for path in prompt_files]
     for path, document in zip(prompt_files, documents):
@@ -209,8 +226,18 @@ def generate_command(
         except ValueError as err:  # the request's checks, made before any prefill
             fail(str(err), "--prompt-file")
     run = GenerateRun(
-        model, schedule or "paper", sched, device, dtype, max_new_tokens, repeats, lm.config.num_hidden_layers,
-        [str(p) for p in prompt_files], prompts, outputs, ttfts,
+        model,
+        schedule or DEFAULT_PRESET,
+        sched,
+        device,
+        dtype,
+        max_new_tokens,
+        repeats,
+        lm.config.num_hidden_layers,
+        [str(p) for p in prompt_files],
+        prompts,
+        outputs,
+        ttfts,
     )
     if json_out:
         print_json(run)
@@ -335,19 +362,25 @@ def eval_command(
     samples: int = typer.Option(5, "--samples", min=1, help="Samples per task and length."),
     lengths: str = typer.Option("512", "--lengths", help="Prompt lengths in tokens, comma-separated."),
     schedules: str = typer.Option(
-        "presets", "--schedules",
-        help='LazyLLM schedules, comma-separated; "presets" (all presets), "sweep" (the built-in speed sweep), '
-        'a preset name or layer:ratio pairs joined by ";" ("9:0.7;19:0.7").',
+        "presets",
+        "--schedules",
+        help='Schedules, comma-separated (commas inside a scorer\'s parentheses stay): "presets" (all presets), '
+        '"sweep" (the built-in speed sweep), a preset name, layer:ratio pairs joined by ";" ("9:0.7;19:0.7"), either '
+        'after a scorer ("pool(k=7, of=window(w=16)):paper", "static:paper"), or a schedule file.',
     ),
     baselines: str = typer.Option(
-        "all", "--baselines",
+        "all",
+        "--baselines",
         help='Schedules that also get static and random: "all", "none", or a list like --schedules.',
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads [default: torch's]."),
     report_only: bool = typer.Option(
         False, "--report-only", help="Rebuild the report from OUT/records.jsonl (complete samples only), run nothing."
     ),
-    seed: int = typer.Option(0, "--seed", help="Builds the task samples."),
+    split: str = typer.Option(
+        "evaluation", "--split", help="calibration (choose presets on it) or evaluation (report them on it)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Builds the task samples [default: the split's seed]."),
     out: Path = typer.Option(Path("results/eval"), "--out", file_okay=False, help="Report directory."),
     cache: Path | None = typer.Option(
         None, "--cache", file_okay=False, help="Dense-result cache [default: OUT/dense-cache]."
@@ -360,16 +393,23 @@ def eval_command(
     from rich.table import Table
 
     from .eval import EvalConfig, evaluate, make_methods, report_from_log
-
-    def split(text: str) -> tuple[str, ...]:
-        return tuple(s.strip().replace(";", ",") for s in text.split(",") if s.strip())
+    from .eval.runner import split_list
 
     try:
         cfg = EvalConfig(
-            model=model, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), samples=samples,
-            lengths=tuple(int(n) for n in lengths.split(",")), seed=seed, out_dir=out, schedules=split(schedules),
-            baselines=None if baselines == "all" else () if baselines == "none" else split(baselines),
-            cache_dir=cache, device=device, dtype=dtype, threads=threads,
+            model=model,
+            tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+            samples=samples,
+            lengths=tuple(int(n) for n in lengths.split(",")),
+            split=split,
+            seed=seed,
+            out_dir=out,
+            schedules=tuple(split_list(schedules)),
+            baselines=None if baselines == "all" else () if baselines == "none" else tuple(split_list(baselines)),
+            cache_dir=cache,
+            device=device,
+            dtype=dtype,
+            threads=threads,
         )
     except ValueError as err:
         fail(str(err))
@@ -392,8 +432,12 @@ def eval_command(
         for name, s in methods.items():
             sc, d = s["score"], s["diff_vs_dense"]
             table.add_row(
-                task, name, f"{sc['mean']:.3f} [{sc['ci95'][0]:.3f}, {sc['ci95'][1]:.3f}]", str(sc["n"]),
-                f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", f"{s['speedup']:.2f}x",
+                task,
+                name,
+                f"{sc['mean']:.3f} [{sc['ci95'][0]:.3f}, {sc['ci95'][1]:.3f}]",
+                str(sc["n"]),
+                f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]",
+                f"{s['speedup']:.2f}x",
                 f"{s['ideal_speedup']:.2f}x",
             )
     console.print(table)
@@ -424,8 +468,13 @@ def bench_command(
 
     try:
         cfg = bench.configure(
-            preset, model.split(",") if model else None, ints(lengths), ints(decode_lengths), repeats,
-            batch_sizes=ints(batch_sizes), batch_length=batch_length,
+            preset,
+            model.split(",") if model else None,
+            ints(lengths),
+            ints(decode_lengths),
+            repeats,
+            batch_sizes=ints(batch_sizes),
+            batch_length=batch_length,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -439,3 +488,110 @@ def bench_command(
     paths = bench.write(result, out, stem or preset)
     typer.echo(bench.markdown(result))
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command("tune")
+def tune_command(
+    model: str = typer.Option(
+        "smollm2", "--model", "-m", help="smollm2 (embedded default), a local path or a hub name."
+    ),
+    target_loss: float | None = typer.Option(
+        None,
+        "--target-loss",
+        help="Largest relative loss per task vs dense, e.g. 0.05: the fastest schedule within it.",
+    ),
+    target_speedup: float | None = typer.Option(
+        None, "--target-speedup", help="Smallest ideal prefill speedup, e.g. 2.0: the most accurate schedule at it."
+    ),
+    out: Path = typer.Option(Path("schedule.json"), "--out", dir_okay=False, help="The schedule file to write."),
+    tasks: str = typer.Option("code,recall,passkey", "--tasks", help="Calibration tasks, comma-separated."),
+    lengths: str = typer.Option("512", "--lengths", help="Prompt lengths in tokens, comma-separated."),
+    samples: int = typer.Option(20, "--samples", min=2, help="Calibration samples per task and length."),
+    scorers: str | None = typer.Option(
+        None,
+        "--scorers",
+        help='Scorers to try, comma-separated ("last, pool(k=7, of=window(w=16))") [default: '
+        "last, pool over window, protect around it].",
+    ),
+    fractions: str = typer.Option(
+        "0.1,0.2,0.34,0.5,0.67", "--fractions", help="Depth fractions a pruning layer may sit at."
+    ),
+    ratios: str = typer.Option(
+        "0.7,0.5,0.3", "--ratios", help="Keep ratios to try (one per schedule, at each of its layers)."
+    ),
+    max_layers: int = typer.Option(2, "--max-layers", help="At most this many pruning layers."),
+    rule: str = typer.Option(
+        "bound", "--rule", help="bound: the 95% bound of the paired loss meets --target-loss; mean: its mean."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Builds the calibration prompts [default: the calibration split's]."
+    ),
+    eval_samples: int = typer.Option(
+        100, "--eval-samples", help="Calibration prompts found among this many evaluation samples per task are dropped."
+    ),
+    work_dir: Path | None = typer.Option(
+        None,
+        "--work-dir",
+        file_okay=False,
+        help="Records (JSONL, resumable), the log and the plot [default: OUT without .json + '-tune'].",
+    ),
+    cache: Path | None = typer.Option(
+        None, "--cache", file_okay=False, help="Dense-result cache [default: WORK_DIR/dense-cache]."
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads [default: torch's]."),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Decide from WORK_DIR/records.jsonl alone, run nothing (a search stopped early)."
+    ),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype"),
+) -> None:
+    """Search pruning layers, keep ratios and scorers on calibration prompts; write the chosen schedule file."""
+    from rich.console import Console
+
+    from . import tune
+    from .eval.runner import split_list
+    from .eval.tasks import SPLITS
+
+    try:
+        space = tune.SearchSpace(
+            scorers=tuple(split_list(scorers)) if scorers else tune.DEFAULT_SCORERS,
+            fractions=tuple(float(x) for x in fractions.split(",") if x.strip()),
+            ratios=tuple(float(x) for x in ratios.split(",") if x.strip()),
+            max_layers=max_layers,
+        )
+        cfg = tune.TuneConfig(
+            model=model,
+            tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+            lengths=tuple(int(n) for n in lengths.split(",")),
+            samples=samples,
+            seed=SPLITS["calibration"] if seed is None else seed,
+            eval_samples=eval_samples,
+            target=tune.Target(max_loss=target_loss, min_speedup=target_speedup, rule=rule),
+            space=space,
+            work_dir=work_dir or out.with_name(out.stem + "-tune"),
+            cache_dir=cache,
+            device=device,
+            dtype=dtype,
+            threads=threads,
+            run=not report_only,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    try:
+        result = tune.tune(cfg)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    console = Console()
+    console.print(tune.front_table(result))
+    log = tune.write_log(result, cfg, cfg.work_dir / f"tune-{out.stem}.json")
+    png = tune.plot(result, cfg.work_dir / f"front-{out.stem}.png", f"lazyprefill tune: {model}, {lengths} tokens")
+    console.print(f"wrote {log} and {png}")
+    if result.chosen is None:
+        console.print(
+            f"[red]no candidate meets the target[/red] ({cfg.target}); the front above is what the "
+            "search space reaches: widen it (--ratios, --fractions, --scorers) or relax the target"
+        )
+        raise typer.Exit(1)
+    num_layers = len(result.chosen.candidate.computed)
+    tune.save_schedule(result, cfg, num_layers, out)
+    console.print(f"chose [bold]{result.chosen.candidate.name}[/bold] ({result.chosen.ideal:.2f}x ideal); wrote {out}")

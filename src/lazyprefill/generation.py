@@ -18,7 +18,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from .adapters import LlamaAdapter, adapter_for
 from .engine import Engine, StepStats, StepTrace
 from .env import synchronize
-from .schedule import Schedule, parse_schedule
+from .schedule import DEFAULT_PRESET, Schedule, parse_schedule
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Request:
 class LazyLLM:
     """LazyLLM on a model the user already loaded: never copies or modifies its weights.
 
-    `schedule` is a preset name ("paper"), "dense"/None, "static"/"random" baselines, a
+    `schedule` is a preset name ("balanced", the default, or "paper"), "dense"/None, "static"/"random" baselines, a
     "layer:ratio,..." string, a `{layer: ratio}` dict or a `Schedule`.
 
     Threads: a LazyLLM is not safe to call from several threads at once, and neither are several
@@ -144,7 +144,11 @@ class LazyLLM:
     """
 
     def __init__(
-        self, model: nn.Module, schedule: str | dict | Schedule | None = "paper", tokenizer=None, trace: bool = False
+        self,
+        model: nn.Module,
+        schedule: str | dict | Schedule | None = DEFAULT_PRESET,
+        tokenizer=None,
+        trace: bool = False,
     ) -> None:
         if getattr(model, "lm_head", None) is None:
             raise ValueError(
@@ -261,9 +265,11 @@ class LazyLLM:
 
     def _output(self, r: Request, engine: Engine, ttft: float) -> GenerationOutput:
         stats = GenerationStats(
-            steps=r.steps, prefill_depth=r.prefill_depth,
+            steps=r.steps,
+            prefill_depth=r.prefill_depth,
             final_depth=engine.cache.depth[r.index, : engine.cache.length[r.index]].copy(),
-            num_layers=self.adapter.num_layers, traces=engine.traces[r.index] if engine.traces else [],
+            num_layers=self.adapter.num_layers,
+            traces=engine.traces[r.index] if engine.traces else [],
         )
         sequences = torch.cat([r.prompt, torch.tensor(r.new_tokens, dtype=r.prompt.dtype, device=r.prompt.device)])
         text = self.tokenizer.decode(r.new_tokens, skip_special_tokens=True) if self.tokenizer is not None else None
@@ -346,8 +352,9 @@ def _sequences(input_ids, attention_mask) -> tuple[list[torch.Tensor], bool]:
     else:
         seq = list(input_ids)
         if seq and isinstance(seq[0], (list, tuple, torch.Tensor, np.ndarray)):
-            rows = [torch.as_tensor(s) if isinstance(s, (torch.Tensor, np.ndarray)) else torch.tensor(list(s))
-                    for s in seq]
+            rows = [
+                torch.as_tensor(s) if isinstance(s, (torch.Tensor, np.ndarray)) else torch.tensor(list(s)) for s in seq
+            ]
             return rows, True
         return [torch.tensor(seq)], False  # a list of floats stays float and is refused, never cast to ids
     if ids.dim() not in (1, 2):

@@ -27,13 +27,14 @@ class EvalConfig:
     lengths: tuple[int, ...] = (512,)
     schedules: tuple[str, ...] = ("presets",)
     baselines: tuple[str, ...] | None = None  # schedules that also get static and random; None: all
-    seed: int = 0
+    split: str = "evaluation"  # tasks.SPLITS: presets are chosen on "calibration" and reported on "evaluation"
+    seed: int | None = None  # builds the samples; None: the split's seed
     out_dir: Path = Path("results/eval")
     cache_dir: Path | None = None
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None  # torch CPU threads; 1 is steadier on a machine shared with other work
-    tolerances: dict[str, float] = field(default_factory=lambda: {"balanced": 0.01, "aggressive": 0.05})
+    tolerances: dict[str, float] = field(default_factory=lambda: {"balanced": 0.01, "fast": 0.05})
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in tasks.TASKS]
@@ -43,6 +44,12 @@ class EvalConfig:
             raise ValueError(f"samples must be at least 1, got {self.samples}")
         if not self.lengths:
             raise ValueError("give at least one prompt length (--lengths 512,1024)")
+        if self.split not in tasks.SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; splits: {', '.join(tasks.SPLITS)}")
+
+    @property
+    def sample_seed(self) -> int:
+        return tasks.SPLITS[self.split] if self.seed is None else self.seed
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
@@ -62,19 +69,28 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     cache_dir = cfg.cache_dir if cfg.cache_dir is not None else cfg.out_dir / "dense-cache"
     runner = Runner(model, tokenizer, f"{cfg.model}|{cfg.dtype}|{cfg.device}", cache_dir)
     methods = make_methods(cfg.schedules, runner.num_layers, cfg.baselines)
-    samples = tasks.build_all(cfg.tasks, tokenizer, cfg.lengths, cfg.samples, cfg.seed)
+    samples = tasks.build_all(cfg.tasks, tokenizer, cfg.lengths, cfg.samples, cfg.sample_seed)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     config = {
-        "model": cfg.model, "tasks": list(cfg.tasks), "samples": cfg.samples, "lengths": list(cfg.lengths),
-        "seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype, "threads": torch.get_num_threads(),
-        "num_layers": runner.num_layers, "methods": [vars(m) for m in methods],
+        "model": cfg.model,
+        "tasks": list(cfg.tasks),
+        "samples": cfg.samples,
+        "lengths": list(cfg.lengths),
+        "split": cfg.split,
+        "seed": cfg.sample_seed,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "threads": torch.get_num_threads(),
+        "num_layers": runner.num_layers,
+        "methods": [vars(m) for m in methods],
         "machine": machine_info(model.device),
     }
     (cfg.out_dir / "config.json").write_text(json.dumps(config, indent=1))
     started = time.time()
     with open(cfg.out_dir / "records.jsonl", "w") as log:
-        records = runner.run(samples, methods, progress=progress,
-                             on_record=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()))
+        records = runner.run(
+            samples, methods, progress=progress, on_record=lambda r: (log.write(json.dumps(r) + "\n"), log.flush())
+        )
     config["wall_s"] = time.time() - started
     return write_report(config, records, cfg.out_dir, cfg.tolerances)
 
@@ -82,8 +98,12 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
 def write_report(config: dict, records: list[dict], out_dir: Path, tolerances: dict[str, float]) -> dict:
     """eval.json (config, summary, chosen presets, every record), eval.md and one PNG per task."""
     summary = report.summarize(records)
-    result = {"config": config, "summary": summary, "presets": report.select_presets(summary, tolerances),
-              "records": records}
+    result = {
+        "config": config,
+        "summary": summary,
+        "presets": report.select_presets(summary, tolerances),
+        "records": records,
+    }
     report.write_json(result, out_dir / "eval.json")
     (out_dir / "eval.md").write_text(report.markdown_table(summary) + "\n")
     lengths = "/".join(map(str, sorted({r["length"] for r in records})))

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ..flops import ModelDims, ideal_speedup
 from ..generation import LazyLLM
-from ..schedule import PRESETS, parse_schedule
+from ..schedule import DENSE_NAMES, PRESETS, Schedule, parse_schedule
+from ..scoring import Random, Static
 from . import metrics
 from .tasks import Sample
 
@@ -36,12 +37,38 @@ SWEEP: tuple[dict[float, float], ...] = (
 
 @dataclass(frozen=True)
 class Method:
-    """A way to run the model: `schedule` is what `parse_schedule` takes ("dense", "paper", "static:9:0.7")."""
+    """A way to run the model: `schedule` is what `parse_schedule` takes ("dense", "paper", "static:9:0.7").
+
+    `family` is dense, lazy (a reselecting scorer), static or random; `scorer` is the scorer's spec, so that
+    plots draw one line per scorer; `base` is the schedule whose keep counts it shares ("" for dense)."""
 
     name: str
     family: str
     schedule: str
-    base: str  # the lazy schedule this method shares keep counts with ("" for dense)
+    base: str
+    scorer: str = ""
+
+
+def split_list(text: str) -> list[str]:
+    """'paper, pool(k=5, of=window(w=8)):9:0.5;18:0.5' -> ['paper', 'pool(k=5, of=window(w=8)):9:0.5,18:0.5'].
+
+    Items are separated by commas outside parentheses (scorer specs hold commas); within an item a ';'
+    joins layer:ratio pairs."""
+    items, depth, start = [], 0, 0
+    for at, char in enumerate(text + ","):
+        depth += (char == "(") - (char == ")")
+        if char == "," and depth == 0:
+            items.append(text[start:at])
+            start = at + 1
+    out = []
+    for item in items:
+        parts, depth = [], 0
+        for char in item.strip():
+            depth += (char == "(") - (char == ")")
+            parts.append("," if char == ";" and depth == 0 else char)
+        if "".join(parts):
+            out.append("".join(parts))
+    return out
 
 
 def sweep_schedules(num_layers: int) -> list[str]:
@@ -62,23 +89,34 @@ def expand_schedules(specs: Iterable[str], num_layers: int) -> list[str]:
     return out
 
 
+def method_for(spec: str, num_layers: int) -> Method:
+    """A user's schedule as a method; its family comes from its scorer (static and random are baselines)."""
+    schedule = parse_schedule(spec, num_layers)
+    if schedule.is_dense:
+        return Method("dense", "dense", "dense", "")
+    scorer = schedule.scorer
+    family = scorer.name if isinstance(scorer, (Static, Random)) else "lazy"
+    return Method(spec, family, spec, spec, scorer.spec())
+
+
 def make_methods(schedules: Iterable[str], num_layers: int, baselines: Iterable[str] | None = None) -> list[Method]:
-    """`dense`, each lazy schedule, then static and random at the keep counts of each schedule in
-    `baselines` (None: all of them; "presets" and "sweep" expand as in `schedules`)."""
-    lazy = [s for s in expand_schedules(schedules, num_layers) if s not in ("dense", "none")]
+    """`dense`, each schedule, then static (of the same scorer) and random at the keep counts of each
+    schedule in `baselines` (None: all of the reselecting ones; "presets" and "sweep" expand as in
+    `schedules`). A schedule may name a baseline scorer itself: "static:paper", "random:9:0.5"."""
+    methods = [method_for(s, num_layers) for s in expand_schedules(schedules, num_layers) if s not in DENSE_NAMES]
+    lazy = [m.schedule for m in methods if m.family == "lazy"]
     with_baselines = lazy if baselines is None else expand_schedules(baselines, num_layers)
     missing = [s for s in with_baselines if s not in lazy]
     if missing:
-        raise ValueError(f"baseline schedule(s) {', '.join(missing)} are not among the evaluated schedules")
-    for spec in lazy:
-        if spec.split(":")[0] in ("lazy", "static", "random"):
-            raise ValueError(f"give schedules without a mode prefix ({spec!r}); static and random are added for each")
-        parse_schedule(spec, num_layers)
-    methods = [Method("dense", "dense", "dense", "")]
-    methods += [Method(s, "lazy", s, s) for s in lazy]
-    for family in ("static", "random"):
-        methods += [Method(f"{family}:{s}", family, f"{family}:{s}", s) for s in with_baselines]
-    return methods
+        raise ValueError(f"baseline schedule(s) {', '.join(missing)} are not among the evaluated LazyLLM schedules")
+    out = [Method("dense", "dense", "dense", "")] + [m for m in methods if m.family == "lazy"]
+    for family, scorer_of in (("static", lambda s: Static(of=s)), ("random", lambda s: Random())):
+        for spec in with_baselines:
+            schedule = parse_schedule(spec, num_layers)
+            text = Schedule(schedule.keep, scorer_of(schedule.scorer)).describe()
+            out.append(Method(f"{family}:{spec}", family, text, spec, scorer_of(schedule.scorer).spec()))
+    out += [m for m in methods if m.family != "lazy" and m.name not in {o.name for o in out}]
+    return out
 
 
 # ---------------------------------------------------------------------------------------- scoring
@@ -145,7 +183,7 @@ class Runner:
         computed = out.stats.prefill_computed
         return {
             "task": sample.task, "length": sample.length, "index": sample.index, "method": method.name,
-            "family": method.family, "base": method.base,
+            "family": method.family, "base": method.base, "scorer": method.scorer,
             "score": task_score(sample, out.text, out.new_tokens, ref.tokens),
             "agree": metrics.first_token_agree(out.new_tokens, ref.tokens),
             "kl": metrics.kl_divergence(ref.logits0, out.logits[0]),

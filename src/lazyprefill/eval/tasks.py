@@ -17,6 +17,9 @@ from functools import cache
 from pathlib import Path
 
 TASKS: tuple[str, ...] = ("code", "recall", "passkey", "fidelity")
+# Seeds of the two splits (MEASURE.md): presets and tuned schedules are chosen on `calibration` and
+# reported on `evaluation`; `lazyprefill tune` drops any calibration prompt the evaluation split also has.
+SPLITS: dict[str, int] = {"evaluation": 0, "calibration": 1}
 
 CODE_MAX_NEW = 24  # one line of code (generation stops at its newline)
 PASSKEY_MAX_NEW = 6  # a 5-digit key is one token per digit, plus perhaps a space
