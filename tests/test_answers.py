@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 
 from lazyprefill import answers
-from lazyprefill.bench import ModelDims, random_prompts
+from lazyprefill.bench import ModelDims, random_model, random_prompts
 from lazyprefill.generation import LazyLLM
 from lazyprefill.schedule import PRESETS
 
@@ -52,7 +52,7 @@ def test_totals_come_from_one_run(result):
 
 def test_floor_bytes_follow_the_shape(result):
     (case,) = result["cases"]
-    model = answers.load("tiny", "cpu", torch.float32)
+    model = random_model("tiny", "cpu", torch.float32)
     kv = 2 * 2 * 16 * 4  # K and V x 2 KV heads x head size 16 x 4 bytes
     assert case["kv_bytes_per_key"] == kv
     assert case["weight_bytes"] == answers.weight_bytes(model)
@@ -71,7 +71,7 @@ def test_floor_bytes_follow_the_shape(result):
 def test_revivals_are_the_engines_counts(result):
     rows = {r["method"]: r for r in result["cases"][0]["rows"]}
     assert rows["dense"]["revived_per_step"] == [0] * (max(NEW) - 1)
-    model = answers.load("tiny", "cpu", torch.float32)
+    model = random_model("tiny", "cpu", torch.float32)
     prompts = random_prompts(N, model.config.vocab_size, BATCH, torch.device("cpu"), 0)
     for name in PRESETS:
         outs = LazyLLM(model, name).generate(prompts, max_new_tokens=max(NEW), eos_token_id=[])
@@ -101,7 +101,7 @@ def test_memory_need_tells_what_cannot_fit():
 
 
 def test_a_method_that_does_not_fit_is_recorded_not_run():
-    model = answers.load("tiny", "cpu", torch.float32)
+    model = random_model("tiny", "cpu", torch.float32)
     limit = answers.weight_bytes(model) / 2**30 + 1e-6  # almost nothing beside the weights
     result = answers.run(config(methods=["transformers", "paper"], memory_limit_gb=limit))
     rows = result["cases"][0]["rows"]
@@ -144,7 +144,7 @@ def test_cli_writes_json_table_plot_and_command(tmp_path):
 
 
 def test_revivals_count_prompt_tokens_taken_deeper():
-    model = answers.load("tiny", "cpu", torch.float32)
+    model = random_model("tiny", "cpu", torch.float32)
     prompt = random_prompts(N, model.config.vocab_size, 1, torch.device("cpu"), 3)[0]
     got = {name: answers.revivals(LazyLLM(model, name).generate(prompt, 8, eos_token_id=[]).stats, N)
            for name in ("dense", "static", "paper")}
@@ -181,7 +181,7 @@ def test_checkpoints_grow_by_one_method_and_each_can_be_merged():
 
 @pytest.mark.parametrize("method", ["transformers", "transformers-static", "paper"])
 def test_warm_up_stops_early_with_the_full_runs_allocation(method):
-    model = answers.load("tiny", "cpu", torch.float32)
+    model = random_model("tiny", "cpu", torch.float32)
     prompts = random_prompts(N, model.config.vocab_size, BATCH, torch.device("cpu"), 5)
     run = answers.runner(method, model, new=12)
     skip_prompt = method != "paper"  # a transformers streamer first receives the prompt

@@ -48,16 +48,6 @@ from .schedule import PRESETS, Schedule, preset
 
 STATIC = "transformers-static"
 
-# Shapes beside bench.SHAPES for this benchmark only: SmolLM2-135M's shape with random weights, a model whose
-# steps are host-bound on any GPU (positions raised so that 32K prompts fit).
-EXTRA_SHAPES: dict[str, dict] = {
-    "smollm2-shape": {
-        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "tie_word_embeddings": True,
-        "max_position_embeddings": 32768 + 1024, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
-    },
-}
-
 
 def method_names() -> list[str]:
     """Every method in the order they run: transformers eager, ours, then the compiled one (its CUDA graph pools
@@ -151,26 +141,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float
     ms = statistics.median(time_once(lambda x: x[1].copy_(x[0]), [src, dst]) for _ in range(repeats))
     del src, dst
     return 2 * nbytes / (ms / 1e3)
-
-
-# ------------------------------------------------------------------------------------- models
-def load(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A bench shape or an extra shape (random weights), the embedded `smollm2`, or a local model path."""
-    if name not in EXTRA_SHAPES:
-        return load_bench_model(name, device, dtype, seed)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**EXTRA_SHAPES[name], bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -409,10 +379,10 @@ def run(cfg: AnswerConfig, progress: Callable[[str], None] | None = None,
     result: dict = {"kind": "answers", "machine": machine_info(device), "command": command or shlex.join(sys.argv),
                     "config": asdict(cfg), "models": {}, "cases": []}
     for name in cfg.models:
-        model = load(name, cfg.device, DTYPES[cfg.dtype], cfg.seed)
+        model = load_bench_model(name, cfg.device, DTYPES[cfg.dtype], cfg.seed)
         dims = ModelDims.of(model)
         result["models"][name] = {
-            "random_weights": name in SHAPES or name in EXTRA_SHAPES, "dims": asdict(dims),
+            "random_weights": name in SHAPES, "dims": asdict(dims),
             "dtype": str(adapter_for(model).dtype).removeprefix("torch."),
             "schedules": {m: preset(m, dims.layers).keep for m in PRESETS},
         }

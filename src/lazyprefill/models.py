@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from .env import DTYPES
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = "v1"  # bump when the conversion changes: a new release never reuses an old one
@@ -91,15 +93,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         tuple(_gemma_part(i) for i in range(4)),
     ),
-}
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
 }
 
 _console = Console(stderr=True)

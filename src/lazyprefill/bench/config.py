@@ -21,6 +21,12 @@ SHAPES: dict[str, dict] = {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
         },
     ),
+    # SmolLM2-135M's shape: a model whose decoding steps are host-bound on any GPU (positions raised for 32K).
+    "smollm2-shape": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, tie_word_embeddings=True, max_position_embeddings=32768 + 1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    ),
     # A few-MB model for tests and for trying the harness anywhere.
     "tiny": dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
