@@ -134,3 +134,21 @@ def test_graphs_need_cuda():
     adapter = adapter_for(tiny_model("qwen3"))
     with pytest.raises(ValueError, match="CUDA graphs"):
         Engine(adapter, lp.parse_schedule("paper", adapter.num_layers), 32, graphs=True)
+
+
+@pytest.mark.parametrize("patch", ["lazyprefill.decoding.SDPA_MIN_ROWS", "lazyprefill.engine.GRAPH_MAX_ROWS"])
+def test_revival_bursts_give_the_same_results(monkeypatch, patch):
+    """Rows past the thresholds run through SDPA's memory-efficient attention / eagerly at their exact count:
+    with the thresholds at 1 every multi-row segment takes those paths, and nothing changes but rounding."""
+    model = tiny_model("llama_gqa_rope3")
+    prompts = [prompt_ids(48, seed=2), prompt_ids(30, seed=4)]
+    kw = {"max_new_tokens": 10, "eos_token_id": [], "return_logits": True}
+    llm = lp.LazyLLM(model, "1:0.4,3:0.5")
+    default = llm.generate(prompts, **kw)
+    assert any(o.stats.revived > 0 for o in default)
+    monkeypatch.setattr(patch, 1)
+    burst = llm.generate(prompts, **kw)
+    for a, b in zip(default, burst, strict=True):
+        assert a.new_tokens == b.new_tokens
+        assert a.stats.to_dict() == b.stats.to_dict()
+        torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-5, rtol=1e-5)

@@ -1,6 +1,6 @@
 """The device side of a decoding step: one segment of layers (plan.py) over a static [B, R] block of rows.
 
-Legend: B sequences, R rows laid out per sequence (a bucket, plan.row_bucket), T keys attended
+Legend: B sequences, R rows laid out per sequence (a bucket, plan.row_bucket, or a burst's exact count), T keys attended
 (positions [0, T), plan.key_length), P cache slots (capacity + the scratch slot), H / Hkv query /
 key-value heads, dh head size.
 
@@ -17,6 +17,8 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import LlamaAdapter
 from .attention import decode_mask
@@ -177,6 +179,9 @@ def top_k(scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, keep: to
 
 # Above this many attention logits (B x H x rows x keys; 256 MB in fp32) the rows are taken in chunks.
 MASKED_ATTENTION_MAX_LOGITS = 2**26
+# From this many rows (a burst of revived rows, as in the first steps after prefill) SDPA's memory-efficient
+# kernel, which keeps the logits on chip, replaces the written-out logits (benchmarks/NOTES.md, whole answers).
+SDPA_MIN_ROWS = 256
 
 
 def masked_attention(
@@ -190,12 +195,26 @@ def masked_attention(
     nothing to attend to (padding) comes out NaN and is never read.
     """
     B, H, R, _ = q.shape
+    if R >= SDPA_MIN_ROWS:
+        return _sdpa_attention(q, k, v, mask, scaling)
     chunk = max(1, MASKED_ATTENTION_MAX_LOGITS // (B * H * k.shape[2]))
     if R <= chunk:
         return _masked_attention(q, k, v, mask, scaling)
     parts = [_masked_attention(q[:, :, i : i + chunk], k, v, mask[:, i : i + chunk], scaling)
              for i in range(0, R, chunk)]
     return torch.cat(parts, dim=2)
+
+
+def _sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """masked_attention for many rows: the memory-efficient kernel (fp32 accumulation), K/V repeated for
+    GQA because that kernel takes none. Only the kernel choice is scoped; process-wide SDPA state is untouched."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling)
 
 
 def _masked_attention(

@@ -30,14 +30,15 @@ from .attention import prefill_attention
 from .cache import LazyCache
 from .decoding import Graphs, SegmentRunner, eager
 from .packing import Packing
-from .plan import plan_step, row_bucket, segments
+from .plan import GRAPH_MAX_ROWS, plan_step, row_bucket, segments
 from .recording import Recorder, StepStats, StepTrace, TraceRecorder
 from .schedule import Schedule
 from .scoring import ScoreInput, select
 
 __all__ = ["DECODE_ATTENTION", "Engine", "StepStats", "StepTrace"]
 
-# Decoding no longer calls SDPA (decoding.masked_attention). `bench` uses this order for transformers
+# Decoding calls SDPA only for bursts of revived rows, with the kernel choice scoped to the call
+# (decoding._sdpa_attention). `bench` uses this order for transformers
 # `generate`: cuDNN attention, SDPA's first choice on Hopper, plans a new graph per key length (~1.3 ms of
 # host time per call, measured on an H100), so flash attention first (benchmarks/NOTES.md).
 DECODE_ATTENTION = [
@@ -175,9 +176,12 @@ class Engine:
         entering = np.zeros((2, c.length.shape[0]), dtype=np.int64)  # rows entering, of which revived
         entering[0, seqs] = 1  # q alone enters layer 0
         for index, seg in enumerate(self.segments):
-            R = row_bucket(int(entering[0].max()))
-            self._run_segment((index, R, plan.keys), partial(self.runner.run, seg, index, R, plan.keys,
-                                                              self.schedule.scorer, self.recorder))
+            n = int(entering[0].max())
+            # A burst of revived rows is a one-off shape whose work dwarfs its launches: run it as it is,
+            # exactly sized, rather than pad it to a bucket and capture a graph used once.
+            R, run = (n, eager) if n > GRAPH_MAX_ROWS else (row_bucket(n), self._run_segment)
+            run((index, R, plan.keys), partial(self.runner.run, seg, index, R, plan.keys, self.schedule.scorer,
+                                               self.recorder))
             n = len(seg.layers)
             for b in seqs:
                 stats[b].computed += [int(entering[0, b])] * n

@@ -44,6 +44,8 @@ def segments(num_layers: int, pruning_layers: list[int]) -> list[Segment]:
 # close together because a step usually revives few rows, and a projection of 32 rows costs what 1 costs
 # (the weights dominate the bytes read).
 ROW_BUCKETS = (1, 8, 32, 128, 512)
+# More rows than this in a segment run eagerly at their exact count (engine.decode): no bucket, no graph.
+GRAPH_MAX_ROWS = ROW_BUCKETS[-1]
 
 
 def row_bucket(n: int) -> int:
