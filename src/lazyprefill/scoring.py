@@ -145,18 +145,29 @@ class Window(Scorer):
         return rows.sum(dim=1) / present
 
 
+class Wrapper(Scorer):
+    """A scorer that changes the scores of another, `of` (a field of each subclass): it reads what `of`
+    reads and reselects when `of` does."""
+
+    of: Scorer
+
+    @property
+    def reselects(self) -> bool:  # type: ignore[override]
+        return self.of.reselects
+
+    @property
+    def query_rows(self) -> int:
+        return self.of.query_rows
+
+
 @register
 @dataclass(frozen=True)
-class Static(Scorer):
+class Static(Wrapper):
     """The `static` baseline: `of`'s scores in prefill, no reselection, so pruned tokens never return."""
 
     name: ClassVar[str] = "static"
     reselects: ClassVar[bool] = False
     of: Scorer = field(default_factory=Last)
-
-    @property
-    def query_rows(self) -> int:
-        return self.of.query_rows
 
     def score(self, x: ScoreInput) -> torch.Tensor:
         return self.of.score(x)
@@ -213,7 +224,7 @@ PROTECTED = torch.finfo(torch.float32).max
 
 @register
 @dataclass(frozen=True)
-class Pool(Scorer):
+class Pool(Wrapper):
     """`of`'s scores max-pooled over candidates within k // 2 original positions, so that a span such as
     a number or a name survives whole rather than by its single most-attended token."""
 
@@ -224,14 +235,6 @@ class Pool(Scorer):
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1 or self.k % 2 == 0:
             raise ValueError(f"pool k={self.k!r}: the pooling width must be an odd int >= 1")
-
-    @property
-    def reselects(self) -> bool:  # type: ignore[override]
-        return self.of.reselects
-
-    @property
-    def query_rows(self) -> int:
-        return self.of.query_rows
 
     def score(self, x: ScoreInput) -> torch.Tensor:
         s = self.of.score(x)  # [B, W]
@@ -245,7 +248,7 @@ class Pool(Scorer):
 
 @register
 @dataclass(frozen=True)
-class Protect(Scorer):
+class Protect(Wrapper):
     """`of`'s scores, with the first `sink` positions and the `recent` positions before q ranked first:
     attention sinks and the local context (e.g. the question) that the answer starts from. They are
     kept within the layer's keep count; a schedule that keeps fewer keeps the earliest of them."""
@@ -260,14 +263,6 @@ class Protect(Scorer):
             value = getattr(self, what)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"protect {what}={value!r}: must be an int >= 0")
-
-    @property
-    def reselects(self) -> bool:  # type: ignore[override]
-        return self.of.reselects
-
-    @property
-    def query_rows(self) -> int:
-        return self.of.query_rows
 
     def score(self, x: ScoreInput) -> torch.Tensor:
         s = self.of.score(x)
