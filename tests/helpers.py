@@ -57,7 +57,14 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
 @functools.cache
 def tiny_model(family: str, num_layers: int = 6, seed: int = 0) -> torch.nn.Module:
     """A cached tiny model; tests must not modify it (the engine never does)."""
-    config_cls, model_cls, overrides = FAMILIES[family]
+    return random_tiny(*FAMILIES[family], num_layers=num_layers, seed=seed)
+
+
+def random_tiny(
+    config_cls: type, model_cls: type, overrides: dict, num_layers: int = 6, seed: int = 0, norm_center: float = 1.0
+) -> torch.nn.Module:
+    """A tiny model of COMMON's size with randomised biases and norm weights around `norm_center`
+    (0 for norms that scale by 1 + w, as Gemma's do)."""
     config = config_cls(**{**COMMON, "num_hidden_layers": num_layers, **overrides})
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -67,7 +74,7 @@ def tiny_model(family: str, num_layers: int = 6, seed: int = 0) -> torch.nn.Modu
             if name.endswith("bias"):
                 p.copy_(0.3 * torch.randn_like(p))
             elif "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                p.copy_(norm_center + 0.2 * torch.randn_like(p))
     return model
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from helpers import COMMON, GEMMA3, prompt_ids, tiny_model
+from helpers import GEMMA3, prompt_ids, random_tiny, tiny_model
 from reference import Reference
 from test_equivalence import transformers_logits
 
@@ -50,18 +50,7 @@ WINDOWED = {
 def windowed_model(family: str) -> torch.nn.Module:
     if family == "gemma3":
         return tiny_model("gemma3")
-    config_cls, model_cls, overrides = WINDOWED[family]
-    config = config_cls(**{**COMMON, "num_hidden_layers": 6, **overrides})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(1)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.3 * torch.randn_like(p))
-            elif "norm" in name:
-                p.copy_(0.2 * torch.randn_like(p) + (0.0 if "gemma" in family else 1.0))  # Gemma norms scale by 1 + w
-    return model
+    return random_tiny(*WINDOWED[family], seed=1, norm_center=0.0 if "gemma" in family else 1.0)
 
 
 FAMILIES = ["gemma3", *WINDOWED]
