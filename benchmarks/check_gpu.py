@@ -6,7 +6,9 @@ float64 reference of tests/reference.py on the GPU (the decoding paths that only
 attention, written-out masked attention), and a batch of prompts of different lengths against each
 prompt alone. Then the decoding fast path (CUDA graphs of static-shape segments) against the same engine
 run eagerly, on bf16 `llama2-7b` shapes after an 8K prompt: same greedy tokens over 64 steps, logits within
-bf16 rounding. Exits non-zero if fp32 differs by more than 1e-3 or the graphs differ from eager.
+bf16 rounding. Then the sliding-window family (Gemma 3 270M's shape, fp32): dense against transformers,
+`paper` under graphs against eager (`check_gpu.py windowed` runs only this). Exits non-zero if fp32 differs
+by more than 1e-3 or the graphs differ from eager.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import copy
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 import lazyprefill as lp
 from lazyprefill import bench
@@ -37,9 +39,23 @@ def small_model(seed: int, dtype: torch.dtype, **overrides) -> tuple[LlamaForCau
     return LlamaForCausalLM(config).to("cuda", dtype).eval(), config
 
 
-def compare(dtype: torch.dtype, n: int = 2000, steps: int = 8) -> float:
-    model, config = small_model(0, dtype)
-    ids = torch.randint(0, config.vocab_size, (n,), device="cuda")
+def gemma_model(seed: int) -> Gemma3ForCausalLM:
+    """Gemma 3 270M's shape with random weights (vocab cut to 32K): 15 layers sliding over 512 positions,
+    full attention at 5, 11 and 17, head size 256, one K/V head."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=32000, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, max_position_embeddings=32768,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    config._attn_implementation = "sdpa"
+    return Gemma3ForCausalLM(config).to("cuda", torch.float32).eval()
+
+
+def compare(dtype: torch.dtype, n: int = 2000, steps: int = 8, model: torch.nn.Module | None = None) -> float:
+    model = model if model is not None else small_model(0, dtype)[0]
+    ids = torch.randint(0, model.config.vocab_size, (n,), device="cuda")
     with torch.inference_mode():
         ref = model.generate(ids[None], max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
                              output_logits=True, return_dict_in_generate=True)
@@ -135,6 +151,23 @@ def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64) -> 
     return ok
 
 
+def compare_windowed(n: int = 4096, steps: int = 32) -> bool:
+    """The sliding-window family on the GPU (fp32, Gemma 3 270M's shape, windows shorter than the prompt):
+    dense against transformers, and `paper` under CUDA graphs against the eager engine."""
+    model = gemma_model(3)
+    ok = compare(torch.float32, n, 8, model) <= 1e-3
+    adapter = adapter_for(model)
+    prompt = torch.randint(0, adapter.vocab_size, (n,), device="cuda")
+    schedule = lp.LazyLLM(model, schedule="paper").schedule  # moved to the full-attention layers
+    fast, fast_logits, revived = greedy(Engine(adapter, schedule, n + steps + 1, graphs=True), prompt, steps)
+    slow, slow_logits, _ = greedy(Engine(adapter, schedule, n + steps + 1, graphs=False), prompt, steps)
+    diff = max((a - b).abs().max().item() for a, b in zip(fast_logits, slow_logits, strict=True))
+    ok &= fast == slow and diff <= 1e-3
+    print(f"gemma3 fp32 {n} paper {schedule.keep}: graphs vs eager over {steps} steps: tokens "
+          f"{'agree' if fast == slow else 'DIFFER'}, max abs {diff:.2e}, {revived} rows revived")
+    return ok
+
+
 def compare_scorers(n: int = 300, steps: int = 12) -> bool:
     """Every scorer's decoding under CUDA graphs equals the eager engine (fp32, small model); says whether a
     scorer's code could not be captured (the engine then runs it eagerly)."""
@@ -194,6 +227,10 @@ def compare_split_kernel() -> bool:
 
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
+    if sys.argv[1:] == ["windowed"]:
+        if not compare_windowed():
+            sys.exit("the sliding-window model differs from transformers, or its graphs from eager")
+        return
     if len(sys.argv) > 1:  # a JSON of split_attention launch settings (from decode_attention.py --setting)
         from profile_stages import use_split_setting
 
@@ -201,7 +238,7 @@ def main() -> None:
     fp32 = max(compare(torch.float32), compare_reference(), compare_batch())
     compare(torch.bfloat16)
     split = compare_split_kernel()
-    graphs = compare_scorers() & compare_graphs()
+    graphs = compare_scorers() & compare_graphs() & compare_windowed()
     if fp32 > 1e-3:
         sys.exit(f"fp32 logits differ from the reference by {fp32:.2e} > 1e-3")
     if not graphs:

@@ -6,8 +6,10 @@ No timing is asserted: only that every method was timed and every column is fill
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
+from helpers import tiny_model
 from typer.testing import CliRunner
 
 from lazyprefill import PRESETS
@@ -31,6 +33,23 @@ def test_flop_counts_by_hand():
 def test_ideal_speedup_by_hand():
     assert ideal_speedup(DIMS, [4, 2]) == pytest.approx(2704 / 2016)
     assert ideal_speedup(DIMS, [4, 4]) == 1.0
+
+
+def test_flop_counts_of_a_sliding_window_layer_by_hand():
+    windowed = ModelDims(**{**asdict(DIMS), "windows": (2, None)})
+    # layer 0 slides over 2 positions: its 4 queries see 1, 2, 2, 2 keys
+    assert prefill_flops(windowed, [4, 4]) == (4 * 288 + 7 * 16) + (4 * 288 + 10 * 16) + 80
+    last_slides = ModelDims(**{**asdict(DIMS), "windows": (None, 2)})
+    # 2 of the 4 tokens reach layer 1: a 2-position window holds about 1 of them, so 2 pairs
+    assert prefill_flops(last_slides, [4, 2]) == (4 * 288 + 10 * 16) + (2 * 288 + 2 * 16) + 80
+    with pytest.raises(ValueError, match="one window"):
+        ModelDims(**{**asdict(DIMS), "windows": (2,)})
+
+
+def test_model_dims_read_the_windows_of_a_mixed_model():
+    assert ModelDims.of(tiny_model("gemma3")).windows == (None, 8) * 3
+    assert ModelDims.of(tiny_model("mistral")).windows == (4096,) * 6  # its config default
+    assert ModelDims.of(tiny_model("llama_mha")).windows == ()
 
 
 def test_ideal_speedup_wants_one_count_per_layer():

@@ -168,3 +168,21 @@ def test_eval_cli_writes_the_report_and_dense_matches_itself(tmp_path):
     assert "balanced" in data["presets"] and "fast" in data["presets"]
     assert data["config"]["split"] == "evaluation" and data["config"]["seed"] == 0
     assert (out / "eval.md").read_text().count("| paper |") == 3
+
+
+def test_eval_resume_runs_only_the_samples_left_and_refuses_another_evaluation(tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval", "--model", "smollm2", "--tasks", "passkey", "--lengths", "256", "--baselines", "none",
+            "--out", str(out)]
+    assert CliRunner().invoke(app, [*args, "--schedules", "paper", "--samples", "2"]).exit_code == 0
+    first = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first[:-1]))  # stopped mid-sample
+    result = CliRunner().invoke(app, [*args, "--schedules", "paper", "--samples", "3", "--resume"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "eval.json").read_text())
+    assert data["config"]["resumed_samples"] == 1
+    runs = [(r["index"], r["method"]) for r in data["records"]]
+    assert runs == [(i, m) for i in range(3) for m in ("dense", "paper")]
+    assert [r["ttft_s"] for r in data["records"][:2]] == [r["ttft_s"] for r in first[:2]]  # kept, not run again
+    refused = CliRunner().invoke(app, [*args, "--schedules", "balanced", "--samples", "3", "--resume"])
+    assert refused.exit_code == 2 and "another methods" in refused.output

@@ -20,7 +20,9 @@ import lazyprefill as lp
 from lazyprefill.adapters import adapter_for
 from lazyprefill.attention import decode_mask, prefill_attention
 from lazyprefill.engine import Engine
-from lazyprefill.scoring import Random
+from lazyprefill.eval.runner import make_methods
+from lazyprefill.schedule import GEMMA3_PRESETS
+from lazyprefill.scoring import Random, parse_scorer
 
 ATOL = 1e-4
 STEPS = 20
@@ -197,6 +199,22 @@ def test_presets_land_on_layers_that_can_prune():
     assert lp.parse_schedule("paper", 18, prunable=[5, 11]).keep == {5: 0.7, 11: 0.49}
     with pytest.raises(ValueError, match="has none: use 'dense'"):
         lp.parse_schedule("paper", 6, prunable=[])
+
+
+def test_gemma3_has_its_own_presets_chosen_on_its_own_evidence():
+    """balanced and fast were tuned on gemma3-270m (schedule.GEMMA3_PRESETS); other families keep theirs."""
+    gemma, mistral = windowed_model("gemma3"), windowed_model("mistral_window")
+    pool = parse_scorer("pool(k=7, of=window(w=16))")
+    assert lp.LazyLLM(gemma).schedule == lp.Schedule({0: 0.5}, pool)  # the default: 0.3 of 6 layers -> full layer 0
+    protect = parse_scorer(f"protect(sink=4, recent=16, of={pool.spec()})")
+    assert lp.LazyLLM(gemma, "fast").schedule == lp.Schedule({0: 0.3}, protect)
+    assert lp.LazyLLM(mistral).schedule == lp.parse_schedule("balanced", 6)  # the general preset: `last` at 0.67
+    with pytest.raises(ValueError, match=r"use a preset \(balanced, paper\)"):
+        lp.LazyLLM(mistral, "fast")
+    # Gemma 3 270M: layers 5 and 11 can prune
+    assert lp.parse_schedule("balanced", 18, [5, 11], GEMMA3_PRESETS) == lp.Schedule({5: 0.5}, pool)
+    names = [m.name for m in make_methods(["presets"], 18, [], [5, 11], GEMMA3_PRESETS)]
+    assert names == ["dense", "balanced", "fast", "paper"]
 
 
 # ------------------------------------------------------------------------------ the mask helpers

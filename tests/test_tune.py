@@ -58,6 +58,15 @@ def test_candidates_count_the_tokens_each_layer_computes():
     assert not one.covers(find("3:0.3,15:0.3", "pool(k=7)"))
 
 
+def test_candidates_prune_only_at_the_layers_the_model_can_prune_at():
+    gemma = ModelDims(layers=18, hidden=640, heads=4, kv_heads=1, head_dim=256, ffn=2048, vocab=262144)
+    cands = tune.candidates(SPACE, gemma, 512, prunable=[5, 11, 17])
+    assert {layer for c in cands for layer in c.schedule.keep} == {5, 11}  # 17 is past every fraction
+    # 0.2 and 0.34 land on layer 5 (nearest to 3 and 6), 0.5 and 0.67 on 11: 3 layer sets x 3 ratios x 2 scorers
+    assert len({c.name for c in cands}) == len(cands) == 3 * 3 * 2
+    assert all(c.computed[0] == 512 and c.computed[5] == 512 for c in cands)
+
+
 @pytest.mark.parametrize("max_loss", [0.0, 0.02, 0.1, 0.3])
 def test_loss_target_finds_the_fastest_passing_candidate_and_skips_the_rest(max_loss):
     cands = tune.candidates(SPACE, DIMS, 512)

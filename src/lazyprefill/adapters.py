@@ -8,13 +8,18 @@ half reuses the model's own modules (projections, norms, MLP, rotary embedding);
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from .schedule import GEMMA3_PRESETS, PRESETS, Preset
+
 
 class LlamaAdapter:
     """Llama 2/3 (any rope scaling), SmolLM, Mistral and Qwen2: q/k/v biases live in the projections."""
+
+    presets: Mapping[str, Preset] = PRESETS  # the schedule presets measured for this family (schedule.py)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -112,10 +117,13 @@ class Qwen3Adapter(LlamaAdapter):
 class Gemma3Adapter(Qwen3Adapter):
     """Gemma 3 (text): q/k RMSNorm, a local RoPE table for sliding layers and a global one for full
     layers, norms after attention and around the MLP, and optional final logit soft-capping.
+    Its presets are its own: tuned on gemma3-270m, where they differ from SmolLM2's.
 
     The embedding scale (sqrt(d)) lives in the model's own embedding module, and the attention scale
     (query_pre_attn_scalar ** -0.5) in its attention module's `scaling`; both are read, not copied.
     """
+
+    presets = GEMMA3_PRESETS
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

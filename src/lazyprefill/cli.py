@@ -67,12 +67,12 @@ def check_device(device: str, dtype: str) -> None:
 
 def check_schedule_syntax(schedule: str | None) -> None:
     """Refuse a schedule that cannot be parsed; its layers are checked once the model is known."""
-    from .schedule import parse_schedule
+    from .schedule import GEMMA3_PRESETS, PRESETS, parse_schedule
 
     if schedule is None:
         return
     try:
-        parse_schedule(schedule, num_layers=1 << 20)
+        parse_schedule(schedule, num_layers=1 << 20, presets={**PRESETS, **GEMMA3_PRESETS})
     except ValueError as err:
         fail(str(err), "--schedule")
 
@@ -109,12 +109,17 @@ def load(model: str, device: str, dtype: str) -> tuple:
     return lm, tokenizer
 
 
-def model_schedule(schedule: str | None, num_layers: int) -> Schedule:
-    """The checked Schedule: the user's, or the default preset (whose failure is the model's, not --schedule's)."""
+def model_schedule(schedule: str | None, model) -> Schedule:
+    """The checked Schedule: the user's, or the default preset (whose failure is the model's, not --schedule's),
+    with the model family's presets placed on the layers it can prune at."""
+    from .adapters import adapter_for
     from .schedule import DEFAULT_PRESET, parse_schedule
 
+    a = adapter_for(model)
     try:
-        return parse_schedule(DEFAULT_PRESET if schedule is None else schedule, num_layers)
+        return parse_schedule(
+            DEFAULT_PRESET if schedule is None else schedule, a.num_layers, a.prunable_layers(), a.presets
+        )
     except ValueError as err:
         fail(str(err), "--schedule" if schedule is not None else "--model")
 
@@ -144,7 +149,7 @@ def inspect_command(
     check_schedule_syntax(schedule)
     console = Console(stderr=True)
     lm, tokenizer = load(model, device, dtype)
-    sched = model_schedule(schedule, lm.config.num_hidden_layers)
+    sched = model_schedule(schedule, lm)
     ids = chat_prompt(tokenizer, document, question)
     with console.status(f"Running dense and LazyLLM on {len(ids)} prompt tokens..."):
         try:
@@ -211,7 +216,7 @@ def generate_command(
     check_schedule_syntax(schedule)
     repeats = repeats or (3 if compare else 1)
     lm, tokenizer = load(model, device, dtype)
-    sched = model_schedule(schedule, lm.config.num_hidden_layers)
+    sched = model_schedule(schedule, lm)
     prompts = [chat_prompt(tokenizer, document, question) for document in documents]
     methods = {"lazy": LazyLLM(lm, sched, tokenizer=tokenizer)}
     if compare:
@@ -373,17 +378,20 @@ def eval_command(
         "--baselines",
         help='Schedules that also get static and random: "all", "none", or a list like --schedules.',
     ),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads [default: torch's]."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's)."),
     report_only: bool = typer.Option(
         False, "--report-only", help="Rebuild the report from OUT/records.jsonl (complete samples only), run nothing."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Keep the samples an earlier run of the same evaluation in OUT completed; run the rest."
     ),
     split: str = typer.Option(
         "evaluation", "--split", help="calibration (choose presets on it) or evaluation (report them on it)."
     ),
-    seed: int | None = typer.Option(None, "--seed", help="Builds the task samples [default: the split's seed]."),
+    seed: int | None = typer.Option(None, "--seed", help="Builds the task samples (default: the split's seed)."),
     out: Path = typer.Option(Path("results/eval"), "--out", file_okay=False, help="Report directory."),
     cache: Path | None = typer.Option(
-        None, "--cache", file_okay=False, help="Dense-result cache [default: OUT/dense-cache]."
+        None, "--cache", file_okay=False, help="Dense-result cache (default: OUT/dense-cache)."
     ),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("float32", "--dtype"),
@@ -392,7 +400,8 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from .eval import EvalConfig, evaluate, make_methods, report_from_log
+    from .adapters import adapter_for
+    from .eval import EvalConfig, ResumeMismatch, evaluate, make_methods, report_from_log
     from .eval.runner import split_list
 
     try:
@@ -410,6 +419,7 @@ def eval_command(
             device=device,
             dtype=dtype,
             threads=threads,
+            resume=resume,
         )
     except ValueError as err:
         fail(str(err))
@@ -422,10 +432,14 @@ def eval_command(
         check_device(device, dtype)
         lm, _ = load(model, device, dtype)
         try:
-            make_methods(cfg.schedules, lm.config.num_hidden_layers, cfg.baselines)
+            a = adapter_for(lm)
+            make_methods(cfg.schedules, a.num_layers, cfg.baselines, a.prunable_layers(), a.presets)
         except ValueError as err:
             fail(str(err), "--schedules / --baselines")
-        result = evaluate(cfg)
+        try:
+            result = evaluate(cfg)
+        except ResumeMismatch as err:
+            fail(str(err), "--resume")
     console = Console()
     table = Table("task", "method", "score [95% CI]", "n", "vs dense [95% CI]", "speedup", "ideal")
     for task, methods in result["summary"].items():
@@ -493,7 +507,7 @@ def bench_command(
 @app.command("tune")
 def tune_command(
     model: str = typer.Option(
-        "smollm2", "--model", "-m", help="smollm2 (embedded default), a local path or a hub name."
+        "smollm2", "--model", "-m", help=MODEL_HELP
     ),
     target_loss: float | None = typer.Option(
         None,
@@ -510,8 +524,8 @@ def tune_command(
     scorers: str | None = typer.Option(
         None,
         "--scorers",
-        help='Scorers to try, comma-separated ("last, pool(k=7, of=window(w=16))") [default: '
-        "last, pool over window, protect around it].",
+        help='Scorers to try, comma-separated ("last, pool(k=7, of=window(w=16))") (default: '
+        "last, pool over window, protect around it).",
     ),
     fractions: str = typer.Option(
         "0.1,0.2,0.34,0.5,0.67", "--fractions", help="Depth fractions a pruning layer may sit at."
@@ -524,7 +538,7 @@ def tune_command(
         "bound", "--rule", help="bound: the 95% bound of the paired loss meets --target-loss; mean: its mean."
     ),
     seed: int | None = typer.Option(
-        None, "--seed", help="Builds the calibration prompts [default: the calibration split's]."
+        None, "--seed", help="Builds the calibration prompts (default: the calibration split's)."
     ),
     eval_samples: int = typer.Option(
         100, "--eval-samples", help="Calibration prompts found among this many evaluation samples per task are dropped."
@@ -533,12 +547,12 @@ def tune_command(
         None,
         "--work-dir",
         file_okay=False,
-        help="Records (JSONL, resumable), the log and the plot [default: OUT without .json + '-tune'].",
+        help="Records (JSONL, resumable), the log and the plot (default: OUT without .json + '-tune').",
     ),
     cache: Path | None = typer.Option(
-        None, "--cache", file_okay=False, help="Dense-result cache [default: WORK_DIR/dense-cache]."
+        None, "--cache", file_okay=False, help="Dense-result cache (default: WORK_DIR/dense-cache)."
     ),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads [default: torch's]."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's)."),
     report_only: bool = typer.Option(
         False, "--report-only", help="Decide from WORK_DIR/records.jsonl alone, run nothing (a search stopped early)."
     ),

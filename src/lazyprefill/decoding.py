@@ -41,8 +41,8 @@ class SegmentRunner:
         if split_kernel:
             from . import split_attention
 
-            split_attention.warm_up(adapter.dtype, adapter.head_dim, dev)
-            self.split = split_attention
+            if split_attention.warm_up(adapter.dtype, adapter.head_dim, dev):
+                self.split = split_attention
         self.positions = torch.arange(P, device=dev)  # [P]
         self.batch = torch.arange(B, device=dev)  # [B]
         # inputs of a step, written by `load`

@@ -11,7 +11,8 @@ from .adapters import adapter_for
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The sizes that set a Llama-family layer's FLOPs."""
+    """The sizes that set a Llama-family layer's FLOPs; `windows`: each layer's sliding window in positions
+    (None: full attention), empty when every layer attends to the whole prompt."""
 
     layers: int
     hidden: int
@@ -20,12 +21,21 @@ class ModelDims:
     head_dim: int
     ffn: int
     vocab: int
+    windows: tuple[int | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.windows and len(self.windows) != self.layers:
+            raise ValueError(f"need one window (or None) per layer ({self.layers}), got {len(self.windows)}")
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if self.windows else None
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelDims:
         a = adapter_for(model)
+        windows = tuple(a.windows) if any(w is not None for w in a.windows) else ()
         return cls(a.num_layers, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
-                   model.config.intermediate_size, a.vocab_size)
+                   model.config.intermediate_size, a.vocab_size, windows)
 
     @property
     def linear_flops(self) -> int:
@@ -39,11 +49,26 @@ class ModelDims:
         return 4 * self.heads * self.head_dim
 
 
+def attention_pairs(n: int, prompt: int, window: int | None) -> float:
+    """(query, key) pairs of causal attention among n of a `prompt`-token prompt's tokens.
+
+    A sliding window of w positions holds about w * n / prompt of them when the n are spread over the
+    prompt, so the i-th query sees min(i, that many) keys."""
+    if window is None:
+        return n * (n + 1) / 2
+    w = min(n, window * n / prompt)
+    return n * w - w * (w - 1) / 2
+
+
 def prefill_flops(dims: ModelDims, computed: list[int]) -> float:
     """FLOPs of a prefill that ran computed[l] tokens through layer l, with causal attention among them."""
     if len(computed) != dims.layers:
         raise ValueError(f"need one token count per layer ({dims.layers}), got {len(computed)}")
-    layers = sum(n * dims.linear_flops + n * (n + 1) / 2 * dims.attention_flops for n in computed)
+    prompt = computed[0]
+    layers = sum(
+        n * dims.linear_flops + attention_pairs(n, prompt, dims.window(layer)) * dims.attention_flops
+        for layer, n in enumerate(computed)
+    )
     return layers + 2 * dims.hidden * dims.vocab  # LM head on the last token
 
 

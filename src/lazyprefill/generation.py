@@ -157,7 +157,8 @@ class LazyLLM:
             )
         self.model = model
         self.adapter: LlamaAdapter = adapter_for(model)
-        self.schedule = parse_schedule(schedule, self.adapter.num_layers, prunable=self.adapter.prunable_layers())
+        a = self.adapter
+        self.schedule = parse_schedule(schedule, a.num_layers, prunable=a.prunable_layers(), presets=a.presets)
         self.tokenizer = tokenizer
         self.trace = trace
 

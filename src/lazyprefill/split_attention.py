@@ -14,16 +14,23 @@ fp32 (fp32 inputs: exact fp32 products, no tf32). Imported only on CUDA.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+logger = logging.getLogger(__name__)
 
 MAX_ROWS = 128  # M above this: the caller uses the written-out attention instead
 # Launch settings: the fastest correct ones of benchmarks/decode_attention.py's sweep on an H100 (bf16,
 # llama2-7b and llama3-8b heads, 8K keys, 34-100% of them listed; benchmarks/NOTES.md).
-BLOCK_N = 128  # keys per inner iteration
-# fp32 tiles take twice the shared memory: 128 keys x 3 stages asked for 278 KB of the H100's 232 KB
-BLOCK_N_FP32 = 64
+BLOCK_N = 128  # keys per inner iteration, for a K or V tile of 32 KB (bf16, head size 128)
+# Larger elements or heads take more shared memory per key (fp32 at 128 keys x 3 stages asked for 278 KB of
+# the H100's 232 KB; Gemma 3's fp32 head of 256 at 64 keys for 296 KB): keys per iteration shrink to keep
+# one tile at this size.
+TILE_BYTES = 128 * 128 * 2
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 64  # parts per (sequence, head): one block size in the merge, so it compiles once
 NUM_WARPS = 4
@@ -126,7 +133,7 @@ def split_attention(
     first (n_s[b] of them, in any order); n_s: [B] int32; qpos: [B, R] int32 each row's position
     -> [B, H, R, dh]. A row attends to the listed positions at or before its own. Launch settings
     default to the module's constants."""
-    block_n = block_n or (BLOCK_N_FP32 if q.dtype == torch.float32 else BLOCK_N)
+    block_n = block_n or default_block_n(q.dtype, q.shape[-1])
     programs_per_sm = programs_per_sm or PROGRAMS_PER_SM
     num_warps, num_stages = num_warps or NUM_WARPS, num_stages or NUM_STAGES
     merge_kernel = MERGE_KERNEL if merge_kernel is None else merge_kernel
@@ -159,14 +166,28 @@ def split_attention(
     return out.view(B, H, R, dh)
 
 
-def warm_up(dtype: torch.dtype, head_dim: int, device: torch.device) -> None:
-    """Compile every row-block size before any CUDA graph capture (compiling while capturing is unsafe)."""
+def default_block_n(dtype: torch.dtype, head_dim: int) -> int:
+    """Keys per inner iteration: BLOCK_N, fewer where a tile of them would outgrow TILE_BYTES."""
+    return max(16, min(BLOCK_N, TILE_BYTES // (head_dim * dtype.itemsize)))
+
+
+def warm_up(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+    """Compile every row-block size before any CUDA graph capture (compiling while capturing is unsafe).
+
+    False when the kernel does not fit this head size and dtype on this GPU (shared memory): the caller
+    then uses the written-out attention, which is exact but reads every key."""
     for m in (16, 32, 64, 128):
         q = torch.zeros(1, 1, m, head_dim, device=device, dtype=dtype)
         k = torch.zeros(1, 1, 256, head_dim, device=device, dtype=dtype)
         idx = torch.zeros(1, 256, device=device, dtype=torch.int32)
-        split_attention(q, k, k, idx, torch.ones(1, device=device, dtype=torch.int32),
-                        torch.zeros(1, m, device=device, dtype=torch.int32), 1.0)
+        try:
+            split_attention(q, k, k, idx, torch.ones(1, device=device, dtype=torch.int32),
+                            torch.zeros(1, m, device=device, dtype=torch.int32), 1.0)
+        except OutOfResources as err:
+            logger.warning("split-K decoding attention does not fit head size %d in %s (%s): "
+                           "using the written-out attention", head_dim, dtype, err)
+            return False
+    return True
 
 
 _SMS: dict[int, int] = {}

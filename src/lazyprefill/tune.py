@@ -22,10 +22,11 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .adapters import adapter_for
 from .eval import report
 from .eval import tasks as eval_tasks
 from .eval.runner import Method, Runner, task_score
@@ -105,9 +106,11 @@ class Candidate:
         return self.scorer == other.scorer and all(a >= b for a, b in zip(self.computed, other.computed))
 
 
-def depth_layer(fraction: float, num_layers: int) -> int:
-    """The layer a depth fraction names, placed as `schedule.preset` places it."""
-    return min(max(int(fraction * num_layers), 0), num_layers - 2)
+def depth_layer(fraction: float, num_layers: int, prunable: Sequence[int] | None = None) -> int:
+    """The layer a depth fraction names, placed as `schedule.preset` places it (on the nearest of a
+    model's `prunable` layers when it can prune only at some, as Gemma 3 at its full-attention layers)."""
+    layer = min(max(int(fraction * num_layers), 0), num_layers - 2)
+    return layer if prunable is None else min(prunable, key=lambda p: (abs(p - layer), p))
 
 
 def prefill_counts(schedule: Schedule, num_layers: int, length: int) -> tuple[int, ...]:
@@ -120,16 +123,19 @@ def prefill_counts(schedule: Schedule, num_layers: int, length: int) -> tuple[in
     return tuple(counts)
 
 
-def candidates(space: SearchSpace, dims: ModelDims, length: int) -> list[Candidate]:
-    """Every distinct schedule of the space for this model, fastest (ideal speedup) last."""
+def candidates(
+    space: SearchSpace, dims: ModelDims, length: int, prunable: Sequence[int] | None = None
+) -> list[Candidate]:
+    """Every distinct schedule of the space for this model, fastest (ideal speedup) last; `prunable`:
+    the layers it can prune at (None: all)."""
     out: dict[str, Candidate] = {}
     for spec in space.scorers:
         scorer = parse_scorer(spec)
         for n in range(1, space.max_layers + 1):
             for fracs in itertools.combinations(sorted(set(space.fractions)), n):
                 for ratio in space.ratios:
-                    keep = {depth_layer(f, dims.layers): ratio for f in fracs}
-                    if len(keep) < n:  # two fractions on one layer of a shallow model
+                    keep = {depth_layer(f, dims.layers, prunable): ratio for f in fracs}
+                    if len(keep) < n:  # two fractions on one layer (a shallow model, or few prunable layers)
                         continue
                     schedule = Schedule(keep, scorer)
                     computed = prefill_counts(schedule, dims.layers, length)
@@ -459,7 +465,10 @@ def tune(cfg: TuneConfig, progress: bool = True) -> TuneResult:
         "evaluation_split": {"seed": cfg.eval_seed, "samples_per_task": cfg.eval_samples},
     }
     _check_log(cfg, calibration)
-    space = candidates(cfg.space, ModelDims.of(model), max(cfg.lengths))
+    prunable = adapter_for(model).prunable_layers()
+    if prunable is not None and not prunable:
+        raise ValueError(f"{cfg.model} has no layer that can prune (README, 'Models'): there is nothing to tune")
+    space = candidates(cfg.space, ModelDims.of(model), max(cfg.lengths), prunable)
     if cfg.target.min_speedup is not None and not any(c.ideal >= cfg.target.min_speedup for c in space):
         raise ValueError(
             f"--target-speedup {cfg.target.min_speedup}: the fastest schedule of the search space "

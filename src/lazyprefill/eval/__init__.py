@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import report, tasks
 from .runner import Method, Runner, make_methods
 
-__all__ = ["EvalConfig", "evaluate", "write_report", "report_from_log", "Method", "Runner", "make_methods"]
+__all__ = [
+    "EvalConfig", "evaluate", "write_report", "report_from_log", "complete_records", "sample_key", "Method",
+    "ResumeMismatch", "Runner", "make_methods",
+]
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class EvalConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None  # torch CPU threads; 1 is steadier on a machine shared with other work
+    resume: bool = False  # keep the complete samples of an earlier run of this evaluation in out_dir
     tolerances: dict[str, float] = field(default_factory=lambda: {"balanced": 0.01, "fast": 0.05})
 
     def __post_init__(self) -> None:
@@ -56,7 +61,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """Run the evaluation `cfg` describes and write its report; returns the JSON-ready result.
 
     Records stream to `out_dir/records.jsonl` as they are made, so `write_report` can rebuild the
-    report from a run that was stopped early.
+    report from a run that was stopped early, and `resume` can run only the samples it did not finish
+    (or more samples than it asked for).
     """
     import torch
 
@@ -68,7 +74,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     cache_dir = cfg.cache_dir if cfg.cache_dir is not None else cfg.out_dir / "dense-cache"
     runner = Runner(model, tokenizer, f"{cfg.model}|{cfg.dtype}|{cfg.device}", cache_dir)
-    methods = make_methods(cfg.schedules, runner.num_layers, cfg.baselines)
+    methods = make_methods(cfg.schedules, runner.num_layers, cfg.baselines, runner.prunable, runner.presets)
     samples = tasks.build_all(cfg.tasks, tokenizer, cfg.lengths, cfg.samples, cfg.sample_seed)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     config = {
@@ -85,13 +91,18 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         "methods": [vars(m) for m in methods],
         "machine": machine_info(model.device),
     }
+    kept = _resumable(cfg.out_dir, config, samples) if cfg.resume else []
+    done = {sample_key(r) for r in kept}
     (cfg.out_dir / "config.json").write_text(json.dumps(config, indent=1))
     started = time.time()
     with open(cfg.out_dir / "records.jsonl", "w") as log:
-        records = runner.run(
-            samples, methods, progress=progress, on_record=lambda r: (log.write(json.dumps(r) + "\n"), log.flush())
+        log.writelines(json.dumps(r) + "\n" for r in kept)
+        records = kept + runner.run(
+            [s for s in samples if (s.task, s.length, s.index) not in done], methods, progress=progress,
+            on_record=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()),
         )
     config["wall_s"] = time.time() - started
+    config["resumed_samples"] = len(done)
     return write_report(config, records, cfg.out_dir, cfg.tolerances)
 
 
@@ -114,12 +125,42 @@ def write_report(config: dict, records: list[dict], out_dir: Path, tolerances: d
 def report_from_log(out_dir: Path, tolerances: dict[str, float] | None = None) -> dict:
     """Rebuild the report from `out_dir`'s config.json and records.jsonl (a run stopped early, say)."""
     config = json.loads((out_dir / "config.json").read_text())
-    records = [json.loads(line) for line in (out_dir / "records.jsonl").read_text().splitlines() if line.strip()]
-    by_sample: dict[tuple, int] = {}
-    for r in records:
-        key = (r["task"], r["length"], r["index"])
-        by_sample[key] = by_sample.get(key, 0) + 1
-    complete = {k for k, n in by_sample.items() if n == len(config["methods"])}
-    records = [r for r in records if (r["task"], r["length"], r["index"]) in complete]
-    config["complete_samples"] = len(complete)
+    records = complete_records(out_dir, len(config["methods"]))
+    config["complete_samples"] = len({sample_key(r) for r in records})
     return write_report(config, records, out_dir, tolerances or EvalConfig().tolerances)
+
+
+class ResumeMismatch(ValueError):
+    """`resume` found records of another evaluation in out_dir."""
+
+
+# What must match for an earlier run's records to count in this one (more samples may be asked for).
+_IDENTITY = ("model", "tasks", "lengths", "split", "seed", "device", "dtype", "num_layers", "methods")
+
+
+def sample_key(record: dict) -> tuple:
+    """Which sample a record is of: (task, length, index)."""
+    return record["task"], record["length"], record["index"]
+
+
+def complete_records(out_dir: Path, n_methods: int) -> list[dict]:
+    """The records in out_dir/records.jsonl of the samples that every method finished."""
+    lines = (out_dir / "records.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    counts = Counter(sample_key(r) for r in records)
+    return [r for r in records if counts[sample_key(r)] == n_methods]
+
+
+def _resumable(out_dir: Path, config: dict, samples: list[tasks.Sample]) -> list[dict]:
+    """The earlier run's records of complete samples that this run also has; none if out_dir holds no run."""
+    if not (out_dir / "config.json").is_file() or not (out_dir / "records.jsonl").is_file():
+        return []
+    before = json.loads((out_dir / "config.json").read_text())
+    differ = [k for k in _IDENTITY if before.get(k) != config[k]]
+    if differ:
+        raise ResumeMismatch(
+            f"{out_dir} holds an evaluation with another {', '.join(differ)}: resume it with the same options, "
+            "or use a new --out"
+        )
+    wanted = {(s.task, s.length, s.index) for s in samples}
+    return [r for r in complete_records(out_dir, len(config["methods"])) if sample_key(r) in wanted]

@@ -53,7 +53,7 @@ def match_length(tokens: list[int], dense_tokens: list[int]) -> int:
 def kl_divergence(dense_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """KL(dense || method) of the next-token distributions, in nats. dense_logits, logits: [vocab]."""
     p_log = torch.log_softmax(dense_logits.float(), -1)
-    q_log = torch.log_softmax(logits.float(), -1)
+    q_log = torch.log_softmax(logits.float().to(p_log.device), -1)  # the reference is kept on the CPU
     return float((p_log.exp() * (p_log - q_log)).sum().clamp_min(0.0))
 
 

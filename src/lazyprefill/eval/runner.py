@@ -9,16 +9,18 @@ equal the reference's exactly (a check in every report).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import adapter_for
 from ..flops import ModelDims, ideal_speedup
 from ..generation import LazyLLM
-from ..schedule import DENSE_NAMES, PRESETS, Schedule, parse_schedule
+from ..schedule import DENSE_NAMES, PRESETS, Preset, Schedule, parse_schedule
 from ..scoring import Random, Static
 from . import metrics
 from .tasks import Sample
@@ -80,18 +82,20 @@ def sweep_schedules(num_layers: int) -> list[str]:
     return out
 
 
-def expand_schedules(specs: Iterable[str], num_layers: int) -> list[str]:
-    """Resolve "presets" (every preset name) and "sweep" (SWEEP) in a user's schedule list."""
+def expand_schedules(specs: Iterable[str], num_layers: int, presets: Mapping[str, Preset] = PRESETS) -> list[str]:
+    """Resolve "presets" (every preset name of the model's family) and "sweep" (SWEEP) in a user's schedule list."""
     out: list[str] = []
     for spec in specs:
-        names = list(PRESETS) if spec == "presets" else sweep_schedules(num_layers) if spec == "sweep" else [spec]
+        names = list(presets) if spec == "presets" else sweep_schedules(num_layers) if spec == "sweep" else [spec]
         out += [name for name in names if name not in out]
     return out
 
 
-def method_for(spec: str, num_layers: int) -> Method:
+def method_for(
+    spec: str, num_layers: int, prunable: Sequence[int] | None = None, presets: Mapping[str, Preset] = PRESETS
+) -> Method:
     """A user's schedule as a method; its family comes from its scorer (static and random are baselines)."""
-    schedule = parse_schedule(spec, num_layers)
+    schedule = parse_schedule(spec, num_layers, prunable, presets)
     if schedule.is_dense:
         return Method("dense", "dense", "dense", "")
     scorer = schedule.scorer
@@ -99,20 +103,31 @@ def method_for(spec: str, num_layers: int) -> Method:
     return Method(spec, family, spec, spec, scorer.spec())
 
 
-def make_methods(schedules: Iterable[str], num_layers: int, baselines: Iterable[str] | None = None) -> list[Method]:
+def make_methods(
+    schedules: Iterable[str],
+    num_layers: int,
+    baselines: Iterable[str] | None = None,
+    prunable: Sequence[int] | None = None,
+    presets: Mapping[str, Preset] = PRESETS,
+) -> list[Method]:
     """`dense`, each schedule, then static (of the same scorer) and random at the keep counts of each
     schedule in `baselines` (None: all of the reselecting ones; "presets" and "sweep" expand as in
-    `schedules`). A schedule may name a baseline scorer itself: "static:paper", "random:9:0.5"."""
-    methods = [method_for(s, num_layers) for s in expand_schedules(schedules, num_layers) if s not in DENSE_NAMES]
+    `schedules`). A schedule may name a baseline scorer itself: "static:paper", "random:9:0.5".
+    `prunable`: the layers the model can prune at (None: all), where `presets` (its family's) are placed."""
+    methods = [
+        method_for(s, num_layers, prunable, presets)
+        for s in expand_schedules(schedules, num_layers, presets)
+        if s not in DENSE_NAMES
+    ]
     lazy = [m.schedule for m in methods if m.family == "lazy"]
-    with_baselines = lazy if baselines is None else expand_schedules(baselines, num_layers)
+    with_baselines = lazy if baselines is None else expand_schedules(baselines, num_layers, presets)
     missing = [s for s in with_baselines if s not in lazy]
     if missing:
         raise ValueError(f"baseline schedule(s) {', '.join(missing)} are not among the evaluated LazyLLM schedules")
     out = [Method("dense", "dense", "dense", "")] + [m for m in methods if m.family == "lazy"]
     for family, scorer_of in (("static", lambda s: Static(of=s)), ("random", lambda s: Random())):
         for spec in with_baselines:
-            schedule = parse_schedule(spec, num_layers)
+            schedule = parse_schedule(spec, num_layers, prunable, presets)
             text = Schedule(schedule.keep, scorer_of(schedule.scorer)).describe()
             out.append(Method(f"{family}:{spec}", family, text, spec, scorer_of(schedule.scorer).spec()))
     out += [m for m in methods if m.family != "lazy" and m.name not in {o.name for o in out}]
@@ -148,6 +163,8 @@ class Runner:
         self.cache_dir = cache_dir
         self.dims = ModelDims.of(model)
         self.num_layers = self.dims.layers
+        adapter = adapter_for(model)
+        self.prunable, self.presets = adapter.prunable_layers(), adapter.presets
         self._lazy: dict[str, LazyLLM] = {}
 
     def generate(self, sample: Sample, schedule: str):
@@ -166,9 +183,11 @@ class Runner:
             return Reference(**torch.load(path, weights_only=True))
         out = self.generate(sample, "dense")
         ref = Reference(out.new_tokens, out.text, out.logits[0].float().cpu())
-        if path is not None:
+        if path is not None:  # written whole, then renamed: processes sharing the cache never read half a file
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(vars(ref), path)
+            partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+            torch.save(vars(ref), partial)
+            partial.replace(path)
         return ref
 
     def _cache_path(self, sample: Sample) -> Path | None:
