@@ -7,7 +7,8 @@
 #     and a 1% target, then the two chosen schedules on the evaluation split;
 #   - the evaluation split at each length: dense, the presets, the scorers at the paper's work, and
 #     static and random at the paper's keep counts.
-# Every process streams its records (JSONL), so a run stopped early is rebuilt with `eval --report-only`.
+# Every process streams its records (JSONL): a run stopped early is rebuilt with `eval --report-only`
+# or finished with `eval --resume` (the same command plus --resume).
 #
 # Usage: benchmarks/gemma_accuracy.sh OUT_DIR [SAMPLES_PER_TASK]
 set -uo pipefail
@@ -31,7 +32,7 @@ tune_then_eval() {
     local list
     list=$(IFS=,; echo "${chosen[*]}")
     lazyprefill eval "${gpu[@]}" --tasks passkey,recall,code --samples "$n" --lengths 2048,4096,8192 \
-        --split evaluation --schedules "$list" --baselines "$list" --out "$out/eval-tuned"
+        --split evaluation --schedules "$list" --baselines none --out "$out/eval-tuned"
 }
 
 tune_then_eval >"$out/tune.log" 2>&1 &
