@@ -25,8 +25,9 @@ class Preset:
 # and passkey): the fastest candidate that passed, 1.27x ideal prefill speedup (`last` and `protect`
 # tied; `last` is the simpler rule). On the evaluation split (24-32 samples per task) it is the most
 # accurate schedule measured but its 1% promise is NOT confirmed: code +0.021, passkey 0, recall -0.033
-# (one sample net of 30; relative loss 5.9%, 95% bound 23.5%); results/README.md. No faster schedule
-# passed the 5% target on calibration, so there is no `fast` preset yet.
+# (one sample net of 30; relative loss 5.9%, 95% bound 23.5%); at 1K tokens (60 per task) passkey 60/60 and
+# code +0.009 (bound 3.6%); results/README.md. No faster schedule
+# passed the 5% target on calibration, so the general presets have no `fast`.
 # `paper` is Figure 4 of the paper: prune at ~30%, ~60% and ~90% of depth, dropping 30% of the current
 # candidates each time, ranked by the last token's attention.
 PRESETS: dict[str, Preset] = {
