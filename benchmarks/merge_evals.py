@@ -54,6 +54,7 @@ def merge(out: Path, dirs: list[Path], rename: dict[str, str]) -> dict:
 
 
 def recompute_ideal(out: Path, model: str) -> None:
+    """Rewrite OUT's ideal speedups with today's FLOP count (runs made before it counted sliding windows)."""
     from lazyprefill.flops import ModelDims, ideal_speedup
     from lazyprefill.models import load_model
 
