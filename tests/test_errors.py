@@ -15,7 +15,7 @@ from helpers import COMMON, VOCAB, prompt_ids, tiny_model
 import lazyprefill as lp
 
 PROMPT = prompt_ids(20, seed=11)
-MAX_POSITIONS = 256  # helpers.COMMON
+MAX_POSITIONS = COMMON["max_position_embeddings"]
 
 
 @pytest.fixture(scope="module")

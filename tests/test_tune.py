@@ -6,6 +6,7 @@ import itertools
 import json
 
 import pytest
+from helpers import COMMON
 from typer.testing import CliRunner
 
 from lazyprefill import tune
@@ -185,18 +186,8 @@ def tiny_dir(tmp_path_factory):
 
     tokenizer = tf.AutoTokenizer.from_pretrained(converted_embedded("smollm2"))
     config = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_hidden_layers=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
+        **{**COMMON, "vocab_size": len(tokenizer), "tie_word_embeddings": True},
+        num_hidden_layers=4, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny")

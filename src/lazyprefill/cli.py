@@ -67,12 +67,14 @@ def check_device(device: str, dtype: str) -> None:
 
 def check_schedule_syntax(schedule: str | None) -> None:
     """Refuse a schedule that cannot be parsed; its layers are checked once the model is known."""
-    from .schedule import GEMMA3_PRESETS, PRESETS, parse_schedule
+    from .adapters import ADAPTERS
+    from .schedule import parse_schedule
 
     if schedule is None:
         return
+    every_family = {name: p for adapter in ADAPTERS.values() for name, p in adapter.presets.items()}
     try:
-        parse_schedule(schedule, num_layers=1 << 20, presets={**PRESETS, **GEMMA3_PRESETS})
+        parse_schedule(schedule, num_layers=1 << 20, presets=every_family)
     except ValueError as err:
         fail(str(err), "--schedule")
 
