@@ -6,9 +6,11 @@ float64 reference of tests/reference.py on the GPU (the decoding paths that only
 attention, written-out masked attention), and a batch of prompts of different lengths against each
 prompt alone. Then the decoding fast path (CUDA graphs of static-shape segments) against the same engine
 run eagerly, on bf16 `llama2-7b` shapes after an 8K prompt: same greedy tokens over 64 steps, logits within
-bf16 rounding. Then the sliding-window family (Gemma 3 270M's shape, fp32): dense against transformers,
-`paper` under graphs against eager (`check_gpu.py windowed` runs only this). Exits non-zero if fp32 differs
-by more than 1e-3 or the graphs differ from eager.
+bf16 rounding; and each faster variant (split kernel, speculation, burst kernel) no further from an fp32
+copy of the model than the path it replaces. Then the sliding-window family (Gemma 3 270M's shape, fp32):
+dense against transformers, `paper` under graphs against eager (`check_gpu.py windowed` runs only this).
+Exits non-zero if fp32 differs by more than 1e-3, the graphs differ from eager or a variant is less
+accurate than what it replaces.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 import lazyprefill as lp
 from lazyprefill import bench
 from lazyprefill.adapters import adapter_for
-from lazyprefill.engine import Engine
+from lazyprefill.engine import DecodeOptions, Engine
 
 SMALL = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
@@ -110,6 +112,11 @@ def compare_batch(lengths: tuple[int, ...] = (700, 64, 1500, 300), steps: int = 
     return worst if same else float("inf")
 
 
+def engine(adapter, schedule, capacity: int, **options) -> Engine:
+    """An Engine with these DecodeOptions."""
+    return Engine(adapter, schedule, capacity, decode=DecodeOptions(**options))
+
+
 def greedy(engine: Engine, prompt: torch.Tensor, steps: int, fed: list[int] | None = None
            ) -> tuple[list[int], list[torch.Tensor], int]:
     """Prefill + `steps` decoding steps, each fed the previous argmax (or `fed`'s tokens: teacher forcing)
@@ -127,26 +134,47 @@ def greedy(engine: Engine, prompt: torch.Tensor, steps: int, fed: list[int] | No
     return tokens, out, revived
 
 
-def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64) -> bool:
-    """CUDA graphs against the eager engine, bf16 real shapes: same tokens, logits within bf16 rounding."""
+def rel_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The largest relative (L2) error of one run's logits against another's, step by step."""
+    return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, want))
+
+
+def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64, fed: int = 8) -> bool:
+    """The default decoding path against slower exact ones, bf16 real shapes with random weights.
+
+    CUDA graphs against eager over `steps` greedy steps: same tokens, logits within bf16 rounding. Then, fed
+    the same `fed` tokens, every variant against an fp32 copy of the model (written-out attention): the split
+    kernel, speculation and the burst kernel must each be about as close to fp32 as the path they replace
+    (error at most 1.25x that path's + 1e-3). Two bf16 paths through 32 random-weight layers drift apart by a
+    few percent (5.4-5.7e-2 measured between the split kernel and the written-out attention); whether that is
+    rounding or a bug only a yardstick in higher precision says.
+    """
     model = bench.random_model(shape, "cuda", torch.bfloat16)
     adapter = adapter_for(model)
+    fp32 = adapter_for(copy.deepcopy(model).float())
     prompt = bench.random_prompts(n, adapter.vocab_size, 1, torch.device("cuda"), 0)[0]
-    ok = True
+    capacity, ok = n + steps + 1, True
     for name, schedule in bench.schedules_for(adapter.num_layers).items():
-        runs = [greedy(Engine(adapter, schedule, n + steps + 1, graphs=g), prompt, steps) for g in (True, False)]
-        (fast, fast_logits, revived), (slow, slow_logits, _) = runs
-        _, masked_logits, _ = greedy(Engine(adapter, schedule, n + steps + 1, split_kernel=False), prompt, 8, fast)
-        first = max(((a - b).norm() / b.norm()).item() for a, b in zip(fast_logits[:9], masked_logits, strict=True))
-        ok &= first <= 5e-2
-        print(f"{shape} bf16 {n} {name}: split kernel vs written-out attention, same 8 tokens fed: max rel {first:.2e}")
-        rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(fast_logits, slow_logits, strict=True))
+        (fast, fast_logits, revived), (slow, slow_logits, _) = [
+            greedy(engine(adapter, schedule, capacity, graphs=g), prompt, steps) for g in (True, False)]
+        rel = rel_error(fast_logits, slow_logits)
         diff = max((a - b).abs().max().item() for a, b in zip(fast_logits, slow_logits, strict=True))
         same = fast == slow
         ok &= same and rel <= 1e-2
         print(f"{shape} bf16 {n} {name}: graphs vs eager over {steps} steps: tokens {'agree' if same else 'DIFFER'}, "
               f"max abs {diff:.2e}, max rel {rel:.2e}, {revived} rows revived")
-    del model
+        _, yardstick, _ = greedy(engine(fp32, schedule, capacity, split_kernel=False), prompt, fed, fast)
+        error = {"default": rel_error(fast_logits[: fed + 1], yardstick)}
+        for variant, options in [("written-out", {"split_kernel": False}), ("waiting", {"speculate": False}),
+                                 ("burst kernel", {"burst_kernel": True})]:
+            _, logits, _ = greedy(engine(adapter, schedule, capacity, **options), prompt, fed, fast)
+            error[variant] = rel_error(logits, yardstick)
+        for better, than in [("default", "written-out"), ("default", "waiting"), ("burst kernel", "default")]:
+            good = error[better] <= 1.25 * error[than] + 1e-3
+            ok &= good
+            print(f"{shape} bf16 {n} {name}, {fed} tokens fed, rel error against fp32: {better} {error[better]:.2e}, "
+                  f"{than} {error[than]:.2e}: {'ok' if good else 'WORSE'}")
+    del model, fp32
     torch.cuda.empty_cache()
     return ok
 
@@ -159,8 +187,8 @@ def compare_windowed(n: int = 4096, steps: int = 32) -> bool:
     adapter = adapter_for(model)
     prompt = torch.randint(0, adapter.vocab_size, (n,), device="cuda")
     schedule = lp.LazyLLM(model, schedule="paper").schedule  # moved to the full-attention layers
-    fast, fast_logits, revived = greedy(Engine(adapter, schedule, n + steps + 1, graphs=True), prompt, steps)
-    slow, slow_logits, _ = greedy(Engine(adapter, schedule, n + steps + 1, graphs=False), prompt, steps)
+    fast, fast_logits, revived = greedy(engine(adapter, schedule, n + steps + 1, graphs=True), prompt, steps)
+    slow, slow_logits, _ = greedy(engine(adapter, schedule, n + steps + 1, graphs=False), prompt, steps)
     diff = max((a - b).abs().max().item() for a, b in zip(fast_logits, slow_logits, strict=True))
     ok &= fast == slow and diff <= 1e-3
     print(f"gemma3 fp32 {n} paper {schedule.keep}: graphs vs eager over {steps} steps: tokens "
@@ -178,9 +206,9 @@ def compare_scorers(n: int = 300, steps: int = 12) -> bool:
     for spec in ("last:1:0.5,2:0.5", "random:1:0.5,2:0.5", "static:1:0.5,2:0.5", "pool(k=5):1:0.5,2:0.5",
                  "protect:1:0.5,2:0.5"):
         schedule = lp.parse_schedule(spec, adapter.num_layers)
-        fast_engine = Engine(adapter, schedule, n + steps + 1, graphs=True)
+        fast_engine = engine(adapter, schedule, n + steps + 1, graphs=True)
         fast, fast_logits, revived = greedy(fast_engine, prompt, steps)
-        _, slow_logits, _ = greedy(Engine(adapter, schedule, n + steps + 1, graphs=False), prompt, steps, fast)
+        _, slow_logits, _ = greedy(engine(adapter, schedule, n + steps + 1, graphs=False), prompt, steps, fast)
         diff = max((a - b).abs().max().item() for a, b in zip(fast_logits, slow_logits, strict=True))
         ok &= diff <= 1e-5
         refused = fast_engine._run_segment.refused
@@ -242,7 +270,7 @@ def main() -> None:
     if fp32 > 1e-3:
         sys.exit(f"fp32 logits differ from the reference by {fp32:.2e} > 1e-3")
     if not graphs:
-        sys.exit("the CUDA-graph decoding path differs from the eager one")
+        sys.exit("the CUDA-graph decoding path differs from the eager one, or a faster variant is less accurate")
     if not split:
         sys.exit("the split-K attention kernel differs from the written-out attention")
 

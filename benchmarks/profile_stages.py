@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lazyprefill import bench
 from lazyprefill.adapters import adapter_for
-from lazyprefill.engine import Engine
+from lazyprefill.engine import DecodeOptions, Engine
 
 HOST_STALLS = ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
@@ -50,8 +50,11 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=64, help="timed decoding steps per method")
     p.add_argument("--warmup-steps", type=int, default=16, help="untimed steps first (graph captures happen here)")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--graphs", choices=["auto", "off"], default="auto", help="off: Engine(graphs=False)")
-    p.add_argument("--attention", choices=["auto", "masked"], default="auto", help="masked: Engine(split_kernel=False)")
+    p.add_argument("--graphs", choices=["auto", "off"], default="auto", help="off: DecodeOptions(graphs=False)")
+    p.add_argument("--attention", choices=["auto", "masked"], default="auto",
+                   help="masked: DecodeOptions(split_kernel=False)")
+    p.add_argument("--speculate", choices=["auto", "off"], default="auto", help="off: DecodeOptions(speculate=False)")
+    p.add_argument("--burst-kernel", action="store_true", help="DecodeOptions(burst_kernel=True)")
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
     p.add_argument("--json", help="write the decoding timings here")
@@ -63,8 +66,9 @@ def main() -> None:
     ids = bench.random_prompts(args.length, adapter.vocab_size, 1, torch.device("cuda"), 0)[0]
     if not args.no_prefill:
         profile_prefill(model, adapter, ids)
-    options = {} if args.graphs == "auto" else {"graphs": False}
-    options |= {} if args.attention == "auto" else {"split_kernel": False}
+    options = DecodeOptions(graphs=None if args.graphs == "auto" else False,
+                            split_kernel=None if args.attention == "auto" else False,
+                            speculate=None if args.speculate == "auto" else False, burst_kernel=args.burst_kernel)
     rows = []
     with torch.inference_mode():
         for name, step in decoders(model, adapter, ids, args.warmup_steps + args.decode_steps + args.profile_steps,
@@ -73,8 +77,9 @@ def main() -> None:
                 step()
             ms, revived = step_times(step, args.decode_steps)
             rows.append({"method": name, "graphs": args.graphs, "attention": args.attention,
-                         "median_ms": statistics.median(ms),
-                         "mean_ms": sum(ms) / len(ms), "revived_per_step": revived, "steps_ms": ms})
+                         "speculate": args.speculate, "burst_kernel": args.burst_kernel,
+                         "median_ms": statistics.median(ms), "mean_ms": sum(ms) / len(ms),
+                         "revived_per_step": revived, "steps_ms": ms})
             print(f"decode {name}: median {rows[-1]['median_ms']:.2f} ms/token, mean {rows[-1]['mean_ms']:.2f}",
                   flush=True)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -129,7 +134,7 @@ def step_times(step, steps: int) -> tuple[list[float], float]:
     return [a.elapsed_time(b) for a, b in pairwise(events)], revived / steps
 
 
-def decoders(model, adapter, ids: torch.Tensor, steps: int, options: dict) -> dict:
+def decoders(model, adapter, ids: torch.Tensor, steps: int, options: DecodeOptions) -> dict:
     """One greedy decoding step per call, after a prefill of ids: transformers' forward with its cache, and ours.
     Each call returns the rows it revived."""
     out = model(ids[None], use_cache=True, logits_to_keep=1)
@@ -142,7 +147,7 @@ def decoders(model, adapter, ids: torch.Tensor, steps: int, options: dict) -> di
 
     runs = {bench.TRANSFORMERS: hf_step}
     for name, schedule in bench.schedules_for(adapter.num_layers).items():
-        engine = Engine(adapter, schedule, capacity=ids.shape[0] + steps + 8, **options)
+        engine = Engine(adapter, schedule, capacity=ids.shape[0] + steps + 8, decode=options)
         logits, _ = engine.prefill([ids])
         engine.settle()
         runs[name] = engine_step(engine, logits.argmax(dim=-1))

@@ -75,6 +75,8 @@ def summarize(records: list[dict]) -> list[dict]:
             "prompt_share_deferred": deferred / sum(r["prompt_tokens"] for r in rs),
             "prompt_share_revived": sum(r["prompt_revived"] for r in rs) / sum(r["prompt_tokens"] for r in rs),
             "deferred_share_revived": sum(r["prompt_revived"] for r in rs) / deferred if deferred else None,
+            "steps_speculated": sum(r.get("steps_speculated", 0) for r in rs),
+            "steps_overflowed": sum(r.get("steps_overflowed", 0) for r in rs),
         })
     return rows
 
@@ -85,12 +87,18 @@ def markdown(result: dict) -> str:
               f"{', '.join(cfg['tasks'])}, {cfg['samples']} prompts per task and length). Rows revived per decoding "
               "step are summed over layers; shares are of prompt tokens."), "",
              ("| weights | prompt | method | prompts | revived rows/step mean | max | prompt deferred | "
-              "prompt revived | deferred revived |"), "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "prompt revived | deferred revived | speculated steps overflowing |"),
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["summary"]:
         share = "—" if r["deferred_share_revived"] is None else f"{r['deferred_share_revived']:.1%}"
+        spec = r.get("steps_speculated", 0)
+        overflow = f"{r['steps_overflowed']} of {spec} ({r['steps_overflowed'] / spec:.1%})" if spec else "—"
         lines.append(f"| {r['weights']} | {r['length']} | {r['method']} | {r['prompts']} | {r['revived_mean']:.1f} | "
                      f"{r['revived_max']} | {r['prompt_share_deferred']:.1%} | {r['prompt_share_revived']:.1%} | "
-                     f"{share} |")
+                     f"{share} | {overflow} |")
+    lines += ["", ("Speculation (engine.decode on CUDA): a step lays out each segment at one row bucket above the "
+                   "previous step's count and waits once; a step whose revivals overflow that guess runs part of "
+                   "itself again. Replayed here on the recorded counts (plan.replay_guesses).")]
     return "\n".join(lines) + "\n"
 
 
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     for sample in tqdm(samples, desc=f"revivals {args.model}"):
         for (weights, method), lazy in lazies.items():
             out = lazy.generate(sample.prompt_ids, args.new_tokens, eos_token_id=[])
-            record = answers.revivals(out.stats, len(sample.prompt_ids))
+            record = answers.revivals(out.stats, len(sample.prompt_ids), lazy.schedule)
             result["records"].append({"weights": weights, "method": method, "task": sample.task,
                                       "sample": sample.index, "length": sample.length, **record})
         result["summary"] = summarize(result["records"])

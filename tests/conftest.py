@@ -1,9 +1,20 @@
-"""Fixtures shared by the tests; the helpers they use live in helpers.py."""
+"""Fixtures shared by the tests; the helpers they use live in helpers.py.
+
+Without CUDA the Triton kernels run in Triton's interpreter. It is chosen when a kernel (Triton's own
+reductions among them) is decorated, so the variable is set before `helpers` imports transformers' model
+classes, through which torch imports triton.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from helpers import FAMILIES, tiny_model
 
 # Tiny models on a shared 2-core machine: one thread avoids oversubscription (about 50x faster here).

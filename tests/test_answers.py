@@ -13,6 +13,7 @@ import transformers as tf
 
 from lazyprefill import answers
 from lazyprefill.bench import ModelDims, random_model, random_prompts
+from lazyprefill.engine import DecodeOptions
 from lazyprefill.generation import LazyLLM
 from lazyprefill.schedule import PRESETS
 
@@ -143,27 +144,36 @@ def test_cli_writes_json_table_plot_and_command(tmp_path):
     assert (tmp_path / "chunk.md").exists() and (tmp_path / "chunk.png").exists()
 
 
+def test_rows_of_other_decode_options_are_named_by_them():
+    assert answers.method_label("paper", DecodeOptions()) == "paper"
+    assert answers.method_label("paper", DecodeOptions(burst_kernel=True)) == "paper (burst_kernel=True)"
+    assert answers.method_label(answers.TRANSFORMERS, DecodeOptions(speculate=False)) == answers.TRANSFORMERS
+
+
 def test_revivals_count_prompt_tokens_taken_deeper():
     model = random_model("tiny", "cpu", torch.float32)
     prompt = random_prompts(N, model.config.vocab_size, 1, torch.device("cpu"), 3)[0]
-    got = {name: answers.revivals(LazyLLM(model, name).generate(prompt, 8, eos_token_id=[]).stats, N)
-           for name in ("dense", "static", "paper")}
+    lazies = {name: LazyLLM(model, name) for name in ("dense", "static", "paper")}
+    got = {name: answers.revivals(lazy.generate(prompt, 8, eos_token_id=[]).stats, N, lazy.schedule)
+           for name, lazy in lazies.items()}
     assert got["dense"] == {"revived_per_step": [0] * 7, "prompt_tokens": N, "prompt_deferred": 0, "prompt_revived": 0}
     assert got["static"]["prompt_deferred"] > 0 and got["static"]["prompt_revived"] == 0  # never revived
     paper = got["paper"]
     assert 0 < paper["prompt_revived"] <= paper["prompt_deferred"] < N
     assert sum(paper["revived_per_step"]) >= paper["prompt_revived"]  # a token may be revived at several layers
+    assert "steps_speculated" not in got["static"]  # its decoding steps know their rows: nothing is guessed
+    assert paper["steps_speculated"] <= 6 and paper["steps_overflowed"] <= paper["steps_speculated"]
 
 
 def test_a_method_that_runs_out_of_memory_is_recorded_and_the_next_goes_on(monkeypatch):
     real = answers.runner
 
-    def runner(method, model, new):
+    def runner(method, model, new, decode):
         if method == "dense":
             def run(prompts, clock, stop):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return run
-        return real(method, model, new)
+        return real(method, model, new, decode)
 
     monkeypatch.setattr(answers, "runner", runner)
     rows = answers.run(config(methods=["dense", "paper"]))["cases"][0]["rows"]

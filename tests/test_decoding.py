@@ -11,7 +11,7 @@ from helpers import prompt_ids, tiny_model
 import lazyprefill as lp
 from lazyprefill.adapters import adapter_for
 from lazyprefill.decoding import masked_attention, top_k
-from lazyprefill.engine import Engine
+from lazyprefill.engine import DecodeOptions, Engine
 from lazyprefill.plan import Segment, key_length, plan_step, row_bucket, segments
 
 
@@ -133,7 +133,19 @@ def test_decoding_leaves_sdpa_priority_alone():
 def test_graphs_need_cuda():
     adapter = adapter_for(tiny_model("qwen3"))
     with pytest.raises(ValueError, match="CUDA graphs"):
-        Engine(adapter, lp.parse_schedule("paper", adapter.num_layers), 32, graphs=True)
+        Engine(adapter, lp.parse_schedule("paper", adapter.num_layers), 32, decode=DecodeOptions(graphs=True))
+
+
+def test_decode_options_say_what_to_change(monkeypatch):
+    with pytest.raises(ValueError, match="True, False or None"):
+        DecodeOptions(graphs=1)
+    with pytest.raises(ValueError, match="leave split_kernel at None or True"):
+        DecodeOptions(burst_kernel=True, split_kernel=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter aside, Triton needs CUDA
+    adapter = adapter_for(tiny_model("qwen3"))
+    for options in (DecodeOptions(split_kernel=True), DecodeOptions(burst_kernel=True)):
+        with pytest.raises(ValueError, match="Triton attention kernels need a CUDA model"):
+            Engine(adapter, lp.parse_schedule("paper", adapter.num_layers), 32, decode=options)
 
 
 @pytest.mark.parametrize("patch", ["lazyprefill.decoding.SDPA_MIN_ROWS", "lazyprefill.engine.GRAPH_MAX_ROWS"])

@@ -24,9 +24,10 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,8 +43,9 @@ from .bench import (
     random_prompts,
     time_once,
 )
-from .engine import StepStats
+from .engine import DecodeOptions, StepStats
 from .generation import GenerationStats, LazyLLM, synchronize
+from .plan import replay_guesses, segments
 from .schedule import PRESETS, Schedule, preset
 
 STATIC = "transformers-static"
@@ -53,6 +55,12 @@ def method_names() -> list[str]:
     """Every method in the order they run: transformers eager, ours, then the compiled one (its CUDA graph pools
     and compile caches are dropped after it, so it cannot hold memory that the others need)."""
     return [TRANSFORMERS, DENSE, *PRESETS, STATIC]
+
+
+def method_label(method: str, decode: DecodeOptions) -> str:
+    """A row's name: ours carry the DecodeOptions that differ from the defaults, so that merged chunks keep both."""
+    changed = [f"{f.name}={getattr(decode, f.name)}" for f in fields(decode) if getattr(decode, f.name) != f.default]
+    return method if method in (TRANSFORMERS, STATIC) or not changed else f"{method} ({', '.join(changed)})"
 
 
 @dataclass
@@ -71,6 +79,7 @@ class AnswerConfig:
     steady_skip: int = 8  # decoding steps left out of the steady state (allocator, graph replay warm-up)
     copy_mb: int = 1024  # size of the copy that measures bandwidth
     memory_limit_gb: float | None = None  # fit check against this instead of the device's free memory
+    decode: DecodeOptions = field(default_factory=DecodeOptions)  # how our decoding steps run
 
     def __post_init__(self) -> None:
         if not self.models or not self.lengths or not self.batch_sizes or not self.new_tokens:
@@ -179,10 +188,11 @@ class TokenClock:
 Runner = Callable[[list[torch.Tensor], TokenClock, int | None], list[list[StepStats]] | None]
 
 
-def runner(method: str, model: nn.Module, new: int) -> Runner:
+def runner(method: str, model: nn.Module, new: int, decode: DecodeOptions = DecodeOptions()) -> Runner:
     """run(prompts, clock, stop) -> per-sequence step stats (ours) or None: greedy, EOS off, a generation of `new`
     tokens, or a warm-up ended after `stop` tokens that allocates what the full run does (the same static cache
     size, the same engine capacity), so that what is compiled or captured in the warm-up serves the timed run.
+    Ours decode as `decode` says.
 
     transformers gets a [B, n] tensor with its all-ones mask; `min_new_tokens` keeps EOS from ending it early.
     """
@@ -198,7 +208,7 @@ def runner(method: str, model: nn.Module, new: int) -> Runner:
 
         return run_transformers
     num_layers = adapter_for(model).num_layers
-    lazy = LazyLLM(model, Schedule() if method == DENSE else preset(method, num_layers))
+    lazy = LazyLLM(model, Schedule() if method == DENSE else preset(method, num_layers), decode=decode)
 
     def run_ours(prompts: list[torch.Tensor], clock: TokenClock, stop: int | None) -> list[list[StepStats]] | None:
         clock.start()
@@ -267,24 +277,31 @@ def summarize(case: Case, stamps: list[float], steps: list[list[StepStats]] | No
     return row
 
 
-def revivals(stats: GenerationStats, n_prompt: int) -> dict:
+def revivals(stats: GenerationStats, n_prompt: int, schedule: Schedule) -> dict:
     """What decoding revived for one sequence: rows per decoding step (summed over layers), and how many prompt
     tokens prefill deferred (stopped before the last layer) and how many of them a later step took deeper
-    (depth only grows, and only a revival makes a prompt token's depth grow)."""
+    (depth only grows, and only a revival makes a prompt token's depth grow). Where the engine speculates on
+    the rows entering each segment (a pruning layer that reselects), also how often a step's rows would
+    overflow the guess (plan.replay_guesses: the steps a GPU runs twice in part)."""
     deferred = stats.prefill_depth < stats.num_layers - 1  # [n_prompt]
     deeper = stats.final_depth[:n_prompt] > stats.prefill_depth  # [n_prompt]
-    return {
+    record = {
         "revived_per_step": [sum(s.revived) for s in stats.steps[1:]],
         "prompt_tokens": n_prompt,
         "prompt_deferred": int(deferred.sum()),
         "prompt_revived": int(deeper.sum()),
     }
+    if schedule.keep and schedule.scorer.reselects:
+        firsts = [seg.first for seg in segments(stats.num_layers, list(schedule.keep))]
+        entered = np.array([[s.computed[f] for f in firsts] for s in stats.steps[1:]])  # [steps, segments]
+        record["steps_speculated"], record["steps_overflowed"] = replay_guesses(entered)
+    return record
 
 
 def measure(case: Case, method: str, cfg: AnswerConfig) -> dict:
     """Warm up on a batch of the same shape, then time one run of N tokens."""
     device = case.prompts[0].device
-    run = runner(method, case.model, case.new)
+    run = runner(method, case.model, case.new, cfg.decode)
     compiled = method == STATIC
     if compiled:
         torch._dynamo.reset()  # compile this case's shapes afresh, as a new process would
@@ -348,7 +365,7 @@ def measure_case(
         need = memory_need(dims, case.weights, case.dtype_bytes, method, n, batch, case.new)
         _reset_peak(device)
         free = free_bytes(device, case.weights, cfg.memory_limit_gb)
-        row = {"method": method, "status": "ok", "note": "", "need_gb": need / 2**30,
+        row = {"method": method_label(method, cfg.decode), "status": "ok", "note": "", "need_gb": need / 2**30,
                "free_gb": None if free is None else free / 2**30}
         if free is not None and need - case.weights > free:
             row["status"] = "does not fit"

@@ -7,6 +7,10 @@ here are built from positions, never from indices. Both functions return None wh
 causal call is already exact, so full-attention layers and prompts shorter than the window keep
 SDPA's unmasked kernels.
 
+The Triton decoding kernels take the same sets as ranges of a list: S_l's positions in order
+(listed_positions), of which a row sees a contiguous run (row_ranges), since the window and causality
+both cut S_l by position.
+
 Legend: B sequences, H query heads, Hkv key/value heads, W padded rows of a sequence, r rows of a
 decoding step, T cached positions, dh head size.
 """
@@ -59,3 +63,29 @@ def decode_mask(in_s: torch.Tensor | None, rows: torch.Tensor, T: int, window: i
     if windowed:
         mask = mask & (keys > rows - window)
     return mask if in_s is None else mask & in_s[:, None]
+
+
+def row_ranges(
+    in_s: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """in_s: [B, T] bool S_l; rows: [B, r] positions (any value where padded); valid: [B, r] bool
+    -> lo, hi: [B, r] int32, each row's range of listed_positions(in_s): the members in (p - window, p].
+    A padded row gets lo = hi = 0 (nothing). Device ops only: no wait for the host."""
+    cum = in_s.cumsum(1, dtype=torch.int32)  # [B, T] members at or before each position
+    p = rows.clamp(0, in_s.shape[1] - 1)  # padded rows may point past T
+    hi = torch.where(valid, cum.gather(1, p), 0)
+    if window is None:
+        return torch.zeros_like(hi), hi
+    back = p - window  # the last position out of the window
+    lo = torch.where(valid & (back >= 0), cum.gather(1, back.clamp(min=0)), 0)
+    return lo, hi
+
+
+def listed_positions(in_s: torch.Tensor) -> torch.Tensor:
+    """in_s: [B, T] bool -> [B, T] int32 the positions of S_l first, ascending (the rest: 0, never read)."""
+    B, T = in_s.shape
+    slot = torch.where(in_s, in_s.cumsum(1) - 1, T)  # column T collects the non-members and is dropped
+    listed = torch.zeros(B, T + 1, dtype=torch.int32, device=in_s.device)
+    listed.scatter_(1, slot, torch.arange(T, dtype=torch.int32, device=in_s.device).expand(B, T))
+    return listed[:, :T]
+

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import LlamaAdapter
-from .attention import decode_mask
+from .attention import decode_mask, listed_positions, row_ranges
 from .cache import LazyCache
 from .plan import Segment, StepPlan
 from .recording import Recorder
@@ -32,17 +32,25 @@ class SegmentRunner:
     """Runs the segments of decoding steps for one batch and cache."""
 
     def __init__(
-        self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int, split_kernel: bool
+        self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int, split_kernel: bool,
+        burst_kernel: bool = False,
     ) -> None:
         B, P = cache.depth_device.shape
         dev, long = adapter.device, torch.long
         self.a, self.cache, self.reselects = adapter, cache, reselects
-        self.split = None  # the Triton kernel that reads only S_l's K/V (CUDA)
+        # the Triton kernels that read only S_l's K/V (CUDA): few rows per sequence, and bursts of many
+        self.split = self.burst = None
         if split_kernel:
             from . import split_attention
 
             if split_attention.warm_up(adapter.dtype, adapter.head_dim, dev):
                 self.split = split_attention
+        if burst_kernel and self.split is not None:
+            from . import burst_attention
+
+            group = adapter.num_heads // adapter.num_kv_heads
+            if burst_attention.warm_up(adapter.dtype, adapter.head_dim, group, dev):
+                self.burst = burst_attention
         self.positions = torch.arange(P, device=dev)  # [P]
         self.batch = torch.arange(B, device=dev)  # [B]
         # inputs of a step, written by `load`
@@ -53,7 +61,12 @@ class SegmentRunner:
         self.seqs = self.batch  # [A] the sequences taking this step
         # state carried from one segment to the next
         self.in_s = torch.zeros(B, P, dtype=torch.bool, device=dev)  # [B, P] membership of S_l
-        self.entering = torch.zeros(2, B, dtype=long, device=dev)  # rows entering the next segment, revived ones
+        # [segments, 2, B] rows entering each segment and how many of them are revived: segment 0 takes q
+        # alone (`load`), a pruning segment writes the next one's
+        self.counts = torch.zeros(num_pruning + 1, 2, B, dtype=long, device=dev)
+        # False from the first segment of the step whose rows did not fit its R: that segment and every later
+        # one then run on the scratch slot only and change nothing, so the host can run them again, larger
+        self.fits = torch.ones((), dtype=torch.bool, device=dev)
 
     def load(self, tokens: torch.Tensor, seqs: list[int], plan: StepPlan) -> None:
         """Copy a step's inputs into the buffers (one host-to-device copy). tokens: [A] for `seqs`."""
@@ -69,6 +82,9 @@ class SegmentRunner:
         self.active.copy_(active.bool())
         self.keep.copy_(keep.view_as(self.keep))
         self.tokens.index_copy_(0, self.seqs, tokens)
+        self.counts.zero_()
+        self.counts[0, 0] = self.active
+        self.fits.fill_(True)
 
     def q_hidden(self) -> torch.Tensor:
         """[A, d] the last layer's output for each stepping sequence's q."""
@@ -77,8 +93,10 @@ class SegmentRunner:
     def run(self, seg: Segment, index: int, R: int, T: int, scorer: Scorer, recorder: Recorder) -> None:
         """Layers seg.first..seg.last on the rows entering seg.first (at most R per sequence), keys [0, T).
 
-        `index`: which pruning layer seg.last is (when it prunes). Leaves in `entering` the rows that
-        enter the next segment.
+        `index`: the segment's place in the step (and which pruning layer seg.last is, when it prunes). A
+        pruning segment leaves in `counts[index + 1]` the rows that enter the next segment. R may be a guess
+        (engine.decode): if more rows enter, the segment clears `fits` and, like every later segment of the
+        step, computes on the scratch slot only, so that nothing it would have changed is changed.
         """
         a, c = self.a, self.cache
         B, H, dh = self.t.shape[0], a.num_heads, a.head_dim
@@ -88,11 +106,14 @@ class SegmentRunner:
         in_s = self.in_s[:, :T]  # [B, T] view, updated in place
         keys = self.positions[:T].expand(B, T)
         rows, valid, count = self._rows(seg.first, R, T)  # [B, R], [B, R], [B]
+        fits = self.fits & (count <= R).all()  # a device value: no wait
+        self.fits.copy_(fits)
+        rows, valid = torch.where(fits, rows, c.scratch), valid & fits
         recorder.layers(len(seg.layers), keys, in_s, rows, valid)
         seq, pos = self.batch[:, None].expand(B, R).reshape(-1), rows.reshape(-1)  # [B * R]
         h = c.aux[seq, pos]  # [B * R, d]
         cos, sin = a.rope(pos)
-        attend = self._attention(in_s, rows, T)
+        attend = self._attention(in_s, rows, valid, T)
         for l in seg.layers:
             q, k, v = a.qkv(l, h, cos, sin)  # q: [B * R, H, dh]
             c.write_kv(l, seq, pos, k, v)
@@ -102,23 +123,25 @@ class SegmentRunner:
         c.depth_device[seq, pos] = torch.full_like(pos, seg.last, dtype=torch.int32)  # a device value: capturable
         if not (seg.prunes and self.reselects):
             return
-        q_last = q.view(B, R, H, dh)[self.batch, (count - 1).clamp(min=0)]  # [B, H, dh]: q is each last row
+        q_last = q.view(B, R, H, dh)[self.batch, (count - 1).clamp(0, R - 1)]  # [B, H, dh]: q is each last row
         x = ScoreInput(q_last[:, :, None], self.t[:, None], c.k[seg.last, :, :, :T], keys, in_s, a.scaling, seg.last, T)
         scores = scorer.score(x)  # [B, T]
         recorder.scores(seg.last, keys, in_s, scores)
-        in_s.copy_(top_k(scores, in_s, keys == self.t[:, None], self.keep[index]))
+        in_s.copy_(torch.where(fits, top_k(scores, in_s, keys == self.t[:, None], self.keep[index]), in_s))
         entering = (in_s & (c.depth_device[:, :T] == seg.last)).sum(1)
         stayed = (self.in_s.gather(1, rows) & valid).sum(1)  # rows of this segment still candidates
-        self.entering[0].copy_(entering)
-        self.entering[1].copy_(entering - stayed)
+        self.counts[index + 1, 0] = entering
+        self.counts[index + 1, 1] = entering - stayed
 
-    def _attention(self, in_s: torch.Tensor, rows: torch.Tensor, T: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """How this segment's rows attend, causally by position, to S_l (in_s: [B, T]; rows: [B, R]):
-        (layer, q [B, H, R, dh]) -> [B, H, R, dh]. The Triton kernel reads S_l's K/V through a list of
-        positions built once per segment; the written-out attention reads all T keys with a mask, which
-        also carries a sliding-window layer's window (by original position, attention.py)."""
+    def _attention(
+        self, in_s: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, T: int
+    ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """How this segment's rows attend, causally by position, to S_l (in_s: [B, T]; rows, valid: [B, R]):
+        (layer, q [B, H, R, dh]) -> [B, H, R, dh]. The Triton kernels read S_l's K/V through a list of
+        positions built once per segment: the split kernel for a few rows (no window), the burst kernel for
+        many (each row's range of the list carries causality and a window). The written-out attention
+        reads all T keys with a mask, which also carries a window (by original position, attention.py)."""
         c, a, scaling = self.cache, self.a, self.a.scaling
-        B, R = rows.shape
         masks: dict[int | None, torch.Tensor] = {}  # window -> [B, R or 1, T], built once per segment
 
         def masked(l: int, q: torch.Tensor) -> torch.Tensor:
@@ -127,20 +150,30 @@ class SegmentRunner:
                 masks[window] = decode_mask(in_s, rows, T, window)
             return masked_attention(q, c.k[l, :, :, :T], c.v[l, :, :, :T], masks[window], scaling)
 
-        if self.split is None or R * a.num_heads // a.num_kv_heads > self.split.MAX_ROWS:
+        if self.split is None:
             return masked
-        n_s = in_s.sum(1, dtype=torch.int32)  # [B]
-        slot = torch.where(in_s, in_s.cumsum(1) - 1, T)  # members first, in order; column T collects the rest
-        listed = torch.zeros(B, T + 1, dtype=torch.int32, device=in_s.device)
-        listed.scatter_(1, slot, self.positions[:T].int().expand(B, T))
-        qpos = rows.int()
+        few = rows.shape[1] * a.num_heads // a.num_kv_heads <= self.split.MAX_ROWS
+        if not few and self.burst is None:
+            return masked
+        listed = listed_positions(in_s)  # [B, T]
+        if few:
+            n_s, qpos = in_s.sum(1, dtype=torch.int32), rows.int()  # [B], [B, R]
 
-        def split(l: int, q: torch.Tensor) -> torch.Tensor:
-            if a.window(l) is not None:  # the kernel knows no window
-                return masked(l, q)
-            return self.split.split_attention(q, c.k[l], c.v[l], listed[:, :T], n_s, qpos, scaling)
+            def split(l: int, q: torch.Tensor) -> torch.Tensor:
+                if a.window(l) is not None:  # the kernel knows no window
+                    return masked(l, q)
+                return self.split.split_attention(q, c.k[l], c.v[l], listed, n_s, qpos, scaling)
 
-        return split
+            return split
+        ranges: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # window -> lo, hi: [B, R] each
+
+        def burst(l: int, q: torch.Tensor) -> torch.Tensor:
+            window = a.window(l)
+            if window not in ranges:
+                ranges[window] = row_ranges(in_s, rows, valid, window)
+            return self.burst.burst_attention(q, c.k[l], c.v[l], listed, *ranges[window], scaling)
+
+        return burst
 
     def _start_membership(self, seg: Segment, T: int) -> None:
         """S_0 is every token so far; without reselection S_l is the tokens whose K/V at l exists, plus q."""
@@ -154,11 +187,12 @@ class SegmentRunner:
 
     def _rows(self, first: int, R: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The candidates that stopped just before layer `first`: [B, R] positions in order (scratch slot
-        where padded), [B, R] bool real, [B] count (at most R: the planner chose R from it)."""
+        where padded), [B, R] bool real, [B] count (all of them: when it exceeds R, the first R are laid out)."""
         B = self.t.shape[0]
         enter = self.in_s[:, :T] & (self.cache.depth_device[:, :T] == first - 1)  # [B, T]
         count = enter.sum(1)
-        slot = torch.where(enter, enter.cumsum(1) - 1, R)  # column R collects the rest and is dropped
+        rank = enter.cumsum(1)
+        slot = torch.where(enter & (rank <= R), rank - 1, R)  # column R collects the rest and is dropped
         rows = torch.full((B, R + 1), self.cache.scratch, dtype=torch.long, device=enter.device)
         rows.scatter_(1, slot, self.positions[:T].expand(B, T))
         return rows[:, :R], self.positions[:R] < count[:, None], count

@@ -19,6 +19,8 @@ device runs a few segments of layers with static shapes (decoding.py), replayed 
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, fields
 from functools import partial
 
 import numpy as np
@@ -30,12 +32,12 @@ from .attention import prefill_attention
 from .cache import LazyCache
 from .decoding import Graphs, SegmentRunner, eager
 from .packing import Packing
-from .plan import GRAPH_MAX_ROWS, plan_step, row_bucket, segments
+from .plan import GRAPH_MAX_ROWS, StepPlan, guess_rows, plan_step, row_bucket, segments
 from .recording import Recorder, StepStats, StepTrace, TraceRecorder
 from .schedule import Schedule
 from .scoring import ScoreInput, select
 
-__all__ = ["DECODE_ATTENTION", "Engine", "StepStats", "StepTrace"]
+__all__ = ["DECODE_ATTENTION", "DecodeOptions", "Engine", "StepStats", "StepTrace"]
 
 # Decoding calls SDPA only for bursts of revived rows, with the kernel choice scoped to the call
 # (decoding._sdpa_attention). `bench` uses this order for transformers
@@ -46,32 +48,61 @@ DECODE_ATTENTION = [
 ]
 
 
-class Engine:
-    """Runs a batch of sequences through prefill and decoding steps under one schedule and its scorer.
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How decoding steps run. Every choice computes the same thing (SPEC.md); they differ in speed, and
+    each default (None) is what measured fastest on the device kind (benchmarks/NOTES.md).
 
-    `graphs`: replay decoding segments as CUDA graphs (None: on CUDA unless tracing, whose recorder
-    reads the device mid-step). `split_kernel`: decoding attention through the Triton kernel that
-    reads only S_l's K/V (None: on CUDA); otherwise the written-out masked attention over every position.
+    graphs: replay segments as CUDA graphs (default: on CUDA unless tracing, whose recorder reads the
+        device mid-step). split_kernel: the Triton kernel that reads only S_l's K/V for a few rows per
+        sequence (default: on CUDA); otherwise the written-out masked attention over every position.
+    burst_kernel: many rows (revival bursts) through the Triton flash kernel over S_l's positions with
+        per-row key ranges, instead of SDPA with an [R, T] mask; off until it is timed on a GPU.
+    speculate: lay out a step's segments before their row counts are known, so that the host waits once a
+        step, not once per pruning layer that reselects (default: on CUDA, where a wait idles the GPU).
     """
+
+    graphs: bool | None = None
+    split_kernel: bool | None = None
+    burst_kernel: bool = False
+    speculate: bool | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"DecodeOptions.{f.name} must be True, False or None (the default), got {value!r}")
+        if self.burst_kernel and self.split_kernel is False:
+            raise ValueError("burst_kernel=True reads S_l through the split kernel's position list: "
+                             "leave split_kernel at None or True")
+
+
+class Engine:
+    """Runs a batch of sequences through prefill and decoding steps under one schedule and its scorer;
+    `decode` says how decoding steps run (DecodeOptions)."""
 
     def __init__(
         self, adapter: LlamaAdapter, schedule: Schedule, capacity: int, trace: bool = False,
-        graphs: bool | None = None, split_kernel: bool | None = None,
+        decode: DecodeOptions = DecodeOptions(),
     ) -> None:
         self.a = adapter
         self.schedule = schedule
         self.capacity = capacity  # positions per sequence: longest prompt + new tokens
         self.trace = trace
         self.reselects = schedule.scorer.reselects
-        possible = adapter.device.type == "cuda" and not trace
-        if graphs and not possible:
-            raise ValueError("CUDA graphs need a CUDA model and trace=False")
-        self.graphs = possible if graphs is None else graphs
         on_cuda = adapter.device.type == "cuda"
-        if split_kernel and not on_cuda:
-            raise ValueError("the split-K attention kernel (Triton) needs a CUDA model")
-        self.split_kernel = on_cuda if split_kernel is None else split_kernel
+        if decode.graphs and not (on_cuda and not trace):
+            raise ValueError("CUDA graphs need a CUDA model and trace=False")
+        self.graphs = on_cuda and not trace if decode.graphs is None else decode.graphs
+        triton = on_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the tests run Triton's interpreter
+        if (decode.split_kernel or decode.burst_kernel) and not triton:
+            raise ValueError("the Triton attention kernels need a CUDA model")
+        self.split_kernel = on_cuda if decode.split_kernel is None else decode.split_kernel
+        self.burst_kernel = decode.burst_kernel
         self.segments = segments(adapter.num_layers, list(schedule.keep))
+        # only a pruning layer that reselects makes the host wait mid-step: nothing to speculate on otherwise
+        waits = self.reselects and len(self.segments) > 1
+        self.speculate = waits and (on_cuda if decode.speculate is None else decode.speculate)
         self.cache: LazyCache | None = None  # allocated by prefill, once the batch is known
         self.recorder: Recorder = Recorder()
 
@@ -138,8 +169,10 @@ class Engine:
         c = self.cache
         c.clear(self._prompt_lengths.tolist(), self._dropped)
         self._dropped = []
-        self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel)
+        self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel,
+                                    self.burst_kernel)
         self._run_segment = Graphs() if self.graphs else eager
+        self._guess: list[int] | None = None  # rows to lay out per segment of the next step (speculating)
 
     def _prefill_scores(
         self, layer: int, qp: torch.Tensor, kp: torch.Tensor, rows: Packing, pos: torch.Tensor, span: int
@@ -163,30 +196,57 @@ class Engine:
         """tokens: [A] the newest token of each sequence in `seqs` (ascending; the rest have stopped)
         -> their logits [A, vocab] and stats. Each token becomes its sequence's q at position length.
 
-        Plan (host: sizes, rows per segment), then one static-shape segment run after another; the host
-        waits for the device only after a pruning layer that reselects, to learn how many rows enter next.
+        Plan (host: sizes), then one static-shape segment run after another. How many rows enter after a
+        pruning layer that reselects is known only on the device: when speculating, every segment is laid
+        out at the size the previous step suggests and the host waits once, at the end; a segment that
+        overflowed its guess did nothing, and it and the rest are run again at their real sizes, waiting
+        for the count before each (as every step does without speculation).
         """
-        c, sched = self.cache, self.schedule
-        plan = plan_step(sched, self.reselects, c.length, seqs, self.a.num_layers, self.capacity,
+        c = self.cache
+        plan = plan_step(self.schedule, self.reselects, c.length, seqs, self.a.num_layers, self.capacity,
                          self._prefill_sizes, self._prompt_lengths)
         c.length[seqs] += 1
         self.runner.load(tokens, seqs, plan)
         self.recorder.begin(seqs)
-        stats = {b: StepStats(candidates=plan.sizes[b].tolist()) for b in seqs}
-        entering = np.zeros((2, c.length.shape[0]), dtype=np.int64)  # rows entering, of which revived
-        entering[0, seqs] = 1  # q alone enters layer 0
-        for index, seg in enumerate(self.segments):
-            n = int(entering[0].max())
-            # A burst of revived rows is a one-off shape whose work dwarfs its launches: run it as it is,
-            # exactly sized, rather than pad it to a bucket and capture a graph used once.
-            R, run = (n, eager) if n > GRAPH_MAX_ROWS else (row_bucket(n), self._run_segment)
-            run((index, R, plan.keys), partial(self.runner.run, seg, index, R, plan.keys, self.schedule.scorer,
-                                               self.recorder))
-            n = len(seg.layers)
-            for b in seqs:
-                stats[b].computed += [int(entering[0, b])] * n
-                stats[b].revived += [int(entering[1, b])] + [0] * (n - 1)
-            if seg.prunes and self.reselects:
-                entering = np.array(self.runner.entering.tolist())  # the step's one wait per pruning layer
+        n_seg = len(self.segments)
+        counts = np.zeros((n_seg, 2, c.length.shape[0]), dtype=np.int64)  # rows entering each segment, revived
+        counts[:, 0, seqs] = 1  # q alone, unless a pruning layer that reselects brings more (read from the device)
+        start, guess = 0, self._guess
+        if guess is not None:
+            for index in range(n_seg):
+                self._run(index, guess[index], plan.keys)
+            counts = np.array(self.runner.counts.tolist())  # the step's one wait
+            start = next((i for i in range(n_seg) if counts[i, 0].max() > guess[i]), n_seg)
+            if start < n_seg:
+                self.runner.fits.fill_(True)
+                self.recorder.rewind(self.segments[start].first)
+        for index in range(start, n_seg):
+            if index > start and self.reselects:
+                counts[index] = self.runner.counts[index].tolist()  # a wait per pruning layer
+            self._run(index, int(counts[index, 0].max()), plan.keys)
+        if self.speculate:
+            self._guess = guess_rows(counts[:, 0].max(axis=1))
         self.recorder.end()
-        return self.a.logits(self.runner.q_hidden()), [stats[b] for b in seqs]
+        return self.a.logits(self.runner.q_hidden()), self._stats(plan, seqs, counts)
+
+    def _run(self, index: int, n: int, keys: int) -> None:
+        """Segment `index` on n rows per sequence (at most; a guess when speculating), keys [0, keys).
+
+        A burst of revived rows is a one-off shape whose work dwarfs its launches: it runs as it is, exactly
+        sized, rather than padded to a bucket and captured as a graph used once. No more rows than keys: only
+        positions below `keys` can enter."""
+        R, run = (n, eager) if n > GRAPH_MAX_ROWS else (min(row_bucket(n), keys), self._run_segment)
+        run((index, R, keys), partial(self.runner.run, self.segments[index], index, R, keys, self.schedule.scorer,
+                                      self.recorder))
+
+    def _stats(self, plan: StepPlan, seqs: list[int], counts: np.ndarray) -> list[StepStats]:
+        """Per-layer counts of each stepping sequence from `counts`: [segments, 2 (entering, revived), B]."""
+        stats = []
+        for b in seqs:
+            s = StepStats(candidates=plan.sizes[b].tolist())
+            for seg, (entering, revived) in zip(self.segments, counts[:, :, b].tolist()):
+                n = len(seg.layers)
+                s.computed += [entering] * n
+                s.revived += [revived] + [0] * (n - 1)
+            stats.append(s)
+        return stats

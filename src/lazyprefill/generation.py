@@ -16,7 +16,7 @@ from torch import nn
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .adapters import LlamaAdapter, adapter_for
-from .engine import Engine, StepStats, StepTrace
+from .engine import DecodeOptions, Engine, StepStats, StepTrace
 from .env import synchronize
 from .schedule import DEFAULT_PRESET, Schedule, parse_schedule
 
@@ -134,7 +134,8 @@ class LazyLLM:
     """LazyLLM on a model the user already loaded: never copies or modifies its weights.
 
     `schedule` is a preset name ("balanced", the default, or "paper"), "dense"/None, "static"/"random" baselines, a
-    "layer:ratio,..." string, a `{layer: ratio}` dict or a `Schedule`.
+    "layer:ratio,..." string, a `{layer: ratio}` dict or a `Schedule`. `decode` chooses how decoding steps
+    run (`DecodeOptions`: CUDA graphs, Triton kernels, speculation); the defaults suit the device.
 
     Threads: a LazyLLM is not safe to call from several threads at once, and neither are several
     LazyLLMs over one model. Each call builds its own Engine and cache and only reads the model, but
@@ -149,6 +150,7 @@ class LazyLLM:
         schedule: str | dict | Schedule | None = DEFAULT_PRESET,
         tokenizer=None,
         trace: bool = False,
+        decode: DecodeOptions | None = None,
     ) -> None:
         if getattr(model, "lm_head", None) is None:
             raise ValueError(
@@ -161,6 +163,7 @@ class LazyLLM:
         self.schedule = parse_schedule(schedule, a.num_layers, prunable=a.prunable_layers(), presets=a.presets)
         self.tokenizer = tokenizer
         self.trace = trace
+        self.decode = decode or DecodeOptions()
 
     def generate(
         self, input_ids, max_new_tokens: int = 64, *, on_token: Callable[..., None] | None = None, **options
@@ -227,7 +230,7 @@ class LazyLLM:
         generators = sampling.generators(len(prompts), device) or [None] * len(prompts)
         requests = [Request(b, p, g) for b, (p, g) in enumerate(zip(prompts, generators))]
         capacity = max(p.shape[0] for p in prompts) + max_new_tokens
-        engine = Engine(self.adapter, self.schedule, capacity, trace=self.trace)
+        engine = Engine(self.adapter, self.schedule, capacity, trace=self.trace, decode=self.decode)
 
         with torch.inference_mode():
             synchronize(device)

@@ -56,6 +56,35 @@ def row_bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def guess_rows(entered: np.ndarray) -> list[int] | None:
+    """Rows to lay out per segment of a step before its counts are known, from the last step's
+    `entered`: [segments] the most rows that entered each segment in any sequence.
+
+    Segment 0 takes q alone. After a pruning layer, one bucket above last step's count, so that a few
+    more revivals still fit (a row more costs little: the weights dominate the bytes a segment reads)
+    and a step overflows, and runs again, only when revivals jump. None after a burst: the next step
+    reads its counts.
+    """
+    if entered.max() >= GRAPH_MAX_ROWS:
+        return None
+    return [1] + [row_bucket(int(n) + 1) for n in entered[1:]]
+
+
+def replay_guesses(entered: np.ndarray) -> tuple[int, int]:
+    """What speculation does on recorded counts, step by step as engine.decode guesses.
+
+    entered: [steps, segments] the most rows that entered each segment at each decoding step
+    -> (steps laid out on a guess, how many of them overflowed it and ran again).
+    """
+    guess, speculated, overflowed = None, 0, 0
+    for row in entered:
+        if guess is not None:
+            speculated += 1
+            overflowed += bool((row > np.array(guess)).any())
+        guess = guess_rows(row)
+    return speculated, overflowed
+
+
 def key_length(n_keys: int, capacity: int) -> int:
     """Keys a step attends over: n_keys rounded up to a multiple of ~1/16 of it (at least 256), within capacity.
 

@@ -194,6 +194,8 @@ _SMS: dict[int, int] = {}
 
 
 def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's interpreter on the CPU: no SMs to count; a few programs still split the keys
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SMS:
         _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
