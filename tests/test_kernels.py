@@ -169,3 +169,15 @@ def test_row_ranges_and_listed_positions():
     assert lo.tolist() == [[0, 2], [0, 0]] and hi.tolist() == [[2, 4], [2, 0]]
     lo, hi = row_ranges(in_s, rows, valid, 1)  # itself only
     assert lo.tolist() == [[1, 3], [1, 0]] and hi.tolist() == [[2, 4], [2, 0]]
+
+
+def test_kernels_read_v_by_its_own_strides():
+    """V laid out [B, P, Hkv, dh] under a [B, Hkv, P, dh] view, unlike K: the same values must come out."""
+    q, k, v, in_s, idx, rows, valid = make_case(2, 8, torch.float32, seed=4)
+    v_other = v.transpose(1, 2).contiguous().transpose(1, 2)
+    assert v_other.stride() != k.stride()
+    lo, hi = row_ranges(in_s, rows, valid, None)
+    burst = ba.burst_attention(q, k, v_other, idx, lo, hi, SCALING, **SMALL_BLOCKS)
+    split = sa.split_attention(q, k, v_other, idx, in_s.sum(1, dtype=torch.int32), rows.int(), SCALING, block_n=16)
+    for out in (burst, split):
+        check(out, q, k, v, in_s, rows, valid, None)

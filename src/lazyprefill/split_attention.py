@@ -38,7 +38,7 @@ NUM_STAGES = 3
 MERGE_KERNEL = True  # merge the parts in one Triton launch: 16-24 us a layer less than ~7 torch kernels (sweep)
 
 # Integer arguments change between calls (rows, splits, strides): compile once, not per value.
-_RUNTIME_INTS = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kt", "s_ib", "s_pb", "s_ob", "s_oh", "s_os", "s_om",
+_RUNTIME_INTS = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kt", "s_vb", "s_vh", "s_vt", "s_ib", "s_pb", "s_ob", "s_oh", "s_os", "s_om",
                  "s_lb", "s_lh", "s_ls", "HKV", "M", "R", "n_splits"]
 
 
@@ -46,7 +46,8 @@ _RUNTIME_INTS = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kt", "s_ib", "s_pb",
 def _split_kernel(
     Q, K, V, IDX, NS, QPOS, O, LSE,
     s_qb, s_qh, s_qm,  # q: [B, Hkv, M, dh], rows g * R + r
-    s_kb, s_kh, s_kt,  # k, v: [B, Hkv, P, dh]
+    s_kb, s_kh, s_kt,  # k: [B, Hkv, P, dh]
+    s_vb, s_vh, s_vt,  # v: [B, Hkv, P, dh]
     s_ib,  # idx: [B, T] int32
     s_pb,  # qpos: [B, R] int32
     s_ob, s_oh, s_os, s_om,  # o: [B, Hkv, S, M, dh] fp32
@@ -71,7 +72,7 @@ def _split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DH], tl.float32)
     k_base = K + b * s_kb + kvh * s_kh
-    v_base = V + b * s_kb + kvh * s_kh
+    v_base = V + b * s_vb + kvh * s_vh
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         key_ok = j < end
@@ -87,7 +88,7 @@ def _split_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + pos[:, None] * s_kt + d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_base + pos[:, None] * s_vt + d[None, :], mask=key_ok[:, None], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
@@ -147,7 +148,8 @@ def split_attention(
     lse = torch.empty(B, kv_heads, splits, M, device=q.device, dtype=torch.float32)
     _split_kernel[(B * kv_heads, splits)](
         qg, k, v, idx, n_s, qpos, o, lse,
-        qg.stride(0), qg.stride(1), qg.stride(2), k.stride(0), k.stride(1), k.stride(2), idx.stride(0),
+        qg.stride(0), qg.stride(1), qg.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), idx.stride(0),
         qpos.stride(0), o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1),
         lse.stride(2), scaling, kv_heads, M, R, splits,
         DH=dh, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
