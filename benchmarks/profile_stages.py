@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--graphs", choices=["auto", "off"], default="auto", help="off: DecodeOptions(graphs=False)")
     p.add_argument("--attention", choices=["auto", "masked"], default="auto",
                    help="masked: DecodeOptions(split_kernel=False)")
-    p.add_argument("--speculate", choices=["auto", "off"], default="auto", help="off: DecodeOptions(speculate=False)")
+    p.add_argument("--speculate", action="store_true", help="DecodeOptions(speculate=True)")
     p.add_argument("--burst-kernel", action="store_true", help="DecodeOptions(burst_kernel=True)")
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
@@ -68,7 +68,7 @@ def main() -> None:
         profile_prefill(model, adapter, ids)
     options = DecodeOptions(graphs=None if args.graphs == "auto" else False,
                             split_kernel=None if args.attention == "auto" else False,
-                            speculate=None if args.speculate == "auto" else False, burst_kernel=args.burst_kernel)
+                            speculate=args.speculate, burst_kernel=args.burst_kernel)
     rows = []
     with torch.inference_mode():
         for name, step in decoders(model, adapter, ids, args.warmup_steps + args.decode_steps + args.profile_steps,

@@ -96,9 +96,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['weights']} | {r['length']} | {r['method']} | {r['prompts']} | {r['revived_mean']:.1f} | "
                      f"{r['revived_max']} | {r['prompt_share_deferred']:.1%} | {r['prompt_share_revived']:.1%} | "
                      f"{share} | {overflow} |")
-    lines += ["", ("Speculation (engine.decode on CUDA): a step lays out each segment at one row bucket above the "
-                   "previous step's count and waits once; a step whose revivals overflow that guess runs part of "
-                   "itself again. Replayed here on the recorded counts (plan.replay_guesses).")]
+    lines += ["", ("Speculation (DecodeOptions(speculate=True)): a step lays out each segment at one row bucket "
+                   "above the previous step's count and waits once; a step whose revivals overflow that guess runs "
+                   "part of itself again. Replayed here on the recorded counts (plan.replay_guesses).")]
     return "\n".join(lines) + "\n"
 
 

@@ -147,7 +147,7 @@ def test_cli_writes_json_table_plot_and_command(tmp_path):
 def test_rows_of_other_decode_options_are_named_by_them():
     assert answers.method_label("paper", DecodeOptions()) == "paper"
     assert answers.method_label("paper", DecodeOptions(burst_kernel=True)) == "paper (burst_kernel=True)"
-    assert answers.method_label(answers.TRANSFORMERS, DecodeOptions(speculate=False)) == answers.TRANSFORMERS
+    assert answers.method_label(answers.TRANSFORMERS, DecodeOptions(speculate=True)) == answers.TRANSFORMERS
 
 
 def test_revivals_count_prompt_tokens_taken_deeper():

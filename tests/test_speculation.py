@@ -126,7 +126,7 @@ def test_speculation_is_off_on_cpu_and_without_a_reselecting_pruning_layer():
         schedule = lp.parse_schedule(spec, adapter.num_layers)
         return Engine(adapter, schedule, 32, decode=DecodeOptions(speculate=speculate)).speculate
 
-    assert not speculates("paper", None)  # the CPU waits for nothing
+    assert not speculates("paper", False)  # the default, until timed on a GPU
     assert not speculates(None, True)  # dense: no pruning layer
     assert not speculates("static:paper", True)  # pruned in prefill only: decoding steps know their rows
     assert speculates("paper", True)

@@ -50,8 +50,9 @@ DECODE_ATTENTION = [
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How decoding steps run. Every choice computes the same thing (SPEC.md); they differ in speed, and
-    each default (None) is what measured fastest on the device kind (benchmarks/NOTES.md).
+    """How decoding steps run. Every choice computes the same thing (SPEC.md); they differ in speed. A
+    default of None is what measured fastest on the device kind; an option still False by default is
+    not yet timed on a GPU (benchmarks/NOTES.md).
 
     graphs: replay segments as CUDA graphs (default: on CUDA unless tracing, whose recorder reads the
         device mid-step). split_kernel: the Triton kernel that reads only S_l's K/V for a few rows per
@@ -59,13 +60,13 @@ class DecodeOptions:
     burst_kernel: many rows (revival bursts) through the Triton flash kernel over S_l's positions with
         per-row key ranges, instead of SDPA with an [R, T] mask; off until it is timed on a GPU.
     speculate: lay out a step's segments before their row counts are known, so that the host waits once a
-        step, not once per pruning layer that reselects (default: on CUDA, where a wait idles the GPU).
+        step, not once per pruning layer that reselects (where a wait idles the GPU); off until timed.
     """
 
     graphs: bool | None = None
     split_kernel: bool | None = None
     burst_kernel: bool = False
-    speculate: bool | None = None
+    speculate: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -102,7 +103,7 @@ class Engine:
         self.segments = segments(adapter.num_layers, list(schedule.keep))
         # only a pruning layer that reselects makes the host wait mid-step: nothing to speculate on otherwise
         waits = self.reselects and len(self.segments) > 1
-        self.speculate = waits and (on_cuda if decode.speculate is None else decode.speculate)
+        self.speculate = waits and decode.speculate
         self.cache: LazyCache | None = None  # allocated by prefill, once the batch is known
         self.recorder: Recorder = Recorder()
 

@@ -38,8 +38,8 @@ NUM_STAGES = 3
 MERGE_KERNEL = True  # merge the parts in one Triton launch: 16-24 us a layer less than ~7 torch kernels (sweep)
 
 # Integer arguments change between calls (rows, splits, strides): compile once, not per value.
-_RUNTIME_INTS = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kt", "s_vb", "s_vh", "s_vt", "s_ib", "s_pb", "s_ob", "s_oh", "s_os", "s_om",
-                 "s_lb", "s_lh", "s_ls", "HKV", "M", "R", "n_splits"]
+_RUNTIME_INTS = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kt", "s_vb", "s_vh", "s_vt", "s_ib", "s_pb", "s_ob",
+                 "s_oh", "s_os", "s_om", "s_lb", "s_lh", "s_ls", "HKV", "M", "R", "n_splits"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
