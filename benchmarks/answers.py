@@ -57,6 +57,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-limit-gb", type=float, help="check fits against this, not the GPU's free memory")
     p.add_argument("--burst-kernel", action="store_true", help="ours: DecodeOptions(burst_kernel=True)")
     p.add_argument("--speculate", action="store_true", help="ours: DecodeOptions(speculate=True)")
+    p.add_argument("--compile", action="store_true", help="ours: DecodeOptions(compile=True)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="join chunk results instead of measuring")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/answers"))
     p.add_argument("--stem", help="output file name without extension (default: answers-<models>)")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
             models=args.models, lengths=args.lengths, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
             methods=args.methods, device=args.device, dtype=args.dtype, warmup_tokens=args.warmup_tokens,
             steady_skip=args.steady_skip, copy_mb=args.copy_mb, memory_limit_gb=args.memory_limit_gb,
-            decode=DecodeOptions(burst_kernel=args.burst_kernel, speculate=args.speculate),
+            decode=DecodeOptions(burst_kernel=args.burst_kernel, speculate=args.speculate, compile=args.compile),
         )
         total = len(cfg.models) * len(cfg.lengths) * len(cfg.batch_sizes) * len(cfg.selected)
         with tqdm(total=total, desc="answers") as bar:

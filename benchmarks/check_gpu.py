@@ -6,9 +6,9 @@ float64 reference of tests/reference.py on the GPU (the decoding paths that only
 attention, written-out masked attention), and a batch of prompts of different lengths against each
 prompt alone. Then the decoding fast path (CUDA graphs of static-shape segments) against the same engine
 run eagerly, on bf16 `llama2-7b` shapes after an 8K prompt: same greedy tokens over 64 steps, logits within
-bf16 rounding; and each faster variant (split kernel, speculation, burst kernel) no further from an fp32
-copy of the model than the path it replaces. Then the sliding-window family (Gemma 3 270M's shape, fp32):
-dense against transformers, `paper` under graphs against eager (`check_gpu.py windowed` runs only this).
+bf16 rounding; and each faster variant (split kernel, speculation, burst kernel, compiled layers) no further
+from an fp32 copy of the model than the path it replaces. Then the sliding-window family (Gemma 3 270M's
+shape, fp32): dense against transformers, `paper` under graphs against eager (`check_gpu.py windowed` runs only this).
 Exits non-zero if fp32 differs by more than 1e-3, the graphs differ from eager or a variant is less
 accurate than what it replaces.
 """
@@ -144,10 +144,10 @@ def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64, fed
 
     CUDA graphs against eager over `steps` greedy steps: same tokens, logits within bf16 rounding. Then, fed
     the same `fed` tokens, every variant against an fp32 copy of the model (written-out attention): the split
-    kernel, speculation and the burst kernel must each be about as close to fp32 as the path they replace
-    (error at most 1.25x that path's + 1e-3). Two bf16 paths through 32 random-weight layers drift apart by a
-    few percent (5.4-5.7e-2 measured between the split kernel and the written-out attention); whether that is
-    rounding or a bug only a yardstick in higher precision says.
+    kernel, speculation, the burst kernel and the compiled layer halves must each be about as close to fp32 as
+    the path they replace (error at most 1.25x that path's + 1e-3). Two bf16 paths through 32 random-weight
+    layers drift apart by a few percent (5.4-5.7e-2 measured between the split kernel and the written-out
+    attention); whether that is rounding or a bug only a yardstick in higher precision says.
     """
     model = bench.random_model(shape, "cuda", torch.bfloat16)
     adapter = adapter_for(model)
@@ -166,10 +166,11 @@ def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64, fed
         _, yardstick, _ = greedy(engine(fp32, schedule, capacity, split_kernel=False), prompt, fed, fast)
         error = {"default": rel_error(fast_logits[: fed + 1], yardstick)}
         for variant, options in [("written-out", {"split_kernel": False}), ("speculating", {"speculate": True}),
-                                 ("burst kernel", {"burst_kernel": True})]:
+                                 ("burst kernel", {"burst_kernel": True}), ("compiled", {"compile": True})]:
             _, logits, _ = greedy(engine(adapter, schedule, capacity, **options), prompt, fed, fast)
             error[variant] = rel_error(logits, yardstick)
-        for better, than in [("default", "written-out"), ("speculating", "default"), ("burst kernel", "default")]:
+        for better, than in [("default", "written-out"), ("speculating", "default"), ("burst kernel", "default"),
+                             ("compiled", "default")]:
             good = error[better] <= 1.25 * error[than] + 1e-3
             ok &= good
             print(f"{shape} bf16 {n} {name}, {fed} tokens fed, rel error against fp32: {better} {error[better]:.2e}, "

@@ -55,6 +55,7 @@ def main() -> None:
                    help="masked: DecodeOptions(split_kernel=False)")
     p.add_argument("--speculate", action="store_true", help="DecodeOptions(speculate=True)")
     p.add_argument("--burst-kernel", action="store_true", help="DecodeOptions(burst_kernel=True)")
+    p.add_argument("--compile", action="store_true", help="DecodeOptions(compile=True)")
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
     p.add_argument("--json", help="write the decoding timings here")
@@ -68,7 +69,7 @@ def main() -> None:
         profile_prefill(model, adapter, ids)
     options = DecodeOptions(graphs=None if args.graphs == "auto" else False,
                             split_kernel=None if args.attention == "auto" else False,
-                            speculate=args.speculate, burst_kernel=args.burst_kernel)
+                            speculate=args.speculate, burst_kernel=args.burst_kernel, compile=args.compile)
     rows = []
     with torch.inference_mode():
         for name, step in decoders(model, adapter, ids, args.warmup_steps + args.decode_steps + args.profile_steps,
@@ -77,7 +78,7 @@ def main() -> None:
                 step()
             ms, revived = step_times(step, args.decode_steps)
             rows.append({"method": name, "graphs": args.graphs, "attention": args.attention,
-                         "speculate": args.speculate, "burst_kernel": args.burst_kernel,
+                         "speculate": args.speculate, "burst_kernel": args.burst_kernel, "compile": args.compile,
                          "median_ms": statistics.median(ms), "mean_ms": sum(ms) / len(ms),
                          "revived_per_step": revived, "steps_ms": ms})
             print(f"decode {name}: median {rows[-1]['median_ms']:.2f} ms/token, mean {rows[-1]['mean_ms']:.2f}",

@@ -78,18 +78,24 @@ class LlamaAdapter:
         self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: [n, d] -> post-RoPE q: [n, H, dh], k: [n, Hkv, dh], v: [n, Hkv, dh] (row-major, as packed rows)."""
-        attn = self.layers[layer].self_attn
-        x = self.layers[layer].input_layernorm(h)
+        return self.block_qkv(self.layers[layer], h, *self.layer_rope(layer, cos, sin))
+
+    def block_qkv(
+        self, block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`qkv` given the layer's module and its RoPE rows ([n, dh] each): the same code for every layer, so
+        that one compiled version serves them all (decoding.CompiledLayers)."""
+        attn = block.self_attn
+        x = block.input_layernorm(h)
         n = x.shape[0]
         q = attn.q_proj(x).view(n, -1, self.head_dim)
         k = attn.k_proj(x).view(n, -1, self.head_dim)
         v = attn.v_proj(x).view(n, -1, self.head_dim)
         q, k = self._qk_norm(attn, q, k)
-        cos, sin = self._layer_rope(layer, cos, sin)
         q, k = self._apply_rope(q, k, cos, sin, unsqueeze_dim=1)
         return q, k, v
 
-    def _layer_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of `rope`'s tables that `layer` uses: [n, dh] each."""
         return cos, sin
 
@@ -98,7 +104,10 @@ class LlamaAdapter:
 
     def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """h: [n, d] layer input, attn_out: [n, H, dh] -> layer output [n, d]."""
-        block = self.layers[layer]
+        return self.block_finish(self.layers[layer], h, attn_out)
+
+    def block_finish(self, block: nn.Module, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """`finish` given the layer's module (one compiled version serves every layer, as for block_qkv)."""
         h = h + block.self_attn.o_proj(attn_out.reshape(h.shape[0], -1))
         return h + block.mlp(block.post_attention_layernorm(h))
 
@@ -145,13 +154,11 @@ class Gemma3Adapter(Qwen3Adapter):
         tables = [self.base.rotary_emb(x, pos[None], kind) for kind in self.rope_types]
         return torch.stack([c[0] for c, _ in tables], 1), torch.stack([s[0] for _, s in tables], 1)
 
-    def _layer_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kind = self.rope_types.index(self.layer_types[layer])
         return cos[:, kind], sin[:, kind]
 
-    def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """h: [n, d] layer input, attn_out: [n, H, dh] -> layer output [n, d]."""
-        block = self.layers[layer]
+    def block_finish(self, block: nn.Module, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         h = h + block.post_attention_layernorm(block.self_attn.o_proj(attn_out.reshape(h.shape[0], -1)))
         return h + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h)))
 

@@ -33,11 +33,12 @@ class SegmentRunner:
 
     def __init__(
         self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int, split_kernel: bool,
-        burst_kernel: bool = False,
+        burst_kernel: bool = False, compile_layers: bool = False,
     ) -> None:
         B, P = cache.depth_device.shape
         dev, long = adapter.device, torch.long
         self.a, self.cache, self.reselects = adapter, cache, reselects
+        self.layers: LlamaAdapter | CompiledLayers = CompiledLayers(adapter) if compile_layers else adapter
         # the Triton kernels that read only S_l's K/V (CUDA): few rows per sequence, and bursts of many
         self.split = self.burst = None
         if split_kernel:
@@ -115,10 +116,10 @@ class SegmentRunner:
         cos, sin = a.rope(pos)
         attend = self._attention(in_s, rows, valid, T)
         for l in seg.layers:
-            q, k, v = a.qkv(l, h, cos, sin)  # q: [B * R, H, dh]
+            q, k, v = self.layers.qkv(l, h, cos, sin)  # q: [B * R, H, dh]
             c.write_kv(l, seq, pos, k, v)
             o = attend(l, q.view(B, R, H, dh).transpose(1, 2))  # [B, H, R, dh]
-            h = a.finish(l, h, o.transpose(1, 2).reshape(B * R, H, dh))
+            h = self.layers.finish(l, h, o.transpose(1, 2).reshape(B * R, H, dh))
         c.aux[seq, pos] = h
         c.depth_device[seq, pos] = torch.full_like(pos, seg.last, dtype=torch.int32)  # a device value: capturable
         if not (seg.prunes and self.reselects):
@@ -196,6 +197,32 @@ class SegmentRunner:
         rows = torch.full((B, R + 1), self.cache.scratch, dtype=torch.long, device=enter.device)
         rows.scatter_(1, slot, self.positions[:T].expand(B, T))
         return rows[:, :R], self.positions[:R] < count[:, None], count
+
+
+class CompiledLayers:
+    """An adapter's two layer halves through torch.compile, so that a step's small kernels (RMSNorm's seven,
+    RoPE's ten, the residual adds, the MLP's activation and product) fuse into a few.
+
+    The halves that take the layer's module (`block_qkv`, `block_finish`) are compiled, not those that take
+    its index, so one compiled version serves every layer. Row counts are dynamic after the first two
+    shapes (one row, then any), so buckets and bursts do not recompile. The first call of a shape compiles:
+    Graphs runs every new shape eagerly before capturing it.
+    """
+
+    def __init__(self, adapter: LlamaAdapter) -> None:
+        self.a = adapter
+        self._qkv = torch.compile(adapter.block_qkv)
+        self._finish = torch.compile(adapter.block_finish)
+
+    def qkv(
+        self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As LlamaAdapter.qkv. h: [n, d] -> q: [n, H, dh], k, v: [n, Hkv, dh]."""
+        return self._qkv(self.a.layers[layer], h, *self.a.layer_rope(layer, cos, sin))
+
+    def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """As LlamaAdapter.finish. h: [n, d], attn_out: [n, H, dh] -> [n, d]."""
+        return self._finish(self.a.layers[layer], h, attn_out)
 
 
 def top_k(scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -279,9 +306,9 @@ def fp32_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 class Graphs:
     """CUDA graphs of segment runs, one per shape key (segment, rows, keys attended).
 
-    A new key is captured, then replayed to do the step's work. The very first one instead runs
-    eagerly on a side stream before its capture: that run does the real work and is the warm-up that
-    capture needs (cuBLAS handles and workspaces are created outside capture). Graphs of another key
+    A new key first runs eagerly on a side stream: that run does the step's work and is the warm-up that
+    capture needs (cuBLAS handles and workspaces are created, and a compiled layer half compiles for a new
+    shape, outside capture). Then it is captured, and replayed from the next call on. Graphs of another key
     length (the key's last item) are dropped: lengths only grow, so they would never run again. If a
     capture is refused (a scorer that copies from the host mid-step, say), every later call runs eagerly.
     """
@@ -290,7 +317,6 @@ class Graphs:
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self.pool = None  # one memory pool for all: segments run one after another, never concurrently
         self.keys = -1
-        self.warm = False
         self.refused: str | None = None  # why capture failed, if it did
 
     def __call__(self, key: tuple, fn: Callable[[], None]) -> None:
@@ -301,20 +327,14 @@ class Graphs:
             self.graphs.clear()
             self.keys = key[-1]
         graph = self.graphs.get(key)
-        if graph is None:
-            done = not self.warm
-            if done:  # the first call: its eager warm-up run does this step's work
-                self._warm_up(fn)
-            try:
-                graph = self.graphs[key] = self._capture(fn)
-            except RuntimeError as err:
-                self.refused = str(err)
-                if not done:
-                    fn()
-                return
-            if done:
-                return
-        graph.replay()
+        if graph is not None:
+            graph.replay()
+            return
+        self._warm_up(fn)  # this step's work
+        try:
+            self.graphs[key] = self._capture(fn)
+        except RuntimeError as err:
+            self.refused = str(err)
 
     def _warm_up(self, fn: Callable[[], None]) -> None:
         side = torch.cuda.Stream()
@@ -322,7 +342,6 @@ class Graphs:
         with torch.cuda.stream(side):
             fn()
         torch.cuda.current_stream().wait_stream(side)
-        self.warm = True
 
     def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()

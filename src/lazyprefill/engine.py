@@ -61,12 +61,15 @@ class DecodeOptions:
         per-row key ranges, instead of SDPA with an [R, T] mask; off until it is timed on a GPU.
     speculate: lay out a step's segments before their row counts are known, so that the host waits once a
         step, not once per pruning layer that reselects (where a wait idles the GPU); off until timed.
+    compile: the layer halves of decoding steps through torch.compile (decoding.CompiledLayers), fusing the
+        small kernels that a step's many short layers launch; off until timed.
     """
 
     graphs: bool | None = None
     split_kernel: bool | None = None
     burst_kernel: bool = False
     speculate: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -100,6 +103,7 @@ class Engine:
             raise ValueError("the Triton attention kernels need a CUDA model")
         self.split_kernel = on_cuda if decode.split_kernel is None else decode.split_kernel
         self.burst_kernel = decode.burst_kernel
+        self.compile_layers = decode.compile
         self.segments = segments(adapter.num_layers, list(schedule.keep))
         # only a pruning layer that reselects makes the host wait mid-step: nothing to speculate on otherwise
         waits = self.reselects and len(self.segments) > 1
@@ -171,7 +175,7 @@ class Engine:
         c.clear(self._prompt_lengths.tolist(), self._dropped)
         self._dropped = []
         self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel,
-                                    self.burst_kernel)
+                                    self.burst_kernel, self.compile_layers)
         self._run_segment = Graphs() if self.graphs else eager
         self._guess: list[int] | None = None  # rows to lay out per segment of the next step (speculating)
 
