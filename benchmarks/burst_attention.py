@@ -7,8 +7,9 @@ S_l = 70% of the keys. For such cases: SDPA's memory-efficient kernel with the [
 (decoding.masked_attention, today's path for 256 rows or more) and the Triton burst kernel
 (burst_attention, keys through S_l's positions, per-row ranges) with a sweep of its launch settings; device
 time (CUDA events, median of 5 after 2 warm-ups), the causal work it implies in TFLOP/s, and the error of
-the first 256 rows against float64. Prints a table and writes JSON to --json, the fastest correct setting to
---setting (module constant names). Nothing here has run yet: written without a GPU.
+the first 256 rows against float64. Prints a table and writes JSON to --json, and to --setting the fastest
+setting correct on every case (burst_attention's launch constants, lowercased: copy them into the module once
+measured). Nothing here has run yet: written without a GPU.
 Run: PYTHONPATH=src python benchmarks/burst_attention.py --json out.json --setting setting.json
 """
 
@@ -107,6 +108,9 @@ def main() -> None:
             except Exception as err:  # a setting that does not fit (shared memory) or does not compile
                 timings.append((setting, None, f"{type(err).__name__}: {str(err)[:120]}"))
         ran = [t for t in timings if t[1] is not None]
+        if not ran:
+            print(f"{shape} T={T}: no setting ran: {timings[0][2]}")
+            continue
         best = min(ran, key=lambda t: t[1])
         default = next(t for t in timings if t[0] == DEFAULT)
         row |= {"burst_default_ms": default[1], "burst_rel": default[2], "best_setting": best[0], "best_ms": best[1],

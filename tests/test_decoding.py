@@ -138,10 +138,10 @@ def test_graphs_need_cuda():
 
 
 def test_decode_options_say_what_to_change(monkeypatch):
-    with pytest.raises(ValueError, match="True, False or None"):
+    with pytest.raises(ValueError, match="graphs must be True, False or None"):
         DecodeOptions(graphs=1)
-    with pytest.raises(ValueError, match="leave split_kernel at None or True"):
-        DecodeOptions(burst_kernel=True, split_kernel=False)
+    with pytest.raises(ValueError, match="speculate must be True or False, got None"):
+        DecodeOptions(speculate=None)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter aside, Triton needs CUDA
     adapter = adapter_for(tiny_model("qwen3"))
     for options in (DecodeOptions(split_kernel=True), DecodeOptions(burst_kernel=True)):
@@ -176,9 +176,16 @@ def test_compiled_layer_halves_decode_what_eager_ones_decode(family):
     prompts = [prompt_ids(41, seed=7), prompt_ids(26, seed=8)]
     kw = {"max_new_tokens": 8, "eos_token_id": [], "return_logits": True}
     eager = lp.LazyLLM(model, schedule).generate(prompts, **kw)
+    lazy = lp.LazyLLM(model, schedule, decode=DecodeOptions(compile=True))
     graphs = counters["stats"]["unique_graphs"]
-    compiled = lp.LazyLLM(model, schedule, decode=DecodeOptions(compile=True)).generate(prompts, **kw)
+    compiled = lazy.generate(prompts, **kw)
     assert counters["stats"]["unique_graphs"] > graphs, "nothing was compiled"
+    lazy.generate([prompt_ids(33, seed=9)], max_new_tokens=6, eos_token_id=[])  # one sequence: a row is 1
+    graphs = counters["stats"]["unique_graphs"]
+    others = [prompt_ids(30, seed=10), prompt_ids(47, seed=11), prompt_ids(12, seed=12)]
+    lazy.generate(others, max_new_tokens=6, eos_token_id=[])  # other row counts
+    lazy.generate(others[:1], max_new_tokens=6, eos_token_id=[])
+    assert counters["stats"]["unique_graphs"] == graphs, "a new row count compiled again"
     assert sum(o.stats.revived for o in eager) > 0
     for a, b in zip(eager, compiled, strict=True):
         assert b.new_tokens == a.new_tokens

@@ -8,6 +8,7 @@ lengths, with GQA and sliding windows.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -30,19 +31,32 @@ CASES = [
 ]
 KERNELS = {
     "split": lp.DecodeOptions(split_kernel=True),
-    "burst": lp.DecodeOptions(split_kernel=True, burst_kernel=True),
+    "burst": lp.DecodeOptions(burst_kernel=True),  # alone: q's rows too go through it
 }
+
+
+def counted(fn, calls: dict[str, int], name: str):
+    def call(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return call
 
 
 @pytest.mark.parametrize("kernels", list(KERNELS))
 @pytest.mark.parametrize(("family", "schedule"), CASES)
 def test_kernels_decode_what_the_written_out_attention_decodes(monkeypatch, family, schedule, kernels):
-    if kernels == "burst":  # every segment, even q alone, through the burst kernel
-        monkeypatch.setattr("lazyprefill.split_attention.MAX_ROWS", 0)
+    if kernels == "burst":  # every segment, even q alone, past the split kernel's rows
+        monkeypatch.setattr("lazyprefill.decoding.SPLIT_MAX_ROWS", 0)
     model = tiny_model(family)
     kw = {"max_new_tokens": 8, "eos_token_id": [], "return_logits": True}
     written = lp.LazyLLM(model, schedule, decode=lp.DecodeOptions(split_kernel=False)).generate(PROMPTS, **kw)
+    calls = {name: 0 for name in ("split_attention", "burst_attention")}
+    for name in calls:  # count the kernels' calls: a silent fallback would compare the written-out with itself
+        module = importlib.import_module(f"lazyprefill.{name}")
+        monkeypatch.setattr(module, name, counted(getattr(module, name), calls, name))
     got = lp.LazyLLM(model, schedule, decode=KERNELS[kernels]).generate(PROMPTS, **kw)
+    assert calls[f"{kernels}_attention"] > 0
     assert sum(o.stats.revived for o in written) > 0, "the case should revive rows"
     for a, b in zip(written, got, strict=True):
         assert b.new_tokens == a.new_tokens

@@ -16,20 +16,21 @@ from helpers import prompt_ids, tiny_model
 import lazyprefill as lp
 from lazyprefill.adapters import adapter_for
 from lazyprefill.engine import DecodeOptions, Engine
-from lazyprefill.plan import GRAPH_MAX_ROWS, guess_rows, replay_guesses
+from lazyprefill.plan import SPECULATE_MAX_ROWS, first_overflow, guess_rows, replay_guesses
 
 PROMPTS = [prompt_ids(37, seed=3), prompt_ids(24, seed=5)]
-STEPS = 12
+STEPS, BOTH = 12, 7  # decoding steps; sequence 0 stops after BOTH of them, sequence 1 goes on alone
 # how the next step's rows are guessed: the planner's rule, always too few (every revival overflows), plenty
 GUESSES = {
     "planner": guess_rows,
     "too-few": lambda entered: [1] * len(entered),
-    "plenty": lambda entered: [1] + [64] * (len(entered) - 1),
+    "plenty": lambda entered: [1] + [32] * (len(entered) - 1),
 }
 
 
 def drive(schedule: str, speculate: bool, family: str = "llama_gqa_rope3"):
-    """Greedy prefill + STEPS decoding steps of a batch of two -> (engine, fed tokens, logits, stats per step)."""
+    """Greedy prefill + STEPS decoding steps of a batch of two, the first stopping early
+    -> (engine, and per step: fed tokens, logits, stats)."""
     adapter = adapter_for(tiny_model(family))
     sched = lp.parse_schedule(schedule, adapter.num_layers, prunable=adapter.prunable_layers())
     capacity = max(p.shape[0] for p in PROMPTS) + STEPS
@@ -38,27 +39,29 @@ def drive(schedule: str, speculate: bool, family: str = "llama_gqa_rope3"):
     with torch.inference_mode():
         logits, _ = engine.prefill(PROMPTS)
         engine.settle()
-        for _ in range(STEPS):
+        for step in range(STEPS):
+            seqs = [0, 1] if step < BOTH else [1]
+            if step == BOTH:
+                logits = logits[1:]
             tokens = logits.argmax(dim=-1)
             fed.append(tokens.tolist())
-            logits, stats = engine.decode(tokens, [0, 1])
+            logits, stats = engine.decode(tokens, seqs)
             logits_seen.append(logits)
             stats_seen.append(stats)
-    return engine, fed, torch.stack(logits_seen), stats_seen
+    return engine, fed, logits_seen, stats_seen
 
 
 @pytest.fixture
-def spy_runs(monkeypatch):
-    """Records (segment, rows asked) of every segment run."""
-    runs: list[tuple[int, int]] = []
-    original = Engine._run
+def overflows(monkeypatch):
+    """What engine.decode found after every step that speculated: the first segment that overflowed, or None."""
+    seen: list[int | None] = []
 
-    def run(self, index, n, keys):
-        runs.append((index, n))
-        original(self, index, n, keys)
+    def spy(entered, rows):
+        seen.append(first_overflow(entered, rows))
+        return seen[-1]
 
-    monkeypatch.setattr(Engine, "_run", run)
-    return runs
+    monkeypatch.setattr("lazyprefill.engine.first_overflow", spy)
+    return seen
 
 
 CASES = [
@@ -71,13 +74,14 @@ CASES = [
 
 @pytest.mark.parametrize("guess", list(GUESSES))
 @pytest.mark.parametrize(("family", "schedule"), CASES)
-def test_speculation_computes_what_waiting_computes(monkeypatch, spy_runs, family, schedule, guess):
+def test_speculation_computes_what_waiting_computes(monkeypatch, overflows, family, schedule, guess):
     monkeypatch.setattr("lazyprefill.engine.guess_rows", GUESSES[guess])
     waited, fed_w, logits_w, stats_w = drive(schedule, speculate=False, family=family)
-    del spy_runs[:]
+    assert not overflows, "the engine that waits guesses nothing"
     spec, fed_s, logits_s, stats_s = drive(schedule, speculate=True, family=family)
     assert fed_s == fed_w
-    torch.testing.assert_close(logits_s, logits_w, atol=1e-5, rtol=1e-5)
+    for got, want in zip(logits_s, logits_w, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert stats_s == stats_w
     assert sum(sum(s.revived) for step in stats_w for s in step) > 0, "nothing revived: nothing to guess"
     a, b = waited.cache, spec.cache
@@ -92,11 +96,15 @@ def test_speculation_computes_what_waiting_computes(monkeypatch, spy_runs, famil
             assert [c.tolist() for c in ts.computed] == [c.tolist() for c in tw.computed]
             assert [c.tolist() for c in ts.candidates] == [c.tolist() for c in tw.candidates]
             assert ts.scores.keys() == tw.scores.keys()
-    reruns = len(spy_runs) - STEPS * len(spec.segments)
+            for layer, (pos, score) in tw.scores.items():
+                np.testing.assert_array_equal(ts.scores[layer][0], pos)
+                np.testing.assert_allclose(ts.scores[layer][1], score, rtol=1e-5, atol=1e-6)
+    if guess != "planner":  # every step after the first lays its segments out on a guess
+        assert len(overflows) == STEPS - 1
     if guess == "too-few":
-        assert reruns > 0, "guesses of one row should overflow in steps that revive"
+        assert any(o is not None for o in overflows), "guesses of one row should overflow in steps that revive"
     if guess == "plenty":
-        assert reruns == 0
+        assert all(o is None for o in overflows)
 
 
 def test_lazyllm_passes_decode_options_to_its_engine():
@@ -120,8 +128,9 @@ def test_lazyllm_passes_decode_options_to_its_engine():
         torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-5, rtol=1e-5)
 
 
-def test_speculation_is_off_on_cpu_and_without_a_reselecting_pruning_layer():
+def test_speculation_is_opt_in_and_only_where_a_step_waits():
     adapter = adapter_for(tiny_model("qwen3"))
+
     def speculates(spec, speculate) -> bool:
         schedule = lp.parse_schedule(spec, adapter.num_layers)
         return Engine(adapter, schedule, 32, decode=DecodeOptions(speculate=speculate)).speculate
@@ -132,19 +141,23 @@ def test_speculation_is_off_on_cpu_and_without_a_reselecting_pruning_layer():
     assert speculates("paper", True)
 
 
-def test_guess_rows_leaves_a_bucket_of_headroom_and_gives_up_after_a_burst():
+def test_guess_rows_leaves_a_bucket_of_headroom_and_gives_up_on_large_counts():
     assert guess_rows(np.array([1, 1, 1])) == [1, 8, 8]
     assert guess_rows(np.array([1, 7, 1])) == [1, 8, 8]
     assert guess_rows(np.array([1, 8, 31])) == [1, 32, 32]
-    assert guess_rows(np.array([1, 200, 1])) == [1, 512, 8]
-    assert guess_rows(np.array([1, GRAPH_MAX_ROWS, 1])) is None
+    assert guess_rows(np.array([1, SPECULATE_MAX_ROWS, 1])) is None  # the next bucket would be 128 rows
+
+
+def test_first_overflow_is_the_first_segment_over_its_rows():
+    assert first_overflow(np.array([1, 8, 3]), [1, 8, 8]) is None
+    assert first_overflow(np.array([1, 9, 30]), [1, 8, 8]) == 1
 
 
 def test_replay_guesses_counts_the_steps_that_would_run_twice():
-    entered = np.array([[1, 300, 5],  # after prefill: waits (no guess yet), then guesses [1, 512, 8]
-                        [1, 9, 1],  # fits; guesses [1, 32, 8]
-                        [1, 8, 1],  # fits
-                        [1, 40, 1],  # 40 > 32: overflows; guesses [1, 128, 8]
-                        [1, 600, 1],  # overflows; a burst: the next step waits
-                        [1, 1, 1]])
-    assert replay_guesses(entered) == (4, 2)
+    entered = np.array([[1, 300, 5],  # a burst: the next step waits
+                        [1, 9, 1],  # waits; then guesses [1, 32, 8]
+                        [1, 8, 1],  # fits; guesses [1, 32, 8]
+                        [1, 40, 1],  # 40 > 32: overflows; the next step waits
+                        [1, 3, 1],  # waits; guesses [1, 8, 8]
+                        [1, 1, 9]])  # 9 > 8: overflows
+    assert replay_guesses(entered) == (3, 2)

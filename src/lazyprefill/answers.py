@@ -45,7 +45,7 @@ from .bench import (
 )
 from .engine import DecodeOptions, StepStats
 from .generation import GenerationStats, LazyLLM, synchronize
-from .plan import replay_guesses, segments
+from .plan import replay_guesses, segments, waits_mid_step
 from .schedule import PRESETS, Schedule, preset
 
 STATIC = "transformers-static"
@@ -58,8 +58,11 @@ def method_names() -> list[str]:
 
 
 def method_label(method: str, decode: DecodeOptions) -> str:
-    """A row's name: ours carry the DecodeOptions that differ from the defaults, so that merged chunks keep both."""
-    changed = [f"{f.name}={getattr(decode, f.name)}" for f in fields(decode) if getattr(decode, f.name) != f.default]
+    """A row's name: ours carry the DecodeOptions that differ from the defaults and apply to them (dense neither
+    speculates nor revives), so that merged chunks keep both rows and never two of the same."""
+    inert = {"speculate", "burst_kernel"} if method == DENSE else set()
+    changed = [f"{f.name}={getattr(decode, f.name)}" for f in fields(decode)
+               if getattr(decode, f.name) != f.default and f.name not in inert]
     return method if method in (TRANSFORMERS, STATIC) or not changed else f"{method} ({', '.join(changed)})"
 
 
@@ -280,9 +283,9 @@ def summarize(case: Case, stamps: list[float], steps: list[list[StepStats]] | No
 def revivals(stats: GenerationStats, n_prompt: int, schedule: Schedule) -> dict:
     """What decoding revived for one sequence: rows per decoding step (summed over layers), and how many prompt
     tokens prefill deferred (stopped before the last layer) and how many of them a later step took deeper
-    (depth only grows, and only a revival makes a prompt token's depth grow). Where the engine speculates on
-    the rows entering each segment (a pruning layer that reselects), also how often a step's rows would
-    overflow the guess (plan.replay_guesses: the steps a GPU runs twice in part)."""
+    (depth only grows, and only a revival makes a prompt token's depth grow). Where a step can speculate on
+    the rows entering each segment (a pruning layer that reselects), also how often its rows would overflow
+    the guess (plan.replay_guesses on this sequence's counts: as at batch 1; the steps run twice in part)."""
     deferred = stats.prefill_depth < stats.num_layers - 1  # [n_prompt]
     deeper = stats.final_depth[:n_prompt] > stats.prefill_depth  # [n_prompt]
     record = {
@@ -291,7 +294,7 @@ def revivals(stats: GenerationStats, n_prompt: int, schedule: Schedule) -> dict:
         "prompt_deferred": int(deferred.sum()),
         "prompt_revived": int(deeper.sum()),
     }
-    if schedule.keep and schedule.scorer.reselects:
+    if waits_mid_step(schedule):
         firsts = [seg.first for seg in segments(stats.num_layers, list(schedule.keep))]
         entered = np.array([[s.computed[f] for f in firsts] for s in stats.steps[1:]])  # [steps, segments]
         record["steps_speculated"], record["steps_overflowed"] = replay_guesses(entered)

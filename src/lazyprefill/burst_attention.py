@@ -145,8 +145,13 @@ def warm_up(dtype: torch.dtype, head_dim: int, group: int, device: torch.device)
     """Compile for this dtype, head size and group before any CUDA graph capture (compiling while capturing
     is unsafe); one call covers every row count.
 
-    False when the kernel does not fit this head size and dtype on this GPU (shared memory): the caller
-    then uses the written-out attention, which is exact but reads every key."""
+    False when the kernel does not fit this head size and dtype on this GPU (shared memory), or the head
+    size is not a power of two (Triton's tiles are; the block sizes derived from it then are too): the
+    caller then uses the written-out attention, which is exact but reads every key."""
+    if head_dim & (head_dim - 1):
+        logger.warning("burst attention needs a power-of-two head size, not %d: using the written-out attention",
+                       head_dim)
+        return False
     q = torch.zeros(1, group, 1, head_dim, device=device, dtype=dtype)
     k = torch.zeros(1, 1, 16, head_dim, device=device, dtype=dtype)
     zero = torch.zeros(1, 16, device=device, dtype=torch.int32)

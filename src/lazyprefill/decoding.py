@@ -33,11 +33,11 @@ class SegmentRunner:
 
     def __init__(
         self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int, split_kernel: bool,
-        burst_kernel: bool = False, compile_layers: bool = False,
+        burst_kernel: bool = False, compile_layers: bool = False, speculate: bool = False,
     ) -> None:
         B, P = cache.depth_device.shape
         dev, long = adapter.device, torch.long
-        self.a, self.cache, self.reselects = adapter, cache, reselects
+        self.a, self.cache, self.reselects, self.speculate = adapter, cache, reselects, speculate
         self.layers: LlamaAdapter | CompiledLayers = CompiledLayers(adapter) if compile_layers else adapter
         # the Triton kernels that read only S_l's K/V (CUDA): few rows per sequence, and bursts of many
         self.split = self.burst = None
@@ -46,7 +46,7 @@ class SegmentRunner:
 
             if split_attention.warm_up(adapter.dtype, adapter.head_dim, dev):
                 self.split = split_attention
-        if burst_kernel and self.split is not None:
+        if burst_kernel:
             from . import burst_attention
 
             group = adapter.num_heads // adapter.num_kv_heads
@@ -107,9 +107,11 @@ class SegmentRunner:
         in_s = self.in_s[:, :T]  # [B, T] view, updated in place
         keys = self.positions[:T].expand(B, T)
         rows, valid, count = self._rows(seg.first, R, T)  # [B, R], [B, R], [B]
-        fits = self.fits & (count <= R).all()  # a device value: no wait
-        self.fits.copy_(fits)
-        rows, valid = torch.where(fits, rows, c.scratch), valid & fits
+        fits = None  # without speculation R holds every row that enters
+        if self.speculate:  # R is a guess: a device value says whether it held them, with no wait
+            fits = self.fits & (count <= R).all()
+            self.fits.copy_(fits)
+            rows, valid = torch.where(fits, rows, c.scratch), valid & fits
         recorder.layers(len(seg.layers), keys, in_s, rows, valid)
         seq, pos = self.batch[:, None].expand(B, R).reshape(-1), rows.reshape(-1)  # [B * R]
         h = c.aux[seq, pos]  # [B * R, d]
@@ -128,7 +130,8 @@ class SegmentRunner:
         x = ScoreInput(q_last[:, :, None], self.t[:, None], c.k[seg.last, :, :, :T], keys, in_s, a.scaling, seg.last, T)
         scores = scorer.score(x)  # [B, T]
         recorder.scores(seg.last, keys, in_s, scores)
-        in_s.copy_(torch.where(fits, top_k(scores, in_s, keys == self.t[:, None], self.keep[index]), in_s))
+        chosen = top_k(scores, in_s, keys == self.t[:, None], self.keep[index])
+        in_s.copy_(chosen if fits is None else torch.where(fits, chosen, in_s))
         entering = (in_s & (c.depth_device[:, :T] == seg.last)).sum(1)
         stayed = (self.in_s.gather(1, rows) & valid).sum(1)  # rows of this segment still candidates
         self.counts[index + 1, 0] = entering
@@ -151,10 +154,8 @@ class SegmentRunner:
                 masks[window] = decode_mask(in_s, rows, T, window)
             return masked_attention(q, c.k[l, :, :, :T], c.v[l, :, :, :T], masks[window], scaling)
 
-        if self.split is None:
-            return masked
-        few = rows.shape[1] * a.num_heads // a.num_kv_heads <= self.split.MAX_ROWS
-        if not few and self.burst is None:
+        few = rows.shape[1] * a.num_heads // a.num_kv_heads <= SPLIT_MAX_ROWS
+        if (self.split if few else self.burst) is None:
             return masked
         listed = listed_positions(in_s)  # [B, T]
         if few:
@@ -204,15 +205,15 @@ class CompiledLayers:
     RoPE's ten, the residual adds, the MLP's activation and product) fuse into a few.
 
     The halves that take the layer's module (`block_qkv`, `block_finish`) are compiled, not those that take
-    its index, so one compiled version serves every layer. Row counts are dynamic after the first two
-    shapes (one row, then any), so buckets and bursts do not recompile. The first call of a shape compiles:
+    its index, so one compiled version serves every layer. Row counts are dynamic (one row apart: torch
+    specializes sizes of 1), so buckets and bursts do not recompile. The first call of a shape compiles:
     Graphs runs every new shape eagerly before capturing it.
     """
 
     def __init__(self, adapter: LlamaAdapter) -> None:
         self.a = adapter
-        self._qkv = torch.compile(adapter.block_qkv)
-        self._finish = torch.compile(adapter.block_finish)
+        self._qkv = torch.compile(adapter.block_qkv, dynamic=True)
+        self._finish = torch.compile(adapter.block_finish, dynamic=True)
 
     def qkv(
         self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -221,8 +222,10 @@ class CompiledLayers:
         return self._qkv(self.a.layers[layer], h, *self.a.layer_rope(layer, cos, sin))
 
     def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """As LlamaAdapter.finish. h: [n, d], attn_out: [n, H, dh] -> [n, d]."""
-        return self._finish(self.a.layers[layer], h, attn_out)
+        """As LlamaAdapter.finish. h: [n, d], attn_out: [n, H, dh] -> [n, d]. attn_out is made contiguous
+        (o_proj copies a strided one anyway), so that its strides, which differ with the batch, do not
+        recompile."""
+        return self._finish(self.a.layers[layer], h, attn_out.contiguous())
 
 
 def top_k(scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -238,6 +241,9 @@ def top_k(scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, keep: to
     return (rank < keep[:, None]) & in_s
 
 
+# Rows x query heads per K/V head up to which the split kernel runs: one of its programs holds all of a K/V
+# head's rows in one tile. Above it the burst kernel (when on), which splits the rows instead.
+SPLIT_MAX_ROWS = 128
 # Above this many attention logits (B x H x rows x keys; 256 MB in fp32) the rows are taken in chunks.
 MASKED_ATTENTION_MAX_LOGITS = 2**26
 # From this many rows (a burst of revived rows, as in the first steps after prefill) SDPA's memory-efficient

@@ -19,7 +19,6 @@ device runs a few segments of layers with static shapes (decoding.py), replayed 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -31,8 +30,18 @@ from .adapters import LlamaAdapter
 from .attention import prefill_attention
 from .cache import LazyCache
 from .decoding import Graphs, SegmentRunner, eager
+from .env import triton_runs_on
 from .packing import Packing
-from .plan import GRAPH_MAX_ROWS, StepPlan, guess_rows, plan_step, row_bucket, segments
+from .plan import (
+    GRAPH_MAX_ROWS,
+    StepPlan,
+    first_overflow,
+    guess_rows,
+    layout_rows,
+    plan_step,
+    segments,
+    waits_mid_step,
+)
 from .recording import Recorder, StepStats, StepTrace, TraceRecorder
 from .schedule import Schedule
 from .scoring import ScoreInput, select
@@ -50,15 +59,15 @@ DECODE_ATTENTION = [
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How decoding steps run. Every choice computes the same thing (SPEC.md); they differ in speed. A
-    default of None is what measured fastest on the device kind; an option still False by default is
-    not yet timed on a GPU (benchmarks/NOTES.md).
+    """How decoding steps run. Every choice computes the same thing (SPEC.md) up to floating-point rounding;
+    they differ in speed. A default of None is what measured fastest on the device kind; an option still
+    False by default is not yet timed on a GPU (benchmarks/NOTES.md).
 
     graphs: replay segments as CUDA graphs (default: on CUDA unless tracing, whose recorder reads the
         device mid-step). split_kernel: the Triton kernel that reads only S_l's K/V for a few rows per
         sequence (default: on CUDA); otherwise the written-out masked attention over every position.
     burst_kernel: many rows (revival bursts) through the Triton flash kernel over S_l's positions with
-        per-row key ranges, instead of SDPA with an [R, T] mask; off until it is timed on a GPU.
+        per-row key ranges, instead of SDPA with an [R, T] mask (CUDA); off until it is timed on a GPU.
     speculate: lay out a step's segments before their row counts are known, so that the host waits once a
         step, not once per pruning layer that reselects (where a wait idles the GPU); off until timed.
     compile: the layer halves of decoding steps through torch.compile (decoding.CompiledLayers), fusing the
@@ -73,12 +82,10 @@ class DecodeOptions:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f"DecodeOptions.{f.name} must be True, False or None (the default), got {value!r}")
-        if self.burst_kernel and self.split_kernel is False:
-            raise ValueError("burst_kernel=True reads S_l through the split kernel's position list: "
-                             "leave split_kernel at None or True")
+            value, by_device = getattr(self, f.name), f.default is None
+            if not (isinstance(value, bool) or (by_device and value is None)):
+                allowed = "True, False or None (the default: by device)" if by_device else "True or False"
+                raise ValueError(f"DecodeOptions.{f.name} must be {allowed}, got {value!r}")
 
 
 class Engine:
@@ -98,16 +105,13 @@ class Engine:
         if decode.graphs and not (on_cuda and not trace):
             raise ValueError("CUDA graphs need a CUDA model and trace=False")
         self.graphs = on_cuda and not trace if decode.graphs is None else decode.graphs
-        triton = on_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the tests run Triton's interpreter
-        if (decode.split_kernel or decode.burst_kernel) and not triton:
+        if (decode.split_kernel or decode.burst_kernel) and not triton_runs_on(adapter.device):
             raise ValueError("the Triton attention kernels need a CUDA model")
         self.split_kernel = on_cuda if decode.split_kernel is None else decode.split_kernel
         self.burst_kernel = decode.burst_kernel
         self.compile_layers = decode.compile
         self.segments = segments(adapter.num_layers, list(schedule.keep))
-        # only a pruning layer that reselects makes the host wait mid-step: nothing to speculate on otherwise
-        waits = self.reselects and len(self.segments) > 1
-        self.speculate = waits and decode.speculate
+        self.speculate = decode.speculate and waits_mid_step(schedule)  # nothing to guess otherwise
         self.cache: LazyCache | None = None  # allocated by prefill, once the batch is known
         self.recorder: Recorder = Recorder()
 
@@ -175,7 +179,7 @@ class Engine:
         c.clear(self._prompt_lengths.tolist(), self._dropped)
         self._dropped = []
         self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel,
-                                    self.burst_kernel, self.compile_layers)
+                                    self.burst_kernel, self.compile_layers, self.speculate)
         self._run_segment = Graphs() if self.graphs else eager
         self._guess: list[int] | None = None  # rows to lay out per segment of the next step (speculating)
 
@@ -216,31 +220,33 @@ class Engine:
         n_seg = len(self.segments)
         counts = np.zeros((n_seg, 2, c.length.shape[0]), dtype=np.int64)  # rows entering each segment, revived
         counts[:, 0, seqs] = 1  # q alone, unless a pruning layer that reselects brings more (read from the device)
-        start, guess = 0, self._guess
-        if guess is not None:
-            for index in range(n_seg):
-                self._run(index, guess[index], plan.keys)
+        start = 0
+        if self._guess is not None:
+            rows = [layout_rows(n, plan.keys) for n in self._guess]
+            for index, R in enumerate(rows):
+                self._run(index, R, plan.keys)
             counts = np.array(self.runner.counts.tolist())  # the step's one wait
-            start = next((i for i in range(n_seg) if counts[i, 0].max() > guess[i]), n_seg)
-            if start < n_seg:
+            start = first_overflow(counts[:, 0].max(axis=1), rows)
+            if start is None:
+                start = n_seg
+            else:  # that segment and the later ones changed nothing: run them at their real sizes
                 self.runner.fits.fill_(True)
                 self.recorder.rewind(self.segments[start].first)
         for index in range(start, n_seg):
             if index > start and self.reselects:
                 counts[index] = self.runner.counts[index].tolist()  # a wait per pruning layer
-            self._run(index, int(counts[index, 0].max()), plan.keys)
+            self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys), plan.keys)
         if self.speculate:
             self._guess = guess_rows(counts[:, 0].max(axis=1))
         self.recorder.end()
         return self.a.logits(self.runner.q_hidden()), self._stats(plan, seqs, counts)
 
-    def _run(self, index: int, n: int, keys: int) -> None:
-        """Segment `index` on n rows per sequence (at most; a guess when speculating), keys [0, keys).
+    def _run(self, index: int, R: int, keys: int) -> None:
+        """Segment `index` on R rows per sequence (plan.layout_rows), keys [0, keys).
 
         A burst of revived rows is a one-off shape whose work dwarfs its launches: it runs as it is, exactly
-        sized, rather than padded to a bucket and captured as a graph used once. No more rows than keys: only
-        positions below `keys` can enter."""
-        R, run = (n, eager) if n > GRAPH_MAX_ROWS else (min(row_bucket(n), keys), self._run_segment)
+        sized, rather than captured as a graph used once."""
+        run = eager if R > GRAPH_MAX_ROWS else self._run_segment
         run((index, R, keys), partial(self.runner.run, self.segments[index], index, R, keys, self.schedule.scorer,
                                       self.recorder))
 

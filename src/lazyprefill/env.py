@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -16,6 +17,12 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run on `device`: CUDA, or any device under Triton's interpreter
+    (TRITON_INTERPRET=1, as the tests run the kernels on the CPU)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def synchronize(device: torch.device) -> None:

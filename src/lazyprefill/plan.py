@@ -56,33 +56,57 @@ def row_bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def layout_rows(n: int, keys: int) -> int:
+    """Rows per sequence a segment lays out for n entering: a bucket, no larger than `keys` (only positions
+    below it can enter), or n itself for a burst (over GRAPH_MAX_ROWS), which runs eagerly at its exact size."""
+    return n if n > GRAPH_MAX_ROWS else min(row_bucket(n), keys)
+
+
+# A step speculates only while every segment took fewer rows than this in the step before: a larger guess
+# would lay out up to 4x the rows it needs (a bucket above 32 is 128), and such steps are the few right after
+# prefill, whose revivals fall fast (results/revivals-*.md).
+SPECULATE_MAX_ROWS = 32
+
+
 def guess_rows(entered: np.ndarray) -> list[int] | None:
     """Rows to lay out per segment of a step before its counts are known, from the last step's
     `entered`: [segments] the most rows that entered each segment in any sequence.
 
     Segment 0 takes q alone. After a pruning layer, one bucket above last step's count, so that a few
     more revivals still fit (a row more costs little: the weights dominate the bytes a segment reads)
-    and a step overflows, and runs again, only when revivals jump. None after a burst: the next step
-    reads its counts.
+    and a step overflows, and runs again, only when revivals jump. None when some segment took
+    SPECULATE_MAX_ROWS or more: the next step waits for its counts.
     """
-    if entered.max() >= GRAPH_MAX_ROWS:
+    if entered.max() >= SPECULATE_MAX_ROWS:
         return None
     return [1] + [row_bucket(int(n) + 1) for n in entered[1:]]
+
+
+def first_overflow(entered: np.ndarray, rows: list[int]) -> int | None:
+    """The first segment whose entering rows (entered: [segments], most over the batch) exceed the rows laid
+    out for it, as the device finds it (decoding.SegmentRunner.run); None when every segment fit."""
+    return next((i for i, (n, r) in enumerate(zip(entered, rows, strict=True)) if n > r), None)
 
 
 def replay_guesses(entered: np.ndarray) -> tuple[int, int]:
     """What speculation does on recorded counts, step by step as engine.decode guesses.
 
-    entered: [steps, segments] the most rows that entered each segment at each decoding step
-    -> (steps laid out on a guess, how many of them overflowed it and ran again).
+    entered: [steps, segments] the most rows that entered each segment at each decoding step, over the batch
+    (per sequence, this is batch 1) -> (steps laid out on a guess, how many of them overflowed and ran again).
     """
     guess, speculated, overflowed = None, 0, 0
     for row in entered:
         if guess is not None:
             speculated += 1
-            overflowed += bool((row > np.array(guess)).any())
+            overflowed += first_overflow(row, guess) is not None
         guess = guess_rows(row)
     return speculated, overflowed
+
+
+def waits_mid_step(schedule: Schedule) -> bool:
+    """Whether a decoding step must learn from the device how many rows enter a segment: only after a pruning
+    layer that reselects (otherwise only q enters, and speculation has nothing to guess)."""
+    return bool(schedule.keep) and schedule.scorer.reselects
 
 
 def key_length(n_keys: int, capacity: int) -> int:

@@ -52,7 +52,7 @@ class Recorder:
         """Importance s: [B, width] of the candidates [B, width] at a pruning layer."""
 
     def rewind(self, layer: int) -> None:
-        """Forget what this step recorded from `layer` on: those layers will run again."""
+        """Forget what this step recorded from `layer` on: those layers will run again (and score again)."""
 
     def end(self) -> None:
         """The step is over."""
@@ -84,7 +84,6 @@ class TraceRecorder(Recorder):
     def rewind(self, layer) -> None:
         for tr in self.step:
             del tr.candidates[layer:], tr.computed[layer:]
-            tr.scores = {l: s for l, s in tr.scores.items() if l < layer}
 
     def end(self) -> None:
         for b, tr in zip(self.seqs, self.step, strict=True):

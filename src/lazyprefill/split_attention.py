@@ -23,7 +23,6 @@ from triton.runtime.errors import OutOfResources
 
 logger = logging.getLogger(__name__)
 
-MAX_ROWS = 128  # M above this: the caller uses the written-out attention instead
 # Launch settings: the fastest correct ones of benchmarks/decode_attention.py's sweep on an H100 (bf16,
 # llama2-7b and llama3-8b heads, 8K keys, 34-100% of them listed; benchmarks/NOTES.md).
 BLOCK_N = 128  # keys per inner iteration, for a K or V tile of 32 KB (bf16, head size 128)
@@ -176,8 +175,13 @@ def default_block_n(dtype: torch.dtype, head_dim: int) -> int:
 def warm_up(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
     """Compile every row-block size before any CUDA graph capture (compiling while capturing is unsafe).
 
-    False when the kernel does not fit this head size and dtype on this GPU (shared memory): the caller
-    then uses the written-out attention, which is exact but reads every key."""
+    False when the kernel does not fit this head size and dtype on this GPU (shared memory), or the head
+    size is not a power of two (Triton's tiles are): the caller then uses the written-out attention, which
+    is exact but reads every key."""
+    if head_dim & (head_dim - 1):
+        logger.warning("split-K decoding attention needs a power-of-two head size, not %d: "
+                       "using the written-out attention", head_dim)
+        return False
     for m in (16, 32, 64, 128):
         q = torch.zeros(1, 1, m, head_dim, device=device, dtype=dtype)
         k = torch.zeros(1, 1, 256, head_dim, device=device, dtype=dtype)
