@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
-from pathlib import Path
 
 import torch
+from sweep import report
 
 from lazyprefill import burst_attention as ba
 from lazyprefill.attention import decode_mask, listed_positions, row_ranges
@@ -121,17 +120,7 @@ def main() -> None:
         print(f"{shape} T={T} R={row['R']} |S|={row['keys']}: SDPA masked {row['sdpa_ms']:.2f} ms "
               f"(rel {row['sdpa_rel']:.1e}) | burst default {said} | best {best[0]} {best[1]:.2f} ms "
               f"(rel {best[2]:.1e}) = {row['best_tflops']:.0f} TFLOP/s of causal work", flush=True)
-    correct = [s for s in SETTINGS
-               if all(ms is not None and r <= 1e-2 for row in out for ss, ms, r in row["sweep"] if tuple(ss) == s)]
-    totals = {s: sum(ms for row in out for ss, ms, _ in row["sweep"] if tuple(ss) == s) for s in correct}
-    ranked = sorted(totals.items(), key=lambda x: x[1])
-    print("settings (block_m, block_n, warps, stages) by total ms over all cases:", ranked[:5])
-    print(f"default {DEFAULT}: {totals.get(DEFAULT)}")
-    if args.setting and ranked:
-        Path(args.setting).write_text(json.dumps(dict(zip(FIELDS, ranked[0][0], strict=True))))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                               "cases": out}, indent=1))
+    report(out, SETTINGS, DEFAULT, FIELDS, args.setting, args.json)
 
 
 if __name__ == "__main__":

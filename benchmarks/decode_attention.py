@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
-from pathlib import Path
 
 import torch
+from sweep import report
 
 from lazyprefill import split_attention as sa
 from lazyprefill.decoding import masked_attention
@@ -103,16 +102,7 @@ def main() -> None:
                   f"(rel {row['masked_rel']:.1e}) "
                   f"| split default {default[1] * 1e3:.0f} us (rel {default[2]:.1e}) | best {best[0]} "
                   f"{best[1] * 1e3:.0f} us = {gb / best[1] * 1e3:.0f} GB/s of S_l's K/V", flush=True)
-    correct = [s for s in SETTINGS if all(r <= 1e-2 for row in out for ss, _, r in row["sweep"] if tuple(ss) == s)]
-    totals = {s: sum(ms for row in out for ss, ms, _ in row["sweep"] if tuple(ss) == s) for s in correct}
-    ranked = sorted(totals.items(), key=lambda x: x[1])
-    print("settings (block_n, per SM, warps, stages, merge kernel) by total ms over all cases:", ranked[:5])
-    print(f"default {DEFAULT}: {totals.get(DEFAULT)}")
-    if args.setting and ranked:
-        Path(args.setting).write_text(json.dumps(dict(zip(FIELDS, ranked[0][0], strict=True))))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                               "cases": out}, indent=1))
+    report(out, SETTINGS, DEFAULT, FIELDS, args.setting, args.json)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .split_attention import attend_keys
+
 logger = logging.getLogger(__name__)
 
 # Launch settings. Unmeasured on a GPU: chosen from shared-memory arithmetic for an H100 (232 KB), to be swept.
@@ -75,24 +77,8 @@ def _burst_kernel(
         j = j0 + tl.arange(0, BLOCK_N)
         key_ok = j < end
         pos = tl.load(IDX + b * s_ib + j, mask=key_ok, other=0)  # [BLOCK_N] cache positions
-        k = tl.load(k_base + pos[:, None] * s_kt + d[None, :], mask=key_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
         seen = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])  # [M, BLOCK_N]; j < hi implies key_ok
-        s = tl.where(seen, s * scaling, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet stays empty
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + pos[:, None] * s_vt + d[None, :], mask=key_ok[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = attend_keys(q, k_base, v_base, pos, key_ok, seen, s_kt, s_vt, d, scaling, m_i, l_i, acc, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw nothing: 0
     o_rows = b * s_ob + (kvh * G + g) * s_oh + r * s_or
     tl.store(O + o_rows[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])

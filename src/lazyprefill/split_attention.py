@@ -76,27 +76,36 @@ def _split_kernel(
         j = j0 + tl.arange(0, BLOCK_N)
         key_ok = j < end
         pos = tl.load(IDX + b * s_ib + j, mask=key_ok, other=0)
-        k = tl.load(k_base + pos[:, None] * s_kt + d[None, :], mask=key_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(key_ok[None, :] & (pos[None, :] <= qpos[:, None]), s * scaling, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet stays empty
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + pos[:, None] * s_vt + d[None, :], mask=key_ok[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        seen = key_ok[None, :] & (pos[None, :] <= qpos[:, None])  # [BLOCK_M, BLOCK_N]
+        m_i, l_i, acc = attend_keys(q, k_base, v_base, pos, key_ok, seen, s_kt, s_vt, d, scaling, m_i, l_i, acc, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty part: 0, and weight 0 in the merge
     tl.store(O + b * s_ob + kvh * s_oh + split * s_os + rows[:, None] * s_om + d[None, :], out,
              mask=row_ok[:, None])
     tl.store(LSE + b * s_lb + kvh * s_lh + split * s_ls + rows, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def attend_keys(q, k_base, v_base, pos, key_ok, seen, s_kt, s_vt, d, scaling, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One block of keys (cache positions `pos`) into the online softmax of rows q: [M, dh]: K and V gathered
+    through the positions, fp32 logits masked by `seen` [M, BLOCK_N], running max m_i, sum l_i and output acc
+    rescaled. Shared by this module's kernel and burst_attention's."""
+    k = tl.load(k_base + pos[:, None] * s_kt + d[None, :], mask=key_ok[:, None], other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(seen, s * scaling, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet stays empty
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + pos[:, None] * s_vt + d[None, :], mask=key_ok[:, None], other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit(do_not_specialize=["s_ob", "s_oh", "s_os", "s_om", "s_lb", "s_lh", "s_ls", "s_xb", "s_xh", "s_xm", "HKV",
