@@ -12,11 +12,13 @@ schedule preset; the prompts are `lazyprefill.eval.tasks`' (recall and passkey b
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -26,6 +28,7 @@ from lazyprefill.bench import machine_info
 from lazyprefill.eval.tasks import build
 from lazyprefill.generation import LazyLLM
 from lazyprefill.models import load_model
+from lazyprefill.plan import SPECULATE_MAX_ROWS, SPECULATE_MIN_ROWS, replay_guesses
 from lazyprefill.schedule import PRESETS
 
 
@@ -49,6 +52,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--stem", help="output file name without extension (default: revivals-<model>)")
+    p.add_argument("--summarize", type=Path, metavar="JSON",
+                   help="summarize a finished run's records again (table, plot) instead of measuring")
     return p.parse_args(argv)
 
 
@@ -75,10 +80,26 @@ def summarize(records: list[dict]) -> list[dict]:
             "prompt_share_deferred": deferred / sum(r["prompt_tokens"] for r in rs),
             "prompt_share_revived": sum(r["prompt_revived"] for r in rs) / sum(r["prompt_tokens"] for r in rs),
             "deferred_share_revived": sum(r["prompt_revived"] for r in rs) / deferred if deferred else None,
-            "steps_speculated": sum(r.get("steps_speculated", 0) for r in rs),
-            "steps_overflowed": sum(r.get("steps_overflowed", 0) for r in rs),
+            "speculation": ({rule: speculation(rs, *limits) for rule, limits in RULES.items()}
+                            if "entered_per_step" in rs[0] else {}),
         })
     return rows
+
+
+# guessing rules replayed, name -> (no guess once a segment took this many rows, guesses at least this many)
+ENGINE = f"at least {SPECULATE_MIN_ROWS}, under {SPECULATE_MAX_ROWS}"  # the engine's: plan.guess_rows
+RULES = {
+    "a bucket above, under 32": (32, 1),
+    ENGINE: (SPECULATE_MAX_ROWS, SPECULATE_MIN_ROWS),
+    "at least 32, under 128": (128, 32),
+    "at least 32, under 512": (512, 32),
+}
+
+
+def speculation(records: list[dict], max_rows: int, min_rows: int) -> dict:
+    """plan.replay_guesses over every prompt's recorded counts with these thresholds, summed."""
+    replays = [replay_guesses(np.array(r["entered_per_step"]), max_rows, min_rows) for r in records]
+    return {name: sum(getattr(x, name) for x in replays) for name in ("speculated", "overflowed", "laid_out", "needed")}
 
 
 def markdown(result: dict) -> str:
@@ -91,14 +112,30 @@ def markdown(result: dict) -> str:
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["summary"]:
         share = "—" if r["deferred_share_revived"] is None else f"{r['deferred_share_revived']:.1%}"
-        spec = r.get("steps_speculated", 0)
-        overflow = f"{r['steps_overflowed']} of {spec} ({r['steps_overflowed'] / spec:.1%})" if spec else "—"
+        engine = r["speculation"].get(ENGINE, {})
+        spec = engine.get("speculated", 0)
+        overflow = f"{engine['overflowed']} of {spec} ({engine['overflowed'] / spec:.1%})" if spec else "—"
         lines.append(f"| {r['weights']} | {r['length']} | {r['method']} | {r['prompts']} | {r['revived_mean']:.1f} | "
                      f"{r['revived_max']} | {r['prompt_share_deferred']:.1%} | {r['prompt_share_revived']:.1%} | "
                      f"{share} | {overflow} |")
-    lines += ["", ("Speculation (DecodeOptions(speculate=True)): a step lays out each segment at one row bucket "
-                   "above the previous step's count and waits once; a step whose revivals overflow that guess runs "
-                   "part of itself again. Replayed here on the recorded counts (plan.replay_guesses).")]
+    lines += ["", ("Speculation (DecodeOptions(speculate=True)): a step lays out each segment at a guess from "
+                   "the previous step's count and waits once; a step whose revivals overflow that guess runs "
+                   "part of itself again. Replayed here on the recorded counts (plan.replay_guesses), per prompt "
+                   "(batch 1), by rule (guesses one bucket above the last count and at least some rows, none once "
+                   f"a segment took some rows; the engine's: {ENGINE}): the share of steps after the first that "
+                   "speculated, the share of those that overflowed, and rows laid out per row needed in the "
+                   "segments after a pruning layer."), ""]
+    rules = [rule for rule in RULES if any(rule in r["speculation"] for r in result["summary"])]
+    if rules:
+        lines += ["| weights | prompt | method | " + " | ".join(rules) + " |", "|---|---:|---|" + "---:|" * len(rules)]
+        for r in result["summary"]:
+            cells = []
+            for rule in rules:
+                x = r["speculation"][rule]
+                steps = (len(r["curve"]) - 1) * r["prompts"]
+                ratio = f"{x['laid_out'] / x['needed']:.1f}x" if x["needed"] else "—"
+                cells.append(f"{x['speculated'] / steps:.0%}, {x['overflowed'] / max(x['speculated'], 1):.0%}, {ratio}")
+            lines.append(f"| {r['weights']} | {r['length']} | {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -127,8 +164,20 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write(result: dict, out: Path, stem: str) -> None:
+    result["summary"] = summarize(result["records"])
+    answers.write_json(result, out, stem)
+    (out / f"{stem}.md").write_text(markdown(result))
+    plot(result, out / f"{stem}.png")
+    print(markdown(result))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    if args.summarize:
+        result = json.loads(args.summarize.read_text())
+        write(result, args.out, args.stem or args.summarize.stem)
+        return result
     stem = args.stem or f"revivals-{args.model}"
     model, tokenizer = load_model(args.model)
     models = {"real": model} | ({} if args.no_twin else {"random": random_twin(model, args.seed)})
@@ -147,9 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       "sample": sample.index, "length": sample.length, **record})
         result["summary"] = summarize(result["records"])
         answers.write_json(result, args.out, stem)
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    plot(result, args.out / f"{stem}.png")
-    print(markdown(result))
+    write(result, args.out, stem)
     return result
 
 

@@ -165,7 +165,7 @@ def test_revivals_count_prompt_tokens_taken_deeper():
     assert sum(paper["revived_per_step"]) >= paper["prompt_revived"]  # a token may be revived at several layers
     assert "steps_speculated" not in got["static"]  # its decoding steps know their rows: nothing is guessed
     # revived rows per step [14, 8, 1, 0, 0, 0, 3]: no segment takes 32, so every step after the first guesses,
-    # and no guess (a bucket above the last count) is overflowed
+    # and no guess (32 rows) is overflowed
     assert (paper["steps_speculated"], paper["steps_overflowed"]) == (6, 0)
 
 

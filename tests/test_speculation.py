@@ -16,7 +16,7 @@ from helpers import prompt_ids, tiny_model
 import lazyprefill as lp
 from lazyprefill.adapters import adapter_for
 from lazyprefill.engine import DecodeOptions, Engine
-from lazyprefill.plan import SPECULATE_MAX_ROWS, first_overflow, guess_rows, replay_guesses
+from lazyprefill.plan import SPECULATE_MAX_ROWS, Replay, first_overflow, guess_rows, replay_guesses
 
 PROMPTS = [prompt_ids(37, seed=3), prompt_ids(24, seed=5)]
 STEPS, BOTH = 12, 7  # decoding steps; sequence 0 stops after BOTH of them, sequence 1 goes on alone
@@ -141,11 +141,11 @@ def test_speculation_is_opt_in_and_only_where_a_step_waits():
     assert speculates("paper", True)
 
 
-def test_guess_rows_leaves_a_bucket_of_headroom_and_gives_up_on_large_counts():
-    assert guess_rows(np.array([1, 1, 1])) == [1, 8, 8]
-    assert guess_rows(np.array([1, 7, 1])) == [1, 8, 8]
+def test_guess_rows_leaves_headroom_and_gives_up_on_large_counts():
+    assert guess_rows(np.array([1, 1, 1])) == [1, 32, 32]
     assert guess_rows(np.array([1, 8, 31])) == [1, 32, 32]
     assert guess_rows(np.array([1, SPECULATE_MAX_ROWS, 1])) is None  # the next bucket would be 128 rows
+    assert guess_rows(np.array([1, 40, 1]), max_rows=128) == [1, 128, 32]
 
 
 def test_first_overflow_is_the_first_segment_over_its_rows():
@@ -155,9 +155,11 @@ def test_first_overflow_is_the_first_segment_over_its_rows():
 
 def test_replay_guesses_counts_the_steps_that_would_run_twice():
     entered = np.array([[1, 300, 5],  # a burst: the next step waits
-                        [1, 9, 1],  # waits; then guesses [1, 32, 8]
-                        [1, 8, 1],  # fits; guesses [1, 32, 8]
+                        [1, 9, 1],  # waits; then guesses [1, 32, 32]
+                        [1, 8, 1],  # fits; guesses [1, 32, 32]
                         [1, 40, 1],  # 40 > 32: overflows; the next step waits
-                        [1, 3, 1],  # waits; guesses [1, 8, 8]
-                        [1, 1, 9]])  # 9 > 8: overflows
-    assert replay_guesses(entered) == (3, 2)
+                        [1, 3, 1],  # waits; guesses [1, 32, 32]
+                        [1, 1, 33]])  # 33 > 32: overflows
+    needed = 8 + 1 + 40 + 1 + 1 + 33
+    assert replay_guesses(entered) == Replay(speculated=3, overflowed=2, laid_out=3 * 64, needed=needed)
+    assert replay_guesses(entered, max_rows=512).speculated == 5  # only the burst's next step waits

@@ -298,7 +298,8 @@ def revivals(stats: GenerationStats, n_prompt: int, schedule: Schedule) -> dict:
         firsts = [seg.first for seg in segments(stats.num_layers, list(schedule.keep))]
         entered = np.array([[s.computed[f] for f in firsts] for s in stats.steps[1:]])  # [steps, segments]
         record["entered_per_step"] = entered.tolist()  # so that another guessing rule can be replayed later
-        record["steps_speculated"], record["steps_overflowed"] = replay_guesses(entered)
+        replay = replay_guesses(entered)
+        record["steps_speculated"], record["steps_overflowed"] = replay.speculated, replay.overflowed
     return record
 
 

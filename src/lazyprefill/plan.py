@@ -62,24 +62,29 @@ def layout_rows(n: int, keys: int) -> int:
     return n if n > GRAPH_MAX_ROWS else min(row_bucket(n), keys)
 
 
-# A step speculates only while every segment took fewer rows than this in the step before: a larger guess
-# would lay out up to 4x the rows it needs (a bucket above 32 is 128), and such steps are the few right after
-# prefill, whose revivals fall fast (results/revivals-*.md).
+# A step speculates only while every segment took fewer rows than SPECULATE_MAX_ROWS in the step before: a
+# larger guess would lay out up to 4x the rows it needs (a bucket above 32 is 128), and such steps are the few
+# right after prefill, whose revivals fall fast. Guesses are at least SPECULATE_MIN_ROWS: rows up to 32 cost
+# about what one costs (the weights dominate the bytes a segment reads), and with real weights a guess one
+# bucket above the last count overflowed in 9-18% of the steps, 32 rows in 2-5% (Gemma 3 270M at 2K, replayed
+# in benchmarks/results/revivals-gemma3-270m.md).
 SPECULATE_MAX_ROWS = 32
+SPECULATE_MIN_ROWS = 32
 
 
-def guess_rows(entered: np.ndarray) -> list[int] | None:
+def guess_rows(
+    entered: np.ndarray, max_rows: int = SPECULATE_MAX_ROWS, min_rows: int = SPECULATE_MIN_ROWS
+) -> list[int] | None:
     """Rows to lay out per segment of a step before its counts are known, from the last step's
     `entered`: [segments] the most rows that entered each segment in any sequence.
 
-    Segment 0 takes q alone. After a pruning layer, one bucket above last step's count, so that a few
-    more revivals still fit (a row more costs little: the weights dominate the bytes a segment reads)
-    and a step overflows, and runs again, only when revivals jump. None when some segment took
-    SPECULATE_MAX_ROWS or more: the next step waits for its counts.
+    Segment 0 takes q alone. After a pruning layer, one bucket above last step's count and at least
+    `min_rows`, so that more revivals still fit and a step overflows, and runs again, only when revivals
+    jump. None when some segment took `max_rows` or more: the next step waits for its counts.
     """
-    if entered.max() >= SPECULATE_MAX_ROWS:
+    if entered.max() >= max_rows:
         return None
-    return [1] + [row_bucket(int(n) + 1) for n in entered[1:]]
+    return [1] + [max(min_rows, row_bucket(int(n) + 1)) for n in entered[1:]]
 
 
 def first_overflow(entered: np.ndarray, rows: list[int]) -> int | None:
@@ -88,19 +93,32 @@ def first_overflow(entered: np.ndarray, rows: list[int]) -> int | None:
     return next((i for i, (n, r) in enumerate(zip(entered, rows, strict=True)) if n > r), None)
 
 
-def replay_guesses(entered: np.ndarray) -> tuple[int, int]:
-    """What speculation does on recorded counts, step by step as engine.decode guesses.
+@dataclass
+class Replay:
+    """How speculation went over recorded steps: steps laid out on a guess, how many of them overflowed it
+    (and ran again from there), and over the guessed steps' segments after q's, rows laid out and rows needed."""
 
-    entered: [steps, segments] the most rows that entered each segment at each decoding step, over the batch
-    (per sequence, this is batch 1) -> (steps laid out on a guess, how many of them overflowed and ran again).
-    """
-    guess, speculated, overflowed = None, 0, 0
+    speculated: int = 0
+    overflowed: int = 0
+    laid_out: int = 0
+    needed: int = 0
+
+
+def replay_guesses(
+    entered: np.ndarray, max_rows: int = SPECULATE_MAX_ROWS, min_rows: int = SPECULATE_MIN_ROWS
+) -> Replay:
+    """What speculation does on recorded counts, step by step as engine.decode guesses (`guess_rows` with
+    these thresholds). entered: [steps, segments] the most rows that entered each segment at each decoding step,
+    over the batch (per sequence, this is batch 1)."""
+    guess, replay = None, Replay()
     for row in entered:
         if guess is not None:
-            speculated += 1
-            overflowed += first_overflow(row, guess) is not None
-        guess = guess_rows(row)
-    return speculated, overflowed
+            replay.speculated += 1
+            replay.overflowed += first_overflow(row, guess) is not None
+            replay.laid_out += sum(guess[1:])
+            replay.needed += int(row[1:].sum())
+        guess = guess_rows(row, max_rows, min_rows)
+    return replay
 
 
 def waits_mid_step(schedule: Schedule) -> bool:
