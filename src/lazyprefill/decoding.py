@@ -1,14 +1,15 @@
 """The device side of a decoding step: one segment of layers (plan.py) over a static [B, R] block of rows.
 
-Legend: B sequences, R rows laid out per sequence (a bucket, plan.row_bucket, or a burst's exact count), T keys attended
-(positions [0, T), plan.key_length), P cache slots (capacity + the scratch slot), H / Hkv query /
-key-value heads, dh head size.
+Legend: B sequences, R rows laid out per sequence (plan.layout_rows: a bucket, or a burst's exact count),
+T keys attended (positions [0, T), plan.key_length), P cache slots (capacity + the scratch slot), H / Hkv
+query / key-value heads, dh head size.
 
 A segment run reads its inputs from buffers that live as long as the engine (the step's tokens and
 positions, the candidate-set membership `in_s`, the cache) and writes only into them, with shapes
 fixed by (segment, R, T). So on CUDA each such run is captured once as a CUDA graph and replayed; on
 the CPU the same code runs eagerly. Padded rows point at the scratch slot: they compute garbage that
-nothing reads, and no write needs a mask.
+nothing reads, and no write needs a mask; a speculative segment whose rows overflowed its R points all its
+rows there, which is how it changes nothing.
 """
 
 from __future__ import annotations

@@ -65,9 +65,9 @@ def layout_rows(n: int, keys: int) -> int:
 # A step speculates only while every segment took fewer rows than SPECULATE_MAX_ROWS in the step before: a
 # larger guess would lay out up to 4x the rows it needs (a bucket above 32 is 128), and such steps are the few
 # right after prefill, whose revivals fall fast. Guesses are at least SPECULATE_MIN_ROWS: rows up to 32 cost
-# about what one costs (the weights dominate the bytes a segment reads), and with real weights a guess one
-# bucket above the last count overflowed in 9-18% of the steps, 32 rows in 2-5% (Gemma 3 270M at 2K, replayed
-# in benchmarks/results/revivals-gemma3-270m.md).
+# about what one costs (the weights dominate the bytes a segment reads), and a guess one bucket above the
+# last count overflowed in 10-22% of the steps with real weights, at least 32 rows in 3-10% (Gemma 3 270M at
+# 2K and 4K, replayed in benchmarks/results/revivals-gemma3-270m.md).
 SPECULATE_MAX_ROWS = 32
 SPECULATE_MIN_ROWS = 32
 
