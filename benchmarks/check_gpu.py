@@ -188,8 +188,11 @@ def compare_speculation(adapter, schedule, prompt: torch.Tensor, fed: list[int],
     planner's guesses and with guesses of one row, so that every step that revives overflows, leaves its
     no-op segments in the captured graphs and reruns. Logits within bf16 rounding of the waiting run."""
     ok = True
-    for label, guess in [("planner's guesses", None), ("every guess one row", lambda entered: [1] * len(entered))]:
-        with mock.patch("lazyprefill.engine.guess_rows", guess or guess_rows), \
+    def one_row(entered):
+        return [1] * len(entered)
+
+    for label, guess in [("planner's guesses", guess_rows), ("every guess one row", one_row)]:
+        with mock.patch("lazyprefill.engine.guess_rows", guess), \
                 mock.patch("lazyprefill.engine.first_overflow", side_effect=first_overflow) as spy:
             _, logits, _ = greedy(engine(adapter, schedule, prompt.shape[0] + len(fed) + 1, speculate=True), prompt,
                                   len(fed), fed)

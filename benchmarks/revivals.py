@@ -16,6 +16,7 @@ import json
 import shlex
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from lazyprefill.bench import machine_info
 from lazyprefill.eval.tasks import build
 from lazyprefill.generation import LazyLLM
 from lazyprefill.models import load_model
-from lazyprefill.plan import SPECULATE_MAX_ROWS, SPECULATE_MIN_ROWS, replay_guesses
+from lazyprefill.plan import SPECULATE_MAX_ROWS, SPECULATE_MIN_ROWS, Replay, replay_guesses
 from lazyprefill.schedule import PRESETS
 
 
@@ -99,7 +100,7 @@ RULES = {
 def speculation(records: list[dict], max_rows: int, min_rows: int) -> dict:
     """plan.replay_guesses over every prompt's recorded counts with these thresholds, summed."""
     replays = [replay_guesses(np.array(r["entered_per_step"]), max_rows, min_rows) for r in records]
-    return {name: sum(getattr(x, name) for x in replays) for name in ("speculated", "overflowed", "laid_out", "needed")}
+    return {name: sum(getattr(x, name) for x in replays) for name in asdict(Replay())}
 
 
 def markdown(result: dict) -> str:

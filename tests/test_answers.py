@@ -7,6 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -15,6 +16,7 @@ from lazyprefill import answers
 from lazyprefill.bench import ModelDims, random_model, random_prompts
 from lazyprefill.engine import DecodeOptions
 from lazyprefill.generation import LazyLLM
+from lazyprefill.plan import replay_guesses
 from lazyprefill.schedule import PRESETS
 
 LLAMA2_7B = ModelDims(layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, ffn=11008, vocab=32000)
@@ -163,10 +165,13 @@ def test_revivals_count_prompt_tokens_taken_deeper():
     paper = got["paper"]
     assert 0 < paper["prompt_revived"] <= paper["prompt_deferred"] < N
     assert sum(paper["revived_per_step"]) >= paper["prompt_revived"]  # a token may be revived at several layers
-    assert "steps_speculated" not in got["static"]  # its decoding steps know their rows: nothing is guessed
+    assert "entered_per_step" not in got["static"]  # its decoding steps know their rows: nothing is guessed
+    entered = np.array(paper["entered_per_step"])  # [steps, segments], q alone entering segment 0
+    assert entered.shape == (7, len(LazyLLM(model, "paper").schedule.keep) + 1) and (entered[:, 0] == 1).all()
     # revived rows per step [14, 8, 1, 0, 0, 0, 3]: no segment takes 32, so every step after the first guesses,
     # and no guess (32 rows) is overflowed
-    assert (paper["steps_speculated"], paper["steps_overflowed"]) == (6, 0)
+    replay = replay_guesses(entered)
+    assert (replay.speculated, replay.overflowed) == (6, 0)
 
 
 def test_a_method_that_runs_out_of_memory_is_recorded_and_the_next_goes_on(monkeypatch):

@@ -45,7 +45,7 @@ from .bench import (
 )
 from .engine import DecodeOptions, StepStats
 from .generation import GenerationStats, LazyLLM, synchronize
-from .plan import replay_guesses, segments, waits_mid_step
+from .plan import segments, waits_mid_step
 from .schedule import PRESETS, Schedule, preset
 
 STATIC = "transformers-static"
@@ -284,8 +284,8 @@ def revivals(stats: GenerationStats, n_prompt: int, schedule: Schedule) -> dict:
     """What decoding revived for one sequence: rows per decoding step (summed over layers), and how many prompt
     tokens prefill deferred (stopped before the last layer) and how many of them a later step took deeper
     (depth only grows, and only a revival makes a prompt token's depth grow). Where a step can speculate on
-    the rows entering each segment (a pruning layer that reselects), also how often its rows would overflow
-    the guess (plan.replay_guesses on this sequence's counts: as at batch 1; the steps run twice in part)."""
+    the rows entering each segment (a pruning layer that reselects), also those rows per step and segment, from
+    which plan.replay_guesses tells how any guessing rule would have fared (as at batch 1)."""
     deferred = stats.prefill_depth < stats.num_layers - 1  # [n_prompt]
     deeper = stats.final_depth[:n_prompt] > stats.prefill_depth  # [n_prompt]
     record = {
@@ -297,9 +297,7 @@ def revivals(stats: GenerationStats, n_prompt: int, schedule: Schedule) -> dict:
     if waits_mid_step(schedule):
         firsts = [seg.first for seg in segments(stats.num_layers, list(schedule.keep))]
         entered = np.array([[s.computed[f] for f in firsts] for s in stats.steps[1:]])  # [steps, segments]
-        record["entered_per_step"] = entered.tolist()  # so that another guessing rule can be replayed later
-        replay = replay_guesses(entered)
-        record["steps_speculated"], record["steps_overflowed"] = replay.speculated, replay.overflowed
+        record["entered_per_step"] = entered.tolist()
     return record
 
 

@@ -88,4 +88,3 @@ def listed_positions(in_s: torch.Tensor) -> torch.Tensor:
     listed = torch.zeros(B, T + 1, dtype=torch.int32, device=in_s.device)
     listed.scatter_(1, slot, torch.arange(T, dtype=torch.int32, device=in_s.device).expand(B, T))
     return listed[:, :T]
-

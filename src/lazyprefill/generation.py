@@ -135,7 +135,7 @@ class LazyLLM:
 
     `schedule` is a preset name ("balanced", the default, or "paper"), "dense"/None, "static"/"random" baselines, a
     "layer:ratio,..." string, a `{layer: ratio}` dict or a `Schedule`. `decode` chooses how decoding steps
-    run (`DecodeOptions`: CUDA graphs, Triton kernels, speculation); the defaults suit the device.
+    run (`DecodeOptions`: CUDA graphs, Triton kernels, speculation, compiled layers); the defaults suit the device.
 
     Threads: a LazyLLM is not safe to call from several threads at once, and neither are several
     LazyLLMs over one model. Each call builds its own Engine and cache and only reads the model, but
