@@ -55,9 +55,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steady-skip", type=int, default=8, help="decoding steps left out of the steady state")
     p.add_argument("--copy-mb", type=int, default=1024, help="size of the copy that measures bandwidth")
     p.add_argument("--memory-limit-gb", type=float, help="check fits against this, not the GPU's free memory")
-    p.add_argument("--burst-kernel", action="store_true", help="ours: DecodeOptions(burst_kernel=True)")
-    p.add_argument("--speculate", action="store_true", help="ours: DecodeOptions(speculate=True)")
-    p.add_argument("--compile", action="store_true", help="ours: DecodeOptions(compile=True)")
+    for name in ("burst-kernel", "speculate", "compile"):
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
+                       help=f"ours: DecodeOptions({name.replace('-', '_')}=True / False; default: by device)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="join chunk results instead of measuring")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/answers"))
     p.add_argument("--stem", help="output file name without extension (default: answers-<models>)")

@@ -53,9 +53,9 @@ def main() -> None:
     p.add_argument("--graphs", choices=["auto", "off"], default="auto", help="off: DecodeOptions(graphs=False)")
     p.add_argument("--attention", choices=["auto", "masked"], default="auto",
                    help="masked: DecodeOptions(split_kernel=False)")
-    p.add_argument("--speculate", action="store_true", help="DecodeOptions(speculate=True)")
-    p.add_argument("--burst-kernel", action="store_true", help="DecodeOptions(burst_kernel=True)")
-    p.add_argument("--compile", action="store_true", help="DecodeOptions(compile=True)")
+    for name in ("speculate", "burst-kernel", "compile"):
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
+                       help=f"DecodeOptions({name.replace('-', '_')}=True / False; default: by device)")
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
     p.add_argument("--json", help="write the decoding timings here")

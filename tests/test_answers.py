@@ -208,6 +208,6 @@ def test_warm_up_stops_early_with_the_full_runs_allocation(method):
     assert run(prompts, warm, 3) is None and len(warm.stamps) == 3
     if method == "transformers-static":  # the warm-up's static cache has the timed run's size
         assert model._previous_max_cache_length == N + 12
-    steps = run(prompts, timed, None)
+    stats = run(prompts, timed, None)
     assert len(timed.stamps) == 12 and timed.stamps == sorted(timed.stamps)
-    assert steps is None if method != "paper" else [len(s) for s in steps] == [12] * BATCH  # prefill + 11 steps
+    assert stats is None if method != "paper" else [len(s.steps) for s in stats] == [12] * BATCH  # prefill + 11

@@ -91,26 +91,29 @@ def poisoned_empty(real):
 
 
 def test_prefill_does_not_touch_room_for_new_tokens(monkeypatch):
-    """TTFT cannot depend on max_new_tokens: prefill leaves K/V past each prompt as allocated (here NaN),
-    `settle` clears it afterwards, and the results equal an engine on ordinary memory."""
+    """TTFT cannot depend on max_new_tokens: prefill leaves K/V past the longest prompt as allocated (here NaN),
+    decoding clears only the block of keys a step reads (plan.key_length), and the results equal an engine on
+    ordinary memory."""
     adapter = adapter_for(tiny_model("llama_gqa_rope3"))
     prompts = [prompt_ids(20, seed=1), prompt_ids(13, seed=2)]
     schedule = lp.parse_schedule({1: 0.5, 3: 0.5}, adapter.num_layers)
+    capacity, keys = 600, key_length(21, 600)  # the first step reads positions [0, 256)
     with torch.inference_mode():
-        plain = Engine(adapter, schedule, 40)
+        plain = Engine(adapter, schedule, capacity)
         want = [plain.prefill(prompts)[0]]
         plain.settle()
         token = want[0].argmax(-1)
         want += [plain.decode(token, [0, 1])[0] for _ in range(1)]
         monkeypatch.setattr(torch, "empty", poisoned_empty(torch.empty))
-        engine = Engine(adapter, schedule, 40)
+        engine = Engine(adapter, schedule, capacity)
         got = [engine.prefill(prompts)[0]]
         cache = engine.cache
-        for b, p in enumerate(prompts):
-            assert cache.k[:, b, :, p.shape[0]:].isnan().all() and cache.v[:, b, :, p.shape[0]:].isnan().all()
+        assert cache.k[:, :, :, :20].isfinite().all() and cache.v[:, :, :, :20].isfinite().all()
+        assert cache.k[:, :, :, 20:capacity].isnan().all() and cache.v[:, :, :, 20:capacity].isnan().all()
         engine.settle()
-        assert cache.k[:, :, :, :40].isfinite().all() and cache.v[:, :, :, :40].isfinite().all()
         got += [engine.decode(token, [0, 1])[0] for _ in range(1)]
+        assert cache.k[:, :, :, :keys].isfinite().all() and cache.v[:, :, :, :keys].isfinite().all()
+        assert cache.k[:, :, :, keys:capacity].isnan().all() and cache.v[:, :, :, keys:capacity].isnan().all()
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
 
@@ -140,8 +143,8 @@ def test_graphs_need_cuda():
 def test_decode_options_say_what_to_change(monkeypatch):
     with pytest.raises(ValueError, match="graphs must be True, False or None"):
         DecodeOptions(graphs=1)
-    with pytest.raises(ValueError, match="speculate must be True or False, got None"):
-        DecodeOptions(speculate=None)
+    with pytest.raises(ValueError, match=r"speculate must be True, False or None .*, got 'yes'"):
+        DecodeOptions(speculate="yes")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter aside, Triton needs CUDA
     adapter = adapter_for(tiny_model("qwen3"))
     for options in (DecodeOptions(split_kernel=True), DecodeOptions(burst_kernel=True)):

@@ -145,3 +145,29 @@ def test_a_one_layer_model_with_the_default_preset_says_to_run_dense():
     assert "out of range" not in str(err.value)
     out = lp.LazyLLM(one, "dense").generate(PROMPT, max_new_tokens=2, eos_token_id=[])
     assert len(out.new_tokens) == 2
+
+
+@pytest.mark.parametrize("family, schedule", [("llama_gqa_rope3", "paper"), ("gemma3", {2: 0.5}),
+                                              ("llama_gqa_rope3", None)])
+def test_a_kept_engine_serves_later_calls_as_a_new_one_would(family, schedule):
+    """A LazyLLM keeps its last engine (cache, compiled kernels, CUDA graphs) for the next call of the same batch
+    size that fits it: a long prompt, then a short one, a batch, then the long one again, each give exactly what
+    a fresh LazyLLM gives, whatever the earlier calls left in the cache's slots."""
+    model = tiny_model(family)
+    lazy = lp.LazyLLM(model, schedule)
+    calls = [([prompt_ids(90, seed=1)], 12), ([prompt_ids(40, seed=2)], 6), ([prompt_ids(30, seed=3)], 20),
+             ([prompt_ids(50, seed=4), prompt_ids(20, seed=5)], 8), ([prompt_ids(90, seed=1)], 12)]
+    engines = []
+    for prompts, new in calls:
+        got = lazy.generate(prompts, max_new_tokens=new, eos_token_id=[], return_logits=True)
+        want = lp.LazyLLM(model, schedule).generate(prompts, max_new_tokens=new, eos_token_id=[], return_logits=True)
+        for g, w in zip(got, want, strict=True):
+            assert g.new_tokens == w.new_tokens
+            for a, b in zip(g.logits, w.logits, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        engines.append(lazy._engine)
+    assert engines[1] is engines[0] and engines[2] is engines[0]  # shorter calls reuse the first one's engine
+    assert engines[3] is not engines[0]  # another batch size needs another cache
+    assert engines[4] is not engines[3]
+    lazy.release()
+    assert lazy._engine is None

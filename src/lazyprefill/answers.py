@@ -43,7 +43,7 @@ from .bench import (
     random_prompts,
     time_once,
 )
-from .engine import DecodeOptions, StepStats
+from .engine import DecodeOptions
 from .generation import GenerationStats, LazyLLM, synchronize
 from .plan import segments, waits_mid_step
 from .schedule import PRESETS, Schedule, preset
@@ -188,11 +188,11 @@ class TokenClock:
         pass
 
 
-Runner = Callable[[list[torch.Tensor], TokenClock, int | None], list[list[StepStats]] | None]
+Runner = Callable[[list[torch.Tensor], TokenClock, int | None], list[GenerationStats] | None]
 
 
 def runner(method: str, model: nn.Module, new: int, decode: DecodeOptions = DecodeOptions()) -> Runner:
-    """run(prompts, clock, stop) -> per-sequence step stats (ours) or None: greedy, EOS off, a generation of `new`
+    """run(prompts, clock, stop) -> per-sequence generation stats (ours) or None: greedy, EOS off, a generation of `new`
     tokens, or a warm-up ended after `stop` tokens that allocates what the full run does (the same static cache
     size, the same engine capacity), so that what is compiled or captured in the warm-up serves the timed run.
     Ours decode as `decode` says.
@@ -213,11 +213,11 @@ def runner(method: str, model: nn.Module, new: int, decode: DecodeOptions = Deco
     num_layers = adapter_for(model).num_layers
     lazy = LazyLLM(model, Schedule() if method == DENSE else preset(method, num_layers), decode=decode)
 
-    def run_ours(prompts: list[torch.Tensor], clock: TokenClock, stop: int | None) -> list[list[StepStats]] | None:
+    def run_ours(prompts: list[torch.Tensor], clock: TokenClock, stop: int | None) -> list[GenerationStats] | None:
         clock.start()
         if stop is None:
             outs = lazy.generate(list(prompts), max_new_tokens=new, eos_token_id=[], on_token=clock.token)
-            return [out.stats.steps for out in outs]
+            return [out.stats for out in outs]
         steps = lazy.stream(list(prompts), max_new_tokens=new, eos_token_id=[])  # yields (sequence, token)
         for item in steps:
             clock.token(*item)
@@ -244,8 +244,9 @@ class Case:
     warm: list[torch.Tensor]  # B x [n], other ids of the same shape
 
 
-def summarize(case: Case, stamps: list[float], steps: list[list[StepStats]] | None, cfg: AnswerConfig) -> dict:
-    """Timestamps (s since the call, one per token) and step stats -> the row's figures."""
+def summarize(case: Case, stamps: list[float], stats: list[GenerationStats] | None, cfg: AnswerConfig) -> dict:
+    """Timestamps (s since the call, one per token) and our generation stats -> the row's figures. The worst
+    step after the first is reported beside the steady one: a step that revives many rows is slower."""
     N, kv = case.new, kv_bytes_per_key(case.dims, case.dtype_bytes)
     if len(stamps) != N:
         raise RuntimeError(f"expected {N} token timestamps, got {len(stamps)}")
@@ -264,11 +265,14 @@ def summarize(case: Case, stamps: list[float], steps: list[list[StepStats]] | No
         "tokens_per_s": case.batch * 1e3 / ms,
         "totals_ms": {str(t): stamps[t - 1] * 1e3 for t in cfg.new_tokens},
         "step_ms": [round(x, 3) for x in step_ms],
+        "worst_step_ms": max(step_ms[1:], default=None),  # decoding steps after the first
+        "worst_step_x_steady": max(step_ms[1:], default=ms) / ms,
         "bytes_per_step_dense": dense_bytes,
         "floor_ms_dense": dense_floor,
         "x_floor_dense": ms / dense_floor,
     }
-    if steps is not None:  # ours: what the K/V reads and revivals were, from the engine's own counts
+    if stats is not None:  # ours: what the K/V reads and revivals were, from the engine's own counts
+        steps = [s.steps for s in stats]
         cand_bytes, cand_floor = floor_ms(lambda k: sum(sum(seq[k].candidates) for seq in steps))
         revived = [[sum(seq[k].revived) for k in range(1, N)] for seq in steps]  # [B][N - 1]
         row.update(
@@ -276,6 +280,7 @@ def summarize(case: Case, stamps: list[float], steps: list[list[StepStats]] | No
             revived_per_step=[sum(col) for col in zip(*revived)],  # the batch's rows per decoding step
             revived_mean=statistics.fmean(x for seq in revived for x in seq),  # per sequence and step
             revived_max=max(x for seq in revived for x in seq),
+            graphs_captured=stats[0].graphs_captured,  # 0: every decoding shape was captured by the warm-up call
         )
     return row
 
@@ -459,9 +464,9 @@ def markdown(result: dict) -> str:
     for name, info in result["models"].items():
         weights = f"random {info['dtype']} weights" if info["random_weights"] else info["dtype"]
         lines += [f"### {name} ({weights}): whole answers", "",
-                  "| prompt | batch | method | TTFT ms | ms/token | floor ms dense / S_l | x floor | "
+                  "| prompt | batch | method | TTFT ms | ms/token | floor ms dense / S_l | x floor | worst step ms | "
                   + " | ".join(f"total {t} s" for t in counts) + " | revived/step mean (max) | peak GB | note |",
-                  "|---:|---:|---|---:|---:|---:|---:|" + "---:|" * len(counts) + "---:|---:|---|"]
+                  "|---:|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(counts) + "---:|---:|---|"]
         for case in (c for c in result["cases"] if c["model"] == name):
             for r in case["rows"]:
                 floors = f"{_fmt(r.get('floor_ms_dense'), '.2f')} / {_fmt(r.get('floor_ms_candidates'), '.2f')}"
@@ -469,10 +474,11 @@ def markdown(result: dict) -> str:
                 revived = (f"{r['revived_mean']:.1f} ({r['revived_max']})" if "revived_mean" in r else "—")
                 note = " ".join(x for x in (r["status"] if r["status"] != "ok" else "", r["note"][:80]) if x)
                 ttft, per_token = _fmt(r.get("ttft_ms"), ".0f"), _fmt(r.get("ms_per_token"), ".2f")
+                worst = _fmt(r.get("worst_step_ms"), ".0f")
                 lines.append(
                     f"| {case['length']} | {case['batch']} | {r['method']} | {ttft} | {per_token} | {floors} | "
-                    f"{_fmt(r.get('x_floor_dense'), '.1f')} | {totals} | {revived} | {_fmt(r.get('peak_gb'), '.1f')} "
-                    f"| {note} |"
+                    f"{_fmt(r.get('x_floor_dense'), '.1f')} | {worst} | {totals} | {revived} | "
+                    f"{_fmt(r.get('peak_gb'), '.1f')} | {note} |"
                 )
         bw = [f"{c['length']} x{c['batch']}: {c['copy_gb_per_s']:.0f} GB/s"
               for c in result["cases"] if c["model"] == name]

@@ -26,7 +26,9 @@ from .split_attention import attend_keys
 
 logger = logging.getLogger(__name__)
 
-# Launch settings. Unmeasured on a GPU: chosen from shared-memory arithmetic for an H100 (232 KB), to be swept.
+# Launch settings, from benchmarks/burst_attention.py's sweep on an H200 (bf16, llama2-7b and llama3-8b heads, bursts
+# of 1.7K rows at 8K keys and 6.9K at 32K; benchmarks/results/kernels/): 128 x 128 tiles and 8 warps, as its fastest
+# setting, at 160-190 TFLOP/s of causal work, 4-5x SDPA's masked kernel and faster than FlexAttention.
 BLOCK_M = 128  # query rows per program: BLOCK_M / Gp rows of each of the Gp heads that share a K/V head
 BLOCK_N = 128  # keys per inner iteration, for a K or V tile of 32 KB (bf16, head size 128)
 # Larger elements or heads shrink the tiles to these sizes: fp32 at head size 256 then holds a Q tile of 64 KB
@@ -34,11 +36,15 @@ BLOCK_N = 128  # keys per inner iteration, for a K or V tile of 32 KB (bf16, hea
 Q_TILE_BYTES = 64 * 1024
 TILE_BYTES = 32 * 1024
 NUM_WARPS = 8
+# The sweep's fastest had 3 stages (5.49 ms against 6.62 at 32K), correct on its inputs, but inside the engine
+# (queries from the model's projections, real bursts) 3 stages ran into an illegal memory access on the H200
+# (Triton 3.6) and 2 stages did not (benchmarks/NOTES.md): 2 stages until a sweep over engine inputs says more.
 NUM_STAGES = 2
 
-# Integer arguments change between calls (rows, strides, group): compile once, not per value.
-_RUNTIME_INTS = ["s_qb", "s_qh", "s_qr", "s_kb", "s_kh", "s_kt", "s_vb", "s_vh", "s_vt", "s_ib", "s_lb", "s_hb",
-                 "s_ob", "s_oh", "s_or", "HKV", "G", "R"]
+# Integer arguments that change between calls (rows, lengths, group): compile once, not per value. The strides of
+# q, K, V and the output are multiples of the head size and left to Triton to specialize, so that it loads in
+# 16-byte vectors and pipelines the loads (split_attention says why).
+_RUNTIME_INTS = ["s_ib", "s_lb", "s_hb", "HKV", "G", "R"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)

@@ -43,18 +43,21 @@ class LazyCache:
     of layer depth[b, i], the hidden state from which the token resumes at layer depth[b, i] + 1 if a
     later step selects it again.
 
-    Allocation does not clear anything, so that the prefill's time does not grow with the room left
-    for new tokens: `clear(...)` (called by `Engine.settle`, after the first token) sets depth and
-    zeroes the K/V that decoding may read before it is written. Decoding attends over a whole block of
-    positions and masks out what a sequence may not see, and masked-out garbage (NaN * 0) would
-    still poison the sum.
+    Decoding's written-out attention reads a whole block of positions [0, T) and masks out what a sequence
+    may not see, and masked-out garbage from `torch.empty` (NaN * 0) would still poison the sum. So positions
+    below `clean` hold finite values in every slot and layer (zeros, or K/V some sequence wrote), and
+    `ensure_clean(T)` zeroes the block [clean, T) before anything reads or writes it: as T grows with the
+    sequences, in chunks, so that neither allocation nor a prefill costs time for the room left for new tokens.
+    The slots are reused from one generation to the next; a slot's new sequence overwrites what it reads.
     """
 
     def __init__(self, adapter: LlamaAdapter, batch: int, capacity: int, count_writes: bool = False) -> None:
         L, kv, dh = adapter.num_layers, adapter.num_kv_heads, adapter.head_dim
         dev, dt = adapter.device, adapter.dtype
         self.capacity = capacity
+        self.batch = batch
         self.scratch = capacity  # slot index of the scratch slot
+        self.clean = 0  # positions [0, clean) are finite in every slot and layer
         P = capacity + 1
         self.k = torch.empty(L, batch, kv, P, dh, device=dev, dtype=dt)  # [L, B, Hkv, P, dh]
         self.v = torch.empty(L, batch, kv, P, dh, device=dev, dtype=dt)  # [L, B, Hkv, P, dh]
@@ -76,16 +79,22 @@ class LazyCache:
         self.v[layer][seq, :, pos] = v
         self._count(layer, seq, pos)
 
-    def clear(self, prompt_lengths: list[int], dropped: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """After prefill: depth L-1 for the prompts, -1 past them, `layer` for each (layer, seq, pos) dropped;
-        K/V zeroed past each prompt and above each dropped token's depth. Enqueued only: never waits."""
+    def ensure_clean(self, positions: int) -> None:
+        """Zero K/V at positions [clean, positions) of every slot and layer, which no sequence has written: a
+        slot's length never passes `clean` before this is called for it. Enqueued only: never waits."""
+        if positions <= self.clean:
+            return
+        self.k[:, :, :, self.clean : positions] = 0
+        self.v[:, :, :, self.clean : positions] = 0
+        self.clean = positions
+
+    def settle(self, slots: list[int], prompt_lengths: list[int],
+               dropped: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """After a prefill into `slots`: depth L-1 for their prompts, -1 past them, `layer` for each (layer, slot,
+        position) dropped. K/V above a dropped token's depth is below `clean`, so finite. Never waits."""
         L = self.k.shape[0]
-        self.depth_device.fill_(-1)
-        for b, n in enumerate(prompt_lengths):
+        for b, n in zip(slots, prompt_lengths, strict=True):
+            self.depth_device[b] = -1
             self.depth_device[b, :n] = L - 1
-            self.k[:, b, :, n:] = 0
-            self.v[:, b, :, n:] = 0
         for layer, seq, pos in dropped:
             self.depth_device[seq, pos] = layer
-            self.k[layer + 1 :][:, seq, :, pos] = 0
-            self.v[layer + 1 :][:, seq, :, pos] = 0

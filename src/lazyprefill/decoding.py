@@ -34,11 +34,16 @@ class SegmentRunner:
 
     def __init__(
         self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int, split_kernel: bool,
-        burst_kernel: bool = False, compile_layers: bool = False, speculate: bool = False,
+        burst_kernel: bool = False, compile_layers: bool = False, speculate: bool = False, compact: bool = False,
     ) -> None:
         B, P = cache.depth_device.shape
         dev, long = adapter.device, torch.long
         self.a, self.cache, self.reselects, self.speculate = adapter, cache, reselects, speculate
+        # Runs that are never captured (`compact`) attend over the stepping sequences' keys only: a server's idle
+        # slots would otherwise cost the written-out attention as much as busy ones (CPU, 8 slots, 1 busy: 149
+        # against 60 ms a step). Captured runs keep every slot, for their static shapes.
+        self.compact = compact
+        self.partial = False  # this step leaves some slots out
         self.layers: LlamaAdapter | CompiledLayers = CompiledLayers(adapter) if compile_layers else adapter
         # the Triton kernels that read only S_l's K/V (CUDA): few rows per sequence, and bursts of many
         self.split = self.burst = None
@@ -80,6 +85,7 @@ class SegmentRunner:
         values = values.to(self.a.device, non_blocking=True)
         B = t.shape[0]
         t_dev, active, keep, self.seqs = values.split([B, B, plan.keep.size, len(seqs)])
+        self.partial = len(seqs) < B
         self.t.copy_(t_dev)
         self.active.copy_(active.bool())
         self.keep.copy_(keep.view_as(self.keep))
@@ -99,105 +105,128 @@ class SegmentRunner:
         pruning segment leaves in `counts[index + 1]` the rows that enter the next segment. R may be a guess
         (engine.decode): if more rows enter, the segment clears `fits` and, like every later segment of the
         step, computes on the scratch slot only, so that nothing it would have changed is changed.
+
+        A run that is never captured (`compact`) takes only the sequences that step (`seqs`): a server's idle
+        slots would otherwise cost as much as busy ones (CPU, 8 slots, 1 busy: 149 against 60 ms a step).
+        Captured runs take every slot, for their static shapes (an idle slot's q is the scratch slot).
         """
+        if self.compact and self.partial:  # [b] the sequences this run takes, as a tensor and as an index
+            bs, sel = self.seqs, self.seqs
+        else:
+            bs, sel = self.batch, slice(None)  # a slice keeps every per-sequence tensor a view
+        in_s = self.in_s[sel, :T]  # [b, T]: a view, or a copy written back below
+        self._run(seg, index, R, T, scorer, recorder, bs, sel, in_s)
+        if isinstance(sel, torch.Tensor):
+            self.in_s[sel, :T] = in_s
+
+    def _run(self, seg: Segment, index: int, R: int, T: int, scorer: Scorer, recorder: Recorder,
+             bs: torch.Tensor, sel: torch.Tensor | slice, in_s: torch.Tensor) -> None:
         a, c = self.a, self.cache
-        B, H, dh = self.t.shape[0], a.num_heads, a.head_dim
+        b, H, dh = bs.shape[0], a.num_heads, a.head_dim
+        t = self.t[sel]  # [b]
         if seg.first == 0:
-            c.aux[self.batch, self.t] = a.embed(self.tokens)
-        self._start_membership(seg, T)
-        in_s = self.in_s[:, :T]  # [B, T] view, updated in place
-        keys = self.positions[:T].expand(B, T)
-        rows, valid, count = self._rows(seg.first, R, T)  # [B, R], [B, R], [B]
+            c.aux[bs, t] = a.embed(self.tokens[sel])
+        self._start_membership(seg, T, in_s, sel, t)
+        keys = self.positions[:T].expand(b, T)
+        rows, valid, count = self._rows(seg.first, R, T, in_s, sel)  # [b, R], [b, R], [b]
         fits = None  # without speculation R holds every row that enters
         if self.speculate:  # R is a guess: a device value says whether it held them, with no wait
             fits = self.fits & (count <= R).all()
             self.fits.copy_(fits)
             rows, valid = torch.where(fits, rows, c.scratch), valid & fits
         recorder.layers(len(seg.layers), keys, in_s, rows, valid)
-        seq, pos = self.batch[:, None].expand(B, R).reshape(-1), rows.reshape(-1)  # [B * R]
-        h = c.aux[seq, pos]  # [B * R, d]
+        seq, pos = bs[:, None].expand(b, R).reshape(-1), rows.reshape(-1)  # [b * R]
+        h = c.aux[seq, pos]  # [b * R, d]
         cos, sin = a.rope(pos)
-        attend = self._attention(in_s, rows, valid, T)
+        attend = self._attention(in_s, rows, valid, T, sel)
         for l in seg.layers:
-            q, k, v = self.layers.qkv(l, h, cos, sin)  # q: [B * R, H, dh]
+            q, k, v = self.layers.qkv(l, h, cos, sin)  # q: [b * R, H, dh]
             c.write_kv(l, seq, pos, k, v)
-            o = attend(l, q.view(B, R, H, dh).transpose(1, 2))  # [B, H, R, dh]
-            h = self.layers.finish(l, h, o.transpose(1, 2).reshape(B * R, H, dh))
+            o = attend(l, q.view(b, R, H, dh).transpose(1, 2))  # [b, H, R, dh]
+            h = self.layers.finish(l, h, o.transpose(1, 2).reshape(b * R, H, dh))
         c.aux[seq, pos] = h
         c.depth_device[seq, pos] = torch.full_like(pos, seg.last, dtype=torch.int32)  # a device value: capturable
         if not (seg.prunes and self.reselects):
             return
-        q_last = q.view(B, R, H, dh)[self.batch, (count - 1).clamp(0, R - 1)]  # [B, H, dh]: q is each last row
-        x = ScoreInput(q_last[:, :, None], self.t[:, None], c.k[seg.last, :, :, :T], keys, in_s, a.scaling, seg.last, T)
-        scores = scorer.score(x)  # [B, T]
+        q_last = q.view(b, R, H, dh)[self.batch[:b], (count - 1).clamp(0, R - 1)]  # [b, H, dh]: q is each last row
+        x = ScoreInput(q_last[:, :, None], t[:, None], c.k[seg.last, sel, :, :T], keys, in_s, a.scaling, seg.last, T,
+                       seq=bs)
+        scores = scorer.score(x)  # [b, T]
         recorder.scores(seg.last, keys, in_s, scores)
-        chosen = top_k(scores, in_s, keys == self.t[:, None], self.keep[index])
+        chosen = top_k(scores, in_s, keys == t[:, None], self.keep[index, sel])
         in_s.copy_(chosen if fits is None else torch.where(fits, chosen, in_s))
-        entering = (in_s & (c.depth_device[:, :T] == seg.last)).sum(1)
-        stayed = (self.in_s.gather(1, rows) & valid).sum(1)  # rows of this segment still candidates
-        self.counts[index + 1, 0] = entering
-        self.counts[index + 1, 1] = entering - stayed
+        entering = (in_s & (c.depth_device[sel, :T] == seg.last)).sum(1)
+        stayed = (in_s.gather(1, rows.clamp(max=T - 1)) & valid).sum(1)  # rows of this segment still candidates
+        self.counts[index + 1, 0, sel] = entering
+        self.counts[index + 1, 1, sel] = entering - stayed
 
     def _attention(
-        self, in_s: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, T: int
+        self, in_s: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, T: int, sel: torch.Tensor | slice
     ) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """How this segment's rows attend, causally by position, to S_l (in_s: [B, T]; rows, valid: [B, R]):
-        (layer, q [B, H, R, dh]) -> [B, H, R, dh]. The Triton kernels read S_l's K/V through a list of
-        positions built once per segment: the split kernel for a few rows (no window), the burst kernel for
-        many (each row's range of the list carries causality and a window). The written-out attention
-        reads all T keys with a mask, which also carries a window (by original position, attention.py)."""
+        """How this segment's rows attend, causally by position, to S_l (in_s: [b, T]; rows, valid: [b, R]; the
+        run's sequences `sel`): (layer, q [b, H, R, dh]) -> [b, H, R, dh]. The Triton kernels read S_l's K/V
+        through a list of positions built once per segment: the split kernel for a few rows (no window), the
+        burst kernel for many (each row's range of the list carries causality and a window). The written-out
+        attention reads all T keys with a mask, which also carries a window (by original position, attention.py)."""
         c, a, scaling = self.cache, self.a, self.a.scaling
-        masks: dict[int | None, torch.Tensor] = {}  # window -> [B, R or 1, T], built once per segment
+        masks: dict[int | None, torch.Tensor] = {}  # window -> [b, R or 1, T], built once per segment
 
         def masked(l: int, q: torch.Tensor) -> torch.Tensor:
             window = a.window(l)
             if window not in masks:
                 masks[window] = decode_mask(in_s, rows, T, window)
-            return masked_attention(q, c.k[l, :, :, :T], c.v[l, :, :, :T], masks[window], scaling)
+            return masked_attention(q, c.k[l, sel, :, :T], c.v[l, sel, :, :T], masks[window], scaling)
 
         few = rows.shape[1] * a.num_heads // a.num_kv_heads <= SPLIT_MAX_ROWS
         if (self.split if few else self.burst) is None:
             return masked
-        listed = listed_positions(in_s)  # [B, T]
+        def kv(l: int) -> tuple[torch.Tensor, torch.Tensor]:  # [b, Hkv, P or T, dh]: every slot's, or the run's
+            return (c.k[l], c.v[l]) if isinstance(sel, slice) else (c.k[l, sel, :, :T], c.v[l, sel, :, :T])
+
+        listed = listed_positions(in_s)  # [b, T]
         if few:
-            n_s, qpos = in_s.sum(1, dtype=torch.int32), rows.int()  # [B], [B, R]
+            n_s, qpos = in_s.sum(1, dtype=torch.int32), rows.int()  # [b], [b, R]
 
             def split(l: int, q: torch.Tensor) -> torch.Tensor:
                 if a.window(l) is not None:  # the kernel knows no window
                     return masked(l, q)
-                return self.split.split_attention(q, c.k[l], c.v[l], listed, n_s, qpos, scaling)
+                return self.split.split_attention(q, *kv(l), listed, n_s, qpos, scaling)
 
             return split
-        ranges: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # window -> lo, hi: [B, R] each
+        ranges: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # window -> lo, hi: [b, R] each
 
         def burst(l: int, q: torch.Tensor) -> torch.Tensor:
             window = a.window(l)
             if window not in ranges:
                 ranges[window] = row_ranges(in_s, rows, valid, window)
-            return self.burst.burst_attention(q, c.k[l], c.v[l], listed, *ranges[window], scaling)
+            return self.burst.burst_attention(q, *kv(l), listed, *ranges[window], scaling)
 
         return burst
 
-    def _start_membership(self, seg: Segment, T: int) -> None:
+    def _start_membership(
+        self, seg: Segment, T: int, in_s: torch.Tensor, sel: torch.Tensor | slice, t: torch.Tensor
+    ) -> None:
         """S_0 is every token so far; without reselection S_l is the tokens whose K/V at l exists, plus q."""
         if seg.first > 0 and self.reselects:
             return  # S was selected at the previous pruning layer
-        pos, t = self.positions[:T], self.t[:, None]
-        members = (pos <= t) & self.active[:, None]
+        pos = self.positions[:T]
+        members = (pos <= t[:, None]) & self.active[sel, None]
         if not self.reselects:
-            members &= (self.cache.depth_device[:, :T] >= seg.first) | (pos == t)
-        self.in_s[:, :T] = members
+            members &= (self.cache.depth_device[sel, :T] >= seg.first) | (pos == t[:, None])
+        in_s.copy_(members)
 
-    def _rows(self, first: int, R: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The candidates that stopped just before layer `first`: [B, R] positions in order (scratch slot
-        where padded), [B, R] bool real, [B] count (all of them: when it exceeds R, the first R are laid out)."""
-        B = self.t.shape[0]
-        enter = self.in_s[:, :T] & (self.cache.depth_device[:, :T] == first - 1)  # [B, T]
+    def _rows(
+        self, first: int, R: int, T: int, in_s: torch.Tensor, sel: torch.Tensor | slice
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The candidates that stopped just before layer `first`: [b, R] positions in order (scratch slot
+        where padded), [b, R] bool real, [b] count (all of them: when it exceeds R, the first R are laid out)."""
+        b = in_s.shape[0]
+        enter = in_s & (self.cache.depth_device[sel, :T] == first - 1)  # [b, T]
         count = enter.sum(1)
         rank = enter.cumsum(1)
         slot = torch.where(enter & (rank <= R), rank - 1, R)  # column R collects the rest and is dropped
-        rows = torch.full((B, R + 1), self.cache.scratch, dtype=torch.long, device=enter.device)
-        rows.scatter_(1, slot, self.positions[:T].expand(B, T))
+        rows = torch.full((b, R + 1), self.cache.scratch, dtype=torch.long, device=enter.device)
+        rows.scatter_(1, slot, self.positions[:T].expand(b, T))
         return rows[:, :R], self.positions[:R] < count[:, None], count
 
 
@@ -315,24 +344,26 @@ class Graphs:
 
     A new key first runs eagerly on a side stream: that run does the step's work and is the warm-up that
     capture needs (cuBLAS handles and workspaces are created, and a compiled layer half compiles for a new
-    shape, outside capture). Then it is captured, and replayed from the next call on. Graphs of another key
-    length (the key's last item) are dropped: lengths only grow, so they would never run again. If a
-    capture is refused (a scorer that copies from the host mid-step, say), every later call runs eagerly.
+    shape, outside capture). Then it is captured, and replayed from the next call on. Graphs of the
+    KEY_LENGTHS key lengths (the key's last item) used most recently are kept: lengths grow within a
+    generation, and the next generation of the engine starts again near the last one's. If a capture is refused
+    (a scorer that copies from the host mid-step, say), every later call runs eagerly.
     """
+
+    KEY_LENGTHS = 4
 
     def __init__(self) -> None:
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self.lengths: list[int] = []  # key lengths with graphs, least recently used first
         self.pool = None  # one memory pool for all: segments run one after another, never concurrently
-        self.keys = -1
+        self.captured = 0  # graphs captured so far (a generation that captured none reused every graph)
         self.refused: str | None = None  # why capture failed, if it did
 
     def __call__(self, key: tuple, fn: Callable[[], None]) -> None:
         if self.refused is not None:
             fn()
             return
-        if key[-1] != self.keys:
-            self.graphs.clear()
-            self.keys = key[-1]
+        self._use_length(key[-1])
         graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
@@ -340,8 +371,19 @@ class Graphs:
         self._warm_up(fn)  # this step's work
         try:
             self.graphs[key] = self._capture(fn)
+            self.captured += 1
         except RuntimeError as err:
             self.refused = str(err)
+
+    def _use_length(self, length: int) -> None:
+        if self.lengths and self.lengths[-1] == length:
+            return
+        if length in self.lengths:
+            self.lengths.remove(length)
+        self.lengths.append(length)
+        for old in self.lengths[: -self.KEY_LENGTHS]:
+            self.graphs = {k: g for k, g in self.graphs.items() if k[-1] != old}
+        del self.lengths[: -self.KEY_LENGTHS]
 
     def _warm_up(self, fn: Callable[[], None]) -> None:
         side = torch.cuda.Stream()

@@ -19,6 +19,7 @@ device runs a few segments of layers with static shapes (decoding.py), replayed 
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -31,7 +32,7 @@ from .attention import prefill_attention
 from .cache import LazyCache
 from .decoding import Graphs, SegmentRunner, eager
 from .env import triton_runs_on
-from .packing import Packing
+from .packing import Packing, upload
 from .plan import (
     GRAPH_MAX_ROWS,
     StepPlan,
@@ -60,41 +61,48 @@ DECODE_ATTENTION = [
 @dataclass(frozen=True)
 class DecodeOptions:
     """How decoding steps run. Every choice computes the same thing (SPEC.md) up to floating-point rounding;
-    they differ in speed. A default of None is what measured fastest on the device kind; an option still
-    False by default is not yet timed on a GPU (benchmarks/NOTES.md).
+    they differ in speed. None, every default, is what measured fastest on the device kind: all on with CUDA,
+    all off on the CPU (benchmarks/NOTES.md, "The whole answer on the H200").
 
-    graphs: replay segments as CUDA graphs (default: on CUDA unless tracing, whose recorder reads the
-        device mid-step). split_kernel: the Triton kernel that reads only S_l's K/V for a few rows per
-        sequence (default: on CUDA); otherwise the written-out masked attention over every position.
+    graphs: replay segments as CUDA graphs (needs CUDA and no tracing, whose recorder reads the device
+        mid-step). split_kernel: the Triton kernel that reads only S_l's K/V for a few rows per sequence;
+        otherwise the written-out masked attention over every position.
     burst_kernel: many rows (revival bursts) through the Triton flash kernel over S_l's positions with
-        per-row key ranges, instead of SDPA with an [R, T] mask (CUDA); off until it is timed on a GPU.
+        per-row key ranges, instead of SDPA with an [R, T] mask.
     speculate: lay out a step's segments before their row counts are known, so that the host waits once a
-        step, not once per pruning layer that reselects (where a wait idles the GPU); off until timed.
+        step, not once per pruning layer that reselects (where a wait idles the GPU).
     compile: the layer halves of decoding steps through torch.compile (decoding.CompiledLayers), fusing the
-        small kernels that a step's many short layers launch; off until timed.
+        small kernels that a step's many short layers launch; the first call in a process compiles.
     """
 
     graphs: bool | None = None
     split_kernel: bool | None = None
-    burst_kernel: bool = False
-    speculate: bool = False
-    compile: bool = False
+    burst_kernel: bool | None = None
+    speculate: bool | None = None
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value, by_device = getattr(self, f.name), f.default is None
-            if not (isinstance(value, bool) or (by_device and value is None)):
-                allowed = "True, False or None (the default: by device)" if by_device else "True or False"
-                raise ValueError(f"DecodeOptions.{f.name} must be {allowed}, got {value!r}")
+            value = getattr(self, f.name)
+            if not (isinstance(value, bool) or value is None):
+                raise ValueError(f"DecodeOptions.{f.name} must be True, False or None (the default: by device), "
+                                 f"got {value!r}")
 
 
 class Engine:
     """Runs a batch of sequences through prefill and decoding steps under one schedule and its scorer;
-    `decode` says how decoding steps run (DecodeOptions)."""
+    `decode` says how decoding steps run (DecodeOptions).
+
+    The cache has `batch` slots of `capacity` positions, allocated once: by the constructor when `batch` is
+    given (outside any timed prefill), else by the first prefill, for its batch. An engine outlives a
+    generation: a later prefill into the same slots reuses the cache, the compiled kernels and the captured
+    CUDA graphs (LazyLLM keeps one engine per batch shape), and a prefill into some slots while others decode
+    is how requests join a running batch.
+    """
 
     def __init__(
         self, adapter: LlamaAdapter, schedule: Schedule, capacity: int, trace: bool = False,
-        decode: DecodeOptions = DecodeOptions(),
+        decode: DecodeOptions = DecodeOptions(), batch: int | None = None,
     ) -> None:
         self.a = adapter
         self.schedule = schedule
@@ -108,12 +116,35 @@ class Engine:
         if (decode.split_kernel or decode.burst_kernel) and not triton_runs_on(adapter.device):
             raise ValueError("the Triton attention kernels need a CUDA model")
         self.split_kernel = on_cuda if decode.split_kernel is None else decode.split_kernel
-        self.burst_kernel = decode.burst_kernel
-        self.compile_layers = decode.compile
+        self.burst_kernel = on_cuda if decode.burst_kernel is None else decode.burst_kernel
+        self.compile_layers = on_cuda if decode.compile is None else decode.compile
+        speculate = on_cuda if decode.speculate is None else decode.speculate
         self.segments = segments(adapter.num_layers, list(schedule.keep))
-        self.speculate = decode.speculate and waits_mid_step(schedule)  # nothing to guess otherwise
-        self.cache: LazyCache | None = None  # allocated by prefill, once the batch is known
+        self.speculate = speculate and waits_mid_step(schedule)  # nothing to guess otherwise
         self.recorder: Recorder = Recorder()
+        self.cache: LazyCache | None = None
+        if batch is not None:
+            self._allocate(batch)
+
+    def _allocate(self, batch: int) -> None:
+        """The cache of `batch` slots, the device side of decoding steps (its kernels compiled) and the
+        per-slot host state: once per engine."""
+        L = self.a.num_layers
+        c = self.cache = LazyCache(self.a, batch, self.capacity, count_writes=self.trace)
+        self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel,
+                                    self.burst_kernel, self.compile_layers, self.speculate, compact=not self.graphs)
+        self._run_segment = Graphs() if self.graphs else eager
+        self._prompt_lengths = np.zeros(batch, dtype=np.int64)  # [B] per slot
+        self._prefill_sizes = np.zeros((batch, L), dtype=np.int64)  # [B, L] |S_l| of each slot's prefill
+        self._dropped: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer, slots, positions) to settle
+        self._unsettled: list[int] = []  # slots prefilled since the last settle
+        self._guess: list[int] | None = None  # rows to lay out per segment of the next step (speculating)
+
+    @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs this engine has captured so far (0 without graphs): a generation that adds none replayed
+        graphs captured by an earlier one."""
+        return self._run_segment.captured if isinstance(self._run_segment, Graphs) else 0
 
     @property
     def traces(self) -> list[list[StepTrace]]:
@@ -121,25 +152,49 @@ class Engine:
         return self.recorder.traces
 
     # ---------------------------------------------------------------- prefill
-    def prefill(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[StepStats]]:
-        """prompts: B token-id tensors [n_b] on the model's device -> last-token logits [B, vocab], stats.
+    def prefill(
+        self, prompts: list[torch.Tensor], slots: list[int] | None = None
+    ) -> tuple[torch.Tensor, list[StepStats]]:
+        """prompts: token-id tensors [n_b] on the model's device, into cache `slots` (default: the first ones)
+        -> last-token logits [len(prompts), vocab], stats. Other slots are untouched (they may be decoding).
 
-        Never waits on the device: selection sizes are known on the host, and the cache is cleared by
-        `settle()` once the first tokens' logits exist.
+        Never waits on the device: selection sizes are known on the host, and the slots are made ready for
+        decoding by `settle()`, once the first tokens' logits exist.
         """
+        run = self.prefill_layers(prompts, slots)
+        while True:
+            try:
+                next(run)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_layers(
+        self, prompts: list[torch.Tensor], slots: list[int] | None = None
+    ) -> Generator[int, None, tuple[torch.Tensor, list[StepStats]]]:
+        """`prefill`, one layer at a time: yields the rows each layer computed and returns what `prefill` returns,
+        so that a server can run decoding steps of other slots between layers and bound how long a new request's
+        prefill holds them up. Its slots count as prefilled only once the last layer has run: a prefill dropped
+        midway leaves nothing for `settle` to apply."""
         a, L, dev = self.a, self.a.num_layers, self.a.device
         counts = [p.shape[0] for p in prompts]
-        B = len(prompts)
-        c = self.cache = LazyCache(a, B, self.capacity, count_writes=self.trace)
-        self.recorder = TraceRecorder(B) if self.trace else Recorder()
-        stats = [StepStats() for _ in range(B)]
-        self.recorder.begin(list(range(B)))
+        if self.cache is None:
+            self._allocate(len(prompts))
+        c = self.cache
+        slots = list(range(len(prompts))) if slots is None else list(slots)
+        if self.trace and slots != list(range(c.batch)):
+            raise ValueError("a traced engine prefills its whole batch at once, into slots 0..B-1")
+        self.recorder = TraceRecorder(c.batch) if self.trace else self.recorder
+        stats = [StepStats() for _ in prompts]
+        self.recorder.begin(slots)
+        c.ensure_clean(max(counts))
         rows = Packing(counts, dev)
+        seqs = upload(np.asarray(slots, dtype=np.int64), dev)  # [B'] each prompt's cache slot
+        slot_of = seqs[rows.seq]  # [N] each row's cache slot
         pos = rows.slot  # [N] original position of each active row
         h = a.embed(torch.cat(prompts))  # [N, d]
         cos, sin = a.rope(pos)  # [N, dh]
-        self._dropped: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         firsts = {seg.first: len(seg.layers) for seg in self.segments}
+        dropped_at: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer, slots, positions)
         for l in range(L):
             for s, n in zip(stats, rows.counts):
                 s.computed.append(n)
@@ -149,46 +204,47 @@ class Engine:
                 padded_pos = rows.pad(pos)
                 self.recorder.layers(firsts[l], padded_pos, rows.valid, padded_pos, rows.valid)
             q, k, v = a.qkv(l, h, cos, sin)  # q: [N, H, dh], k/v: [N, Hkv, dh]
-            c.write_kv(l, rows.seq, pos, k, v)
+            c.write_kv(l, slot_of, pos, k, v)
             qp, kp, vp = (rows.pad(x).transpose(1, 2) for x in (q, k, v))  # [B, heads, width, dh]
             o = prefill_attention(qp, kp, vp, rows.pad(pos), a.window(l), max(counts), a.scaling)  # [B, H, W, dh]
-            scores = self._prefill_scores(l, qp, kp, rows, pos, max(counts)) if l in self.schedule.keep else None
+            scores = self._prefill_scores(l, qp, kp, rows, pos, max(counts), seqs) if l in self.schedule.keep else None
             del q, k, v, qp, kp, vp  # free them before the MLP's activations: lower peak memory, as in transformers
             o = rows.unpad(o.transpose(1, 2))  # [N, H, dh]
             h = a.finish(l, h, o)
+            yield rows.total
             if scores is None:
                 continue
             keep = [self.schedule.kept_count(l, n) for n in rows.counts]
             kept, dropped = select(scores, rows, keep)
             self.recorder.scores(l, rows.pad(pos), rows.valid, scores)
-            seq_dropped, pos_dropped = rows.seq[dropped], pos[dropped]
-            c.aux[seq_dropped, pos_dropped] = h[dropped]
-            self._dropped.append((l, seq_dropped, pos_dropped))
+            slot_dropped, pos_dropped = slot_of[dropped], pos[dropped]
+            c.aux[slot_dropped, pos_dropped] = h[dropped]
+            dropped_at.append((l, slot_dropped, pos_dropped))
             rows = Packing(keep, dev)
-            pos, h, cos, sin = pos[kept], h[kept], cos[kept], sin[kept]
-        c.length[:] = counts
+            pos, h, cos, sin, slot_of = pos[kept], h[kept], cos[kept], sin[kept], slot_of[kept]
+        c.length[slots] = counts
         self.recorder.end()
-        self._prompt_lengths = np.array(counts, dtype=np.int64)
-        self._prefill_sizes = np.array([s.candidates for s in stats], dtype=np.int64)  # [B, L]
+        self._prompt_lengths[slots] = counts
+        self._prefill_sizes[slots] = [s.candidates for s in stats]
+        self._dropped += dropped_at
+        self._unsettled += slots
         return a.logits(h[rows.last]), stats
 
     def settle(self) -> None:
-        """Clear the cache for decoding (after TTFT has been measured): depth, and K/V that decoding may read
-        before writing it. Never waits for the device."""
-        c = self.cache
-        c.clear(self._prompt_lengths.tolist(), self._dropped)
-        self._dropped = []
-        self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel,
-                                    self.burst_kernel, self.compile_layers, self.speculate)
-        self._run_segment = Graphs() if self.graphs else eager
-        self._guess: list[int] | None = None  # rows to lay out per segment of the next step (speculating)
+        """Make the slots prefilled since the last call ready for decoding (after TTFT has been measured):
+        their depth. Never waits for the device."""
+        self.cache.settle(self._unsettled, self._prompt_lengths[self._unsettled].tolist(), self._dropped)
+        self._dropped, self._unsettled = [], []
+        self._guess = None  # a new sequence's first step revives what its prefill deferred: no guess fits it
 
     def _prefill_scores(
-        self, layer: int, qp: torch.Tensor, kp: torch.Tensor, rows: Packing, pos: torch.Tensor, span: int
+        self, layer: int, qp: torch.Tensor, kp: torch.Tensor, rows: Packing, pos: torch.Tensor, span: int,
+        seqs: torch.Tensor,
     ) -> torch.Tensor:
         """The scorer's [B, width] scores of every active row, from the last `query_rows` rows' queries.
 
-        qp: [B, H, width, dh], kp: [B, Hkv, width, dh] padded as `rows.pad` lays rows out; pos: [N] packed.
+        qp: [B, H, width, dh], kp: [B, Hkv, width, dh] padded as `rows.pad` lays rows out; pos: [N] packed;
+        seqs: [B] each sequence's cache slot.
         """
         w = self.schedule.scorer.query_rows
         slots = rows.last_slot[:, None] - torch.arange(w - 1, -1, -1, device=pos.device)  # [B, w], q last
@@ -197,7 +253,7 @@ class Engine:
         q = qp.gather(2, slots[:, None, :, None].expand(-1, qp.shape[1], -1, qp.shape[3]))  # [B, H, w, dh]
         pos_p = rows.pad(pos)  # [B, width]
         q_pos = pos_p.gather(1, slots).masked_fill(~present, -1)
-        x = ScoreInput(q, q_pos, kp, pos_p, rows.valid, self.a.scaling, layer, span)
+        x = ScoreInput(q, q_pos, kp, pos_p, rows.valid, self.a.scaling, layer, span, seq=seqs)
         return self.schedule.scorer.score(x)
 
     # --------------------------------------------------------------- decoding
@@ -214,6 +270,7 @@ class Engine:
         c = self.cache
         plan = plan_step(self.schedule, self.reselects, c.length, seqs, self.a.num_layers, self.capacity,
                          self._prefill_sizes, self._prompt_lengths)
+        c.ensure_clean(plan.keys)
         c.length[seqs] += 1
         self.runner.load(tokens, seqs, plan)
         self.recorder.begin(seqs)
@@ -222,7 +279,7 @@ class Engine:
         counts[:, 0, seqs] = 1  # q alone, unless a pruning layer that reselects brings more (read from the device)
         start = 0
         if self._guess is not None:
-            rows = [layout_rows(n, plan.keys) for n in self._guess]
+            rows = [layout_rows(n, plan.keys, self.graphs) for n in self._guess]
             for index, R in enumerate(rows):
                 self._run(index, R, plan.keys)
             counts = np.array(self.runner.counts.tolist())  # the step's one wait
@@ -235,7 +292,7 @@ class Engine:
         for index in range(start, n_seg):
             if index > start and self.reselects:
                 counts[index] = self.runner.counts[index].tolist()  # a wait per pruning layer
-            self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys), plan.keys)
+            self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys, self.graphs), plan.keys)
         if self.speculate:
             self._guess = guess_rows(counts[:, 0].max(axis=1))
         self.recorder.end()

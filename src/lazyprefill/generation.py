@@ -18,6 +18,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from .adapters import LlamaAdapter, adapter_for
 from .engine import DecodeOptions, Engine, StepStats, StepTrace
 from .env import synchronize
+from .plan import key_length
 from .schedule import DEFAULT_PRESET, Schedule, parse_schedule
 
 
@@ -30,6 +31,7 @@ class GenerationStats:
     final_depth: np.ndarray  # [n_total] deepest layer each token reached over the whole generation
     num_layers: int
     traces: list[StepTrace] = field(default_factory=list)  # filled when LazyLLM(trace=True)
+    graphs_captured: int = 0  # CUDA graphs the generation captured (0: it replayed what an earlier call captured)
 
     @property
     def prefill_computed(self) -> list[int]:
@@ -164,6 +166,25 @@ class LazyLLM:
         self.tokenizer = tokenizer
         self.trace = trace
         self.decode = decode or DecodeOptions()
+        self._engine: Engine | None = None  # the last call's, kept for the next call of the same batch size
+
+    def release(self) -> None:
+        """Free the K/V cache and CUDA graphs kept from the last call (the next call builds them again)."""
+        self._engine = None
+
+    def _engine_for(self, batch: int, capacity: int) -> Engine:
+        """The last call's engine when this call fits it (same batch size, enough room, not traced), so that its
+        cache, compiled kernels and captured CUDA graphs serve again, as a compiled static cache does; otherwise
+        a new one, with its room rounded up (plan.key_length) so that calls of similar lengths share it."""
+        kept = self._engine
+        if kept is not None and kept.cache.batch == batch and kept.capacity >= capacity:
+            return kept
+        self._engine = None  # the old cache is freed before the new one is allocated
+        room = key_length(capacity, max(capacity, self.adapter.max_positions))
+        engine = Engine(self.adapter, self.schedule, room, trace=self.trace, decode=self.decode, batch=batch)
+        if not self.trace:  # a traced engine records one generation
+            self._engine = engine
+        return engine
 
     def generate(
         self, input_ids, max_new_tokens: int = 64, *, on_token: Callable[..., None] | None = None, **options
@@ -225,13 +246,13 @@ class LazyLLM:
         stops = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ())
         if stops and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: pass LazyLLM(model, tokenizer=tok)")
-        eos = self._eos_ids(eos_token_id)
+        eos = eos_ids(self.model, eos_token_id)
         device, warpers = self.adapter.device, sampling.warpers()
         generators = sampling.generators(len(prompts), device) or [None] * len(prompts)
         requests = [Request(b, p, g) for b, (p, g) in enumerate(zip(prompts, generators))]
-        capacity = max(p.shape[0] for p in prompts) + max_new_tokens
-        engine = Engine(self.adapter, self.schedule, capacity, trace=self.trace, decode=self.decode)
+        engine = self._engine_for(len(prompts), max(p.shape[0] for p in prompts) + max_new_tokens)
 
+        captured = engine.graphs_captured
         with torch.inference_mode():
             synchronize(device)
             start = time.perf_counter()
@@ -264,16 +285,17 @@ class LazyLLM:
                 chosen = tokens.tolist()
             for r, s in zip(active, stats):
                 r.steps.append(s)
-        outputs = [self._output(r, engine, ttft) for r in requests]
+        outputs = [self._output(r, engine, ttft, engine.graphs_captured - captured) for r in requests]
         return outputs if batched else outputs[0]
 
-    def _output(self, r: Request, engine: Engine, ttft: float) -> GenerationOutput:
+    def _output(self, r: Request, engine: Engine, ttft: float, graphs_captured: int) -> GenerationOutput:
         stats = GenerationStats(
             steps=r.steps,
             prefill_depth=r.prefill_depth,
             final_depth=engine.cache.depth[r.index, : engine.cache.length[r.index]].copy(),
             num_layers=self.adapter.num_layers,
             traces=engine.traces[r.index] if engine.traces else [],
+            graphs_captured=graphs_captured,
         )
         sequences = torch.cat([r.prompt, torch.tensor(r.new_tokens, dtype=r.prompt.dtype, device=r.prompt.device)])
         text = self.tokenizer.decode(r.new_tokens, skip_special_tokens=True) if self.tokenizer is not None else None
@@ -327,18 +349,20 @@ class LazyLLM:
             prompts.append(ids)
         return prompts, batched
 
-    def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
-        if eos_token_id is None:
-            eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = self.model.config.eos_token_id
-        if eos_token_id is None:
-            return set()
-        return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
-
     def _hit_stop(self, new: list[int], stop_strings: tuple[str, ...]) -> bool:
         text = self.tokenizer.decode(new[-32:], skip_special_tokens=True)
         return any(s in text for s in stop_strings)
+
+
+def eos_ids(model: nn.Module, eos_token_id: int | Sequence[int] | None = None) -> set[int]:
+    """The ids that end a generation: `eos_token_id` if given, else the model's generation config, else its config."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
 
 
 def _sequences(input_ids, attention_mask) -> tuple[list[torch.Tensor], bool]:

@@ -91,7 +91,9 @@ class TraceRecorder(Recorder):
 
 
 def _per_seq(x: torch.Tensor, ok: torch.Tensor | None, seqs: list[int]) -> list[np.ndarray]:
-    """[B, width] -> the valid entries of each sequence in `seqs`, as host arrays."""
+    """[B, width] (row b: sequence b) or [len(seqs), width] (row i: seqs[i], a step run on its sequences alone)
+    -> the valid entries of each sequence in `seqs`, as host arrays."""
     x = x.cpu().numpy()
     ok = np.ones(x.shape, dtype=bool) if ok is None else ok.cpu().numpy()
-    return [x[b][ok[b]] for b in seqs]
+    rows = range(len(seqs)) if x.shape[0] == len(seqs) else seqs
+    return [x[r][ok[r]] for r in rows]

@@ -37,6 +37,7 @@ class ScoreInput:
     scaling: float  # the model's attention logit scale
     layer: int
     span: int  # every position is below it (known on the host: no device round trip)
+    seq: torch.Tensor | None = None  # [B] each row's sequence: its cache slot, its index in a generate batch
 
 
 class Scorer:
@@ -204,8 +205,8 @@ def hash_uniform(*keys: torch.Tensor) -> torch.Tensor:
 class Random(Scorer):
     """The `random` baseline: the same keep counts, chosen uniformly at random (q kept by selection).
 
-    Each score hashes (seed + b, layer, q's position, key position): sequence b of a batch draws with
-    `seed + b` whatever else is in the batch, and the draw does not depend on how keys are laid out.
+    Each score hashes (seed + b, layer, q's position, key position): sequence b of a batch (cache slot b)
+    draws with `seed + b` whatever else is in the batch, and the draw does not depend on how keys are laid out.
     """
 
     name: ClassVar[str] = "random"
@@ -213,7 +214,7 @@ class Random(Scorer):
 
     def score(self, x: ScoreInput) -> torch.Tensor:
         B = x.pos.shape[0]
-        seq = torch.arange(B, device=x.pos.device)[:, None] + self.seed
+        seq = (torch.arange(B, device=x.pos.device) if x.seq is None else x.seq)[:, None] + self.seed
         layer = torch.full((), x.layer, dtype=torch.int64, device=x.pos.device)  # no host copy: capturable
         return hash_uniform(seq, layer, x.q_pos[:, -1:], x.pos)
 

@@ -23,22 +23,25 @@ from triton.runtime.errors import OutOfResources
 
 logger = logging.getLogger(__name__)
 
-# Launch settings: the fastest correct ones of benchmarks/decode_attention.py's sweep on an H100 (bf16,
-# llama2-7b and llama3-8b heads, 8K keys, 34-100% of them listed; benchmarks/NOTES.md).
+# Launch settings: the fastest correct ones of benchmarks/decode_attention.py's sweep on an H200 (bf16, llama2-7b
+# and llama3-8b heads, 8K and 32K keys, 34-100% of them listed; benchmarks/results/kernels/): 2.9-4.1 TB/s of
+# S_l's K/V for llama2's heads, as fast as SDPA's cuDNN kernel reading every key (benchmarks/NOTES.md).
 BLOCK_N = 128  # keys per inner iteration, for a K or V tile of 32 KB (bf16, head size 128)
 # Larger elements or heads take more shared memory per key (fp32 at 128 keys x 3 stages asked for 278 KB of
 # the H100's 232 KB; Gemma 3's fp32 head of 256 at 64 keys for 296 KB): keys per iteration shrink to keep
 # one tile at this size.
 TILE_BYTES = 128 * 128 * 2
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64  # parts per (sequence, head): one block size in the merge, so it compiles once
 NUM_WARPS = 4
-NUM_STAGES = 3
+NUM_STAGES = 2
 MERGE_KERNEL = True  # merge the parts in one Triton launch: 16-24 us a layer less than ~7 torch kernels (sweep)
 
-# Integer arguments change between calls (rows, splits, strides): compile once, not per value.
-_RUNTIME_INTS = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kt", "s_vb", "s_vh", "s_vt", "s_ib", "s_pb", "s_ob",
-                 "s_oh", "s_os", "s_om", "s_lb", "s_lh", "s_ls", "HKV", "M", "R", "n_splits"]
+# Integer arguments that change between calls (rows, splits, lengths): compile once, not per value. The strides
+# of q, K, V and the parts are left to Triton, which specializes them as multiples of 16 (they are multiples of
+# the head size): that lets it load K and V in 16-byte vectors through cp.async and pipeline them. Unspecialized
+# (as before), every element was a 2-byte scalar load and no load was pipelined (the PTX for sm_90 shows it).
+_RUNTIME_INTS = ["s_ib", "s_pb", "s_lb", "s_lh", "s_ls", "HKV", "M", "R", "n_splits"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -108,8 +111,7 @@ def attend_keys(q, k_base, v_base, pos, key_ok, seen, s_kt, s_vt, d, scaling, m_
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["s_ob", "s_oh", "s_os", "s_om", "s_lb", "s_lh", "s_ls", "s_xb", "s_xh", "s_xm", "HKV",
-                                "M", "n_splits"])
+@triton.jit(do_not_specialize=["s_lb", "s_lh", "s_ls", "HKV", "M", "n_splits"])
 def _merge_kernel(
     O, LSE, OUT,
     s_ob, s_oh, s_os, s_om,  # o: [B, Hkv, S, M, dh] fp32
