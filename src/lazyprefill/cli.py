@@ -611,3 +611,55 @@ def tune_command(
     num_layers = len(result.chosen.candidate.computed)
     tune.save_schedule(result, cfg, num_layers, out)
     console.print(f"chose [bold]{result.chosen.candidate.name}[/bold] ({result.chosen.ideal:.2f}x ideal); wrote {out}")
+
+
+# ------------------------------------------------------------------------ serve
+@app.command("serve")
+def serve_command(
+    model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: any free one)."),
+    schedule: str | None = typer.Option(None, "--schedule", "-s", help="Default schedule: " + SCHEDULE_HELP),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Requests decoding together under one schedule."),
+    max_prompt_tokens: int | None = typer.Option(
+        None, "--max-prompt-tokens", min=1, help="Longest prompt taken (default: the model's positions less "
+        "--max-new-tokens)."
+    ),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="The most max_tokens a request may ask."),
+    kv_budget_gb: float | None = typer.Option(
+        None, "--kv-budget-gb", min=0.001, help="K/V cache memory for all requests; what does not fit waits "
+        "(default: --max-batch slots per schedule in use)."
+    ),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Waiting requests beyond this are refused (429)."),
+) -> None:
+    """Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics),
+    with continuous batching: requests join the running batch between decoding steps."""
+    try:
+        import uvicorn
+
+        from .server import create_app
+        from .serving import Scheduler, ServeConfig
+    except ImportError as err:
+        fail(f"serving needs FastAPI and uvicorn ({err.name} is missing): pip install 'lazyprefill[serve]'")
+    from rich.console import Console
+
+    from .schedule import DEFAULT_PRESET
+
+    check_device(device, dtype)
+    check_schedule_syntax(schedule)
+    lm, tokenizer = load(model, device, dtype)
+    model_schedule(schedule, lm)  # refuses a schedule this model cannot run, before the server starts
+    try:
+        config = ServeConfig(schedule=schedule or DEFAULT_PRESET, max_batch=max_batch,
+                             max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                             kv_budget_gb=kv_budget_gb, max_queue=max_queue)
+        scheduler = Scheduler(lm, tokenizer, config)
+    except ValueError as err:
+        fail(str(err))
+    Console(stderr=True).print(f"serving {model} ({config.schedule}) on http://{host}:{port}/v1")
+    try:
+        uvicorn.run(create_app(scheduler, model), host=host, port=port, log_level="warning")
+    finally:
+        scheduler.close()

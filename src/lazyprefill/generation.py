@@ -139,11 +139,13 @@ class LazyLLM:
     "layer:ratio,..." string, a `{layer: ratio}` dict or a `Schedule`. `decode` chooses how decoding steps
     run (`DecodeOptions`: CUDA graphs, Triton kernels, speculation, compiled layers); the defaults suit the device.
 
-    Threads: a LazyLLM is not safe to call from several threads at once, and neither are several
-    LazyLLMs over one model. Each call builds its own Engine and cache and only reads the model, but
-    calls share torch's process-wide state (the SDPA backend choice, the global RNG that seeds
-    sampling when `seed` is None) and concurrent calls are untested: serialise them (one lock) or use
-    one process per worker.
+    Memory: the engine of the last call (its K/V cache, compiled code and CUDA graphs) is kept for the next call
+    of the same batch size that fits in it, as a compiled static cache is; `release()` frees it.
+
+    Threads: a LazyLLM is not safe to call from several threads at once (its calls share the kept engine), and
+    neither are several LazyLLMs over one model: calls share torch's process-wide state (the SDPA backend choice,
+    the global RNG that seeds sampling when `seed` is None). Serialise them (one lock), use one process per
+    worker, or serve many clients with `lazyprefill serve`, whose one scheduler thread batches them.
     """
 
     def __init__(

@@ -1,0 +1,384 @@
+"""Continuous batching: requests join a running batch between decoding steps and leave it when they stop.
+
+No HTTP here (server.py speaks OpenAI's protocol over this). One `Scheduler` owns the model: a thread runs its
+loop, and every other thread only submits requests and reads what they produce. The loop repeats:
+  1. admit waiting requests into free cache slots (an engine per schedule, slots of a fixed room);
+  2. run one bounded chunk of the oldest admitted request's prefill (`Engine.prefill_layers`, stopped once the
+     chunk's rows x layers reach `prefill_chunk`), so that a long prompt delays the others by one chunk at most;
+  3. run one decoding step for every decoding request of each engine, sample, stream, stop and free slots.
+A request alone and the same request among others get the same tokens (greedy): every sequence of an engine is
+pruned, scored and sampled on its own (SPEC.md, invariant 6).
+
+Legend: B slots of an engine, C positions per slot (the longest prompt plus the most new tokens a request may ask).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import LlamaAdapter, adapter_for
+from .engine import DecodeOptions, Engine, StepStats
+from .generation import SamplingParams, eos_ids
+from .schedule import DEFAULT_PRESET, Schedule, parse_schedule
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How many requests run at once and how large they may be; checked when made.
+
+    max_batch: slots of each engine (requests decoding together under one schedule). max_prompt_tokens and
+    max_new_tokens: the largest request; a slot holds both (None: the model's positions less max_new_tokens).
+    kv_budget_gb: K/V and Aux Cache memory for all engines together (None: max_batch slots for one engine and
+    one more engine per extra schedule in use). max_queue: requests that may wait for a slot once every slot is
+    taken; more are refused (the server answers 429). prefill_chunk: token x layer rows of prefill between two
+    decoding steps. max_schedules: engines kept at once (one per schedule requested); an idle one is dropped for
+    another schedule.
+    """
+
+    schedule: str = DEFAULT_PRESET
+    max_batch: int = 8
+    max_prompt_tokens: int | None = None
+    max_new_tokens: int = 512
+    kv_budget_gb: float | None = None
+    max_queue: int = 64
+    prefill_chunk: int = 65536
+    max_schedules: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_new_tokens", "max_queue", "prefill_chunk", "max_schedules"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.max_prompt_tokens is not None and (not isinstance(self.max_prompt_tokens, int)
+                                                   or self.max_prompt_tokens < 1):
+            raise ValueError(f"max_prompt_tokens must be an int >= 1 or None, got {self.max_prompt_tokens!r}")
+        if self.kv_budget_gb is not None and not self.kv_budget_gb > 0:
+            raise ValueError(f"kv_budget_gb must be > 0 or None, got {self.kv_budget_gb!r}")
+
+
+class Refused(ValueError):
+    """A request that cannot be served as asked; `status` is the HTTP status the server answers with."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+@dataclass
+class Event:
+    """What a request produced: a token (id and the text it completes), or the end (finish_reason set)."""
+
+    token: int | None = None
+    text: str = ""
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+
+
+@dataclass
+class ServeRequest:
+    """One request from submission to its last event. `emit` is called from the scheduler's thread."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    schedule: str
+    stop: tuple[str, ...]
+    emit: Callable[[Event], None]
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # set by any thread; the loop frees the request's slot at its next iteration
+    new_tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    first_token_s: float | None = None  # arrival -> first token
+    last_token_at: float = 0.0  # perf_counter() of the newest token
+    prefill: StepStats | None = None
+    revived: int = 0
+    slot: int | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def held_back(self) -> int:
+        """Characters of new text kept back until the next token: a stop string's beginning may end the text."""
+        return max((len(s) - 1 for s in self.stop), default=0)
+
+    @property
+    def prefill_work(self) -> float | None:
+        """Prefill's (token, layer) rows as a share of dense's."""
+        if self.prefill is None:
+            return None
+        return sum(self.prefill.computed) / (len(self.prefill.computed) * len(self.prompt))
+
+
+@dataclass
+class Pool:
+    """One engine and its slots: the requests decoding in it, and those admitted to prefill (oldest first, one
+    chunk at a time)."""
+
+    engine: Engine
+    free: list[int]
+    decoding: dict[int, ServeRequest] = field(default_factory=dict)  # slot -> request
+    prefilling: deque[tuple[ServeRequest, Generator]] = field(default_factory=deque)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.decoding or self.prefilling)
+
+
+class Scheduler:
+    """Serves `model` to many clients at once (see the module's docstring). `tokenizer` turns tokens into text.
+
+    Thread-safe entry points: `submit`, `request.cancel()`, `stats()`, `close()`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: ServeConfig = ServeConfig(),
+                 decode: DecodeOptions | None = None, eos: set[int] | None = None,
+                 observe: Callable[[str, float], None] | None = None) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.adapter = adapter_for(model)
+        self.decode_options = decode or DecodeOptions()
+        self.eos = eos if eos is not None else eos_ids(model)
+        self.observe = observe or (lambda _name, _value: None)  # metrics: (name, value) from the loop's thread
+        a = self.adapter
+        positions = a.max_positions
+        self.max_prompt = config.max_prompt_tokens or positions - config.max_new_tokens
+        if self.max_prompt < 1 or self.max_prompt + config.max_new_tokens > positions:
+            raise ValueError(f"max_prompt_tokens ({config.max_prompt_tokens}) + max_new_tokens "
+                             f"({config.max_new_tokens}) must fit the model's {positions} positions")
+        self.capacity = self.max_prompt + config.max_new_tokens  # C
+        self.slot_bytes = slot_bytes(self.adapter, self.capacity)
+        self.slots_budget = (math.inf if config.kv_budget_gb is None
+                             else int(config.kv_budget_gb * 2**30 // self.slot_bytes))
+        if self.slots_budget < 1:
+            raise ValueError(f"kv_budget_gb={config.kv_budget_gb} holds no slot: one slot of {self.capacity} "
+                             f"positions needs {self.slot_bytes / 2**30:.3f} GB; raise the budget or lower "
+                             "max_prompt_tokens / max_new_tokens")
+        self.parse(config.schedule)  # a default the model cannot run fails here, not at the first request
+        self.pools: dict[str, Pool] = {}
+        self.waiting: deque[ServeRequest] = deque()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="lazyprefill-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ any thread
+    def parse(self, spec: str | None) -> Schedule:
+        """A schedule string as `generate --schedule` takes it (None: the server's), or Refused."""
+        a = self.adapter
+        try:
+            return parse_schedule(spec or self.config.schedule, a.num_layers, prunable=a.prunable_layers(),
+                                  presets=a.presets)
+        except ValueError as err:
+            raise Refused(f"bad schedule {spec!r}: {err}", param="schedule") from None
+
+    def submit(self, request: ServeRequest) -> None:
+        """Queue a request, or raise Refused: too long (400) or the queue is full (429)."""
+        if len(request.prompt) > self.max_prompt:
+            raise Refused(f"the prompt has {len(request.prompt)} tokens; this server takes at most {self.max_prompt}",
+                          param="messages", code="context_length_exceeded")
+        if not 1 <= request.max_new_tokens <= self.config.max_new_tokens:
+            raise Refused(f"max_tokens must be between 1 and {self.config.max_new_tokens}, got "
+                          f"{request.max_new_tokens}", param="max_tokens")
+        self.parse(request.schedule)
+        with self._lock:
+            if self._closed:
+                raise Refused("the server is shutting down", status=503)
+            if len(self.waiting) >= self.config.max_queue + self._free_slots(request.schedule or self.config.schedule):
+                raise Refused(f"{len(self.waiting)} requests are waiting; try again shortly", status=429,
+                              code="queue_full")
+            self.waiting.append(request)
+            self._lock.notify()
+
+    def _free_slots(self, schedule: str) -> int:
+        """Slots of a schedule's engine that the loop has yet to fill (held lock); a new engine's, if none yet."""
+        if schedule in self.pools:
+            return len(self.pools[schedule].free)
+        return min(self.config.max_batch, self.slots_budget)
+
+    def stats(self) -> dict[str, int]:
+        """Requests waiting and running now."""
+        with self._lock:
+            running = sum(len(p.decoding) + len(p.prefilling) for p in self.pools.values())
+            return {"waiting": len(self.waiting), "running": running}
+
+    def close(self) -> None:
+        """Stop the loop: running requests end with finish_reason "cancelled"."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join()
+
+    # ------------------------------------------------------------------ the loop's thread
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._closed and not self.waiting and not any(p.busy for p in self.pools.values()):
+                        self._lock.wait()
+                    if self._closed:
+                        break
+                    self._admit()
+                    self.observe("queue", len(self.waiting))
+                try:
+                    self._drop_cancelled()
+                    for pool in list(self.pools.values()):
+                        self._prefill_chunk(pool)
+                        self._decode_step(pool)
+                    self.observe("running", sum(len(p.decoding) + len(p.prefilling) for p in self.pools.values()))
+                except Exception as err:  # a failed step fails its requests, not the server
+                    self._fail_all(f"{type(err).__name__}: {err}")
+        for pool in self.pools.values():
+            for request in [*pool.decoding.values(), *(r for r, _ in pool.prefilling)]:
+                request.emit(Event(finish_reason="cancelled"))
+        for request in self.waiting:
+            request.emit(Event(finish_reason="cancelled"))
+
+    def _admit(self) -> None:
+        """Move waiting requests, oldest first, into free slots of their schedule's engine (held lock)."""
+        held = deque()
+        while self.waiting:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                request.emit(Event(finish_reason="cancelled"))
+                continue
+            pool = self._pool_for(request.schedule)
+            if pool is None or not pool.free:
+                held.append(request)
+                continue
+            request.slot = pool.free.pop()
+            ids = torch.tensor(request.prompt, dtype=torch.long, device=self.adapter.device)
+            request.generator = request.sampling.generators(1, self.adapter.device)[0] if \
+                request.sampling.do_sample else None
+            pool.prefilling.append((request, pool.engine.prefill_layers([ids], [request.slot])))
+        self.waiting = held
+
+    def _pool_for(self, spec: str) -> Pool | None:
+        """The engine of a schedule, built when there is room for its slots (dropping an idle one if needed)."""
+        key = spec or self.config.schedule
+        if key in self.pools:
+            return self.pools[key]
+        in_use = sum(p.engine.cache.batch for p in self.pools.values())
+        idle = [k for k, p in self.pools.items() if not p.busy]
+        while idle and (len(self.pools) >= self.config.max_schedules
+                        or in_use + self.config.max_batch > self.slots_budget):
+            in_use -= self.pools.pop(idle.pop()).engine.cache.batch
+        if len(self.pools) >= self.config.max_schedules:
+            return None
+        batch = min(self.config.max_batch, self.slots_budget - in_use)
+        if batch < 1:
+            return None
+        engine = Engine(self.adapter, self.parse(key), self.capacity, decode=self.decode_options, batch=batch)
+        pool = self.pools[key] = Pool(engine, list(range(batch))[::-1])
+        return pool
+
+    def _drop_cancelled(self) -> None:
+        for pool in self.pools.values():
+            for request in list(pool.decoding.values()):
+                if request.cancelled:
+                    self._finish(pool, request, "cancelled")
+            kept = deque()
+            for request, run in pool.prefilling:
+                if request.cancelled:
+                    run.close()
+                    pool.free.append(request.slot)
+                    request.emit(Event(finish_reason="cancelled"))
+                else:
+                    kept.append((request, run))
+            pool.prefilling = kept
+
+    def _prefill_chunk(self, pool: Pool) -> None:
+        """Layers of the oldest prefill until `prefill_chunk` rows x layers; at its end, its first token."""
+        if not pool.prefilling:
+            return
+        request, run = pool.prefilling[0]
+        done = 0
+        try:
+            while done < self.config.prefill_chunk:
+                done += next(run)
+            return
+        except StopIteration as finished:
+            logits, stats = finished.value
+        pool.prefilling.popleft()
+        pool.engine.settle()
+        request.prefill = stats[0]
+        self.observe("prefill_rows_saved", len(stats[0].computed) * len(request.prompt) - sum(stats[0].computed))
+        pool.decoding[request.slot] = request
+        self._take(pool, request, self._choose(logits, [request])[0])
+
+    def _decode_step(self, pool: Pool) -> None:
+        if not pool.decoding:
+            return
+        slots = sorted(pool.decoding)
+        requests = [pool.decoding[s] for s in slots]
+        tokens = torch.tensor([r.new_tokens[-1] for r in requests], device=self.adapter.device)
+        logits, stats = pool.engine.decode(tokens, slots)
+        for request, step, token in zip(requests, stats, self._choose(logits, requests), strict=True):
+            revived = sum(step.revived)
+            request.revived += revived
+            self.observe("revived_rows", revived)
+            self._take(pool, request, token)
+
+    def _choose(self, logits: torch.Tensor, requests: list[ServeRequest]) -> list[int]:
+        """logits: [A, vocab] -> one token per request, each by its own sampling parameters."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, r in enumerate(requests):
+            if r.sampling.do_sample:
+                probs = r.sampling.warpers()(None, logits[i : i + 1]).softmax(dim=-1)
+                tokens[i] = int(torch.multinomial(probs[0], 1, generator=r.generator))
+        return tokens
+
+    def _take(self, pool: Pool, request: ServeRequest, token: int) -> None:
+        """Record a new token: stream its text, and finish the request at EOS, a stop string or its length."""
+        now = time.perf_counter()
+        if request.first_token_s is None:
+            request.first_token_s = now - request.arrived
+            self.observe("ttft", request.first_token_s)
+        else:
+            self.observe("inter_token", now - request.last_token_at)
+        request.last_token_at = now
+        self.observe("tokens", 1)
+        request.new_tokens.append(token)
+        if token in self.eos:
+            self._finish(pool, request, "stop")
+            return
+        text = self.tokenizer.decode(request.new_tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
+        last = cut >= 0 or len(request.new_tokens) == request.max_new_tokens
+        # text that may still become part of a stop string, or an incomplete character, waits for the next token
+        shown = text[:cut] if cut >= 0 else text if last else text[: len(text) - request.held_back]
+        if last or not shown.endswith("\ufffd"):
+            delta, request.text = shown[len(request.text):], shown
+            request.emit(Event(token=token, text=delta))
+        if last:
+            self._finish(pool, request, "stop" if cut >= 0 else "length")
+
+    def _finish(self, pool: Pool, request: ServeRequest, reason: str) -> None:
+        pool.decoding.pop(request.slot, None)
+        pool.free.append(request.slot)
+        request.emit(Event(finish_reason=reason))
+
+    def _fail_all(self, message: str) -> None:
+        """A step raised: its engines' state is unknown, so every running request fails and the engines go (new
+        ones are built for the next requests)."""
+        for pool in self.pools.values():
+            for request in pool.decoding.values():
+                request.emit(Event(finish_reason="error", error=message))
+            for request, run in pool.prefilling:
+                run.close()
+                request.emit(Event(finish_reason="error", error=message))
+        self.pools.clear()
+
+
+def slot_bytes(a: LlamaAdapter, capacity: int) -> int:
+    """K/V, Aux Cache and depth of one slot of `capacity` positions (LazyCache's layout)."""
+    per_position = (2 * a.num_layers * a.num_kv_heads * a.head_dim + a.hidden_size) * a.dtype.itemsize + 4
+    return (capacity + 1) * per_position

@@ -1,0 +1,240 @@
+"""The continuous-batching scheduler without HTTP, on tiny models: requests that join and leave a running batch
+get exactly what they get alone, prefill runs in bounded chunks between decoding steps, cancellation frees the
+slot, and sizes are checked."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from helpers import prompt_ids, tiny_model, word_tokenizer
+
+import lazyprefill as lp
+from lazyprefill.generation import SamplingParams
+from lazyprefill.serving import Event, Refused, Scheduler, ServeConfig, ServeRequest, slot_bytes
+
+TOKENIZER = word_tokenizer()
+
+
+class Collector:
+    """The events of one request, and a way to wait for its end."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.times: list[float] = []  # perf_counter() of each event
+        self.done = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        self.times.append(time.perf_counter())
+        if event.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e.token for e in self.events if e.token is not None]
+
+    @property
+    def finish(self) -> str | None:
+        return self.events[-1].finish_reason if self.done.is_set() else None
+
+
+def request(prompt: torch.Tensor, new: int, schedule: str = "", sampling: SamplingParams = SamplingParams(),
+            stop: tuple[str, ...] = ()) -> tuple[ServeRequest, Collector]:
+    out = Collector()
+    return ServeRequest(prompt.tolist(), new, sampling, schedule, stop, out), out
+
+
+def wait(collectors: list[Collector], timeout: float = 60.0) -> None:
+    for c in collectors:
+        assert c.done.wait(timeout), "a request did not finish"
+
+
+@pytest.fixture(params=["paper", "dense"])
+def scheduled(request):
+    model = tiny_model("llama_gqa_rope3")
+    config = ServeConfig(schedule=request.param, max_batch=3, max_prompt_tokens=120, max_new_tokens=16,
+                         prefill_chunk=64)
+    scheduler = Scheduler(model, TOKENIZER, config, eos=set())
+    yield model, scheduler, request.param
+    scheduler.close()
+
+
+def test_requests_joining_and_leaving_get_what_they_get_alone(scheduled):
+    """Five requests of different lengths on three slots, arriving while others decode (some wait for a slot),
+    with prefill in chunks of 64 rows x layers between decoding steps: each gets the greedy tokens of
+    LazyLLM.generate on its prompt alone."""
+    model, scheduler, schedule = scheduled
+    prompts = [prompt_ids(n, seed=n) for n in (90, 17, 60, 33, 110)]
+    news = [16, 5, 12, 16, 9]
+    outs = []
+    for prompt, new in zip(prompts, news):
+        r, out = request(prompt, new)
+        scheduler.submit(r)
+        outs.append(out)
+        time.sleep(0.05)  # later requests arrive while earlier ones decode
+    wait(outs)
+    lazy = lp.LazyLLM(model, schedule)
+    for prompt, new, out in zip(prompts, news, outs):
+        want = lazy.generate(prompt, max_new_tokens=new, eos_token_id=[]).new_tokens
+        assert out.tokens == want and out.finish == "length"
+    assert scheduler.stats() == {"waiting": 0, "running": 0}
+
+
+@pytest.mark.parametrize("chunk, least", [(64, 3), (10**9, 0)])
+def test_prefill_runs_in_chunks_between_decoding_steps(chunk, least):
+    """A long prompt's prefill is cut into chunks of `prefill_chunk` rows x layers, each followed by a decoding
+    step of the running request: with chunks of 64 (a layer of the 110-token prompt each), the running request
+    produces tokens between the new one's arrival and its first token; with one chunk for the whole prefill, at
+    most one (the step already under way)."""
+    model = tiny_model("llama_gqa_rope3")
+    config = ServeConfig(schedule="dense", max_batch=2, max_prompt_tokens=120, max_new_tokens=16, prefill_chunk=chunk)
+    scheduler = Scheduler(model, TOKENIZER, config, eos=set())
+    try:
+        first, first_out = request(prompt_ids(20, seed=1), 16)
+        scheduler.submit(first)
+        while not first_out.tokens:
+            time.sleep(0.01)
+        long, long_out = request(prompt_ids(110, seed=2), 2)
+        scheduler.submit(long)
+        wait([first_out, long_out])
+    finally:
+        scheduler.close()
+    first_token_at = long_out.times[0]
+    between = [t for t, e in zip(first_out.times, first_out.events) if long.arrived < t < first_token_at and e.token]
+    assert len(between) >= least if least else len(between) <= 1
+
+
+def test_cancelling_frees_the_slot(scheduled):
+    model, scheduler, _ = scheduled
+    rs = [request(prompt_ids(30, seed=s), 16) for s in range(3)]  # every slot busy
+    for r, _ in rs:
+        scheduler.submit(r)
+    waiting, waiting_out = request(prompt_ids(25, seed=9), 4)
+    scheduler.submit(waiting)
+    rs[1][0].cancel()
+    wait([rs[1][1], waiting_out])
+    assert rs[1][1].finish == "cancelled" and waiting_out.finish == "length"
+    wait([out for _, out in rs])
+    want = lp.LazyLLM(model, scheduled[2]).generate(prompt_ids(25, seed=9), max_new_tokens=4, eos_token_id=[])
+    assert waiting_out.tokens == want.new_tokens  # the freed slot's new request is unaffected by what was there
+
+
+def test_stop_strings_and_eos_end_a_request():
+    """EOS ends a request ("stop") and is not part of its text; a stop string ends it too, and the text is cut
+    before it, as OpenAI does."""
+    model = tiny_model("llama_gqa_rope3")
+    prompt = prompt_ids(30, seed=4)
+    free = lp.LazyLLM(model, "paper").generate(prompt, max_new_tokens=12, eos_token_id=[]).new_tokens
+    config = ServeConfig(schedule="paper", max_batch=2, max_prompt_tokens=64, max_new_tokens=12)
+    full = TOKENIZER.decode(free)
+    stop = next(s for k in range(2, 10) if full.index(s := TOKENIZER.decode(free[k : k + 2])) > 0)
+    outs = []
+    for eos, stops in (({free[5]}, ()), (set(), (stop,))):
+        scheduler = Scheduler(model, TOKENIZER, config, eos=eos)
+        try:
+            r, out = request(prompt, 12, stop=stops)
+            scheduler.submit(r)
+            wait([out])
+        finally:
+            scheduler.close()
+        outs.append((r, out))
+    (_, by_eos), (by_stop, by_stop_out) = outs
+    assert by_eos.tokens == free[: free.index(free[5])] and by_eos.finish == "stop"
+    assert by_stop_out.finish == "stop" and by_stop.text == full[: full.index(stop)]
+    assert "".join(e.text for e in by_stop_out.events) == by_stop.text
+
+
+def test_a_request_of_another_schedule_gets_its_own_engine():
+    model = tiny_model("llama_gqa_rope3")
+    scheduler = Scheduler(model, TOKENIZER, ServeConfig(max_batch=2, max_prompt_tokens=64, max_new_tokens=6),
+                          eos=set())
+    try:
+        outs = []
+        for schedule in ("", "dense", "paper"):
+            r, out = request(prompt_ids(40, seed=7), 6, schedule)
+            scheduler.submit(r)
+            outs.append((schedule, r, out))
+        wait([out for _, _, out in outs])
+    finally:
+        scheduler.close()
+    for schedule, r, out in outs:
+        want = lp.LazyLLM(model, schedule or "balanced").generate(prompt_ids(40, seed=7), max_new_tokens=6,
+                                                                   eos_token_id=[])
+        assert out.tokens == want.new_tokens
+        assert (r.prefill_work == 1.0) == (schedule == "dense")
+
+
+def test_sizes_and_queue_are_checked():
+    model = tiny_model("llama_gqa_rope3")
+    with pytest.raises(ValueError, match="must fit the model's 256 positions"):
+        Scheduler(model, TOKENIZER, ServeConfig(max_prompt_tokens=250, max_new_tokens=16))
+    with pytest.raises(ValueError, match="holds no slot"):
+        Scheduler(model, TOKENIZER, ServeConfig(max_prompt_tokens=100, max_new_tokens=16, kv_budget_gb=1e-6))
+    with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
+        ServeConfig(max_batch=0)
+    scheduler = Scheduler(model, TOKENIZER, ServeConfig(max_batch=1, max_prompt_tokens=64, max_new_tokens=8,
+                                                        max_queue=1), eos=set())
+    try:
+        with pytest.raises(Refused, match="at most 64") as err:
+            scheduler.submit(request(prompt_ids(65), 4)[0])
+        assert err.value.code == "context_length_exceeded"
+        with pytest.raises(Refused, match="between 1 and 8"):
+            scheduler.submit(request(prompt_ids(10), 9)[0])
+        with pytest.raises(Refused, match="bad schedule 'nope'"):
+            scheduler.submit(request(prompt_ids(10), 4, "nope")[0])
+        running, running_out = request(prompt_ids(10), 8)
+        scheduler.submit(running)
+        while not running_out.tokens:
+            time.sleep(0.01)
+        scheduler.submit(request(prompt_ids(10), 4)[0])  # waits for the one slot
+        with pytest.raises(Refused, match="waiting") as err:
+            scheduler.submit(request(prompt_ids(10), 4)[0])
+        assert err.value.status == 429
+    finally:
+        scheduler.close()
+
+
+def test_kv_budget_sets_the_slots():
+    model = tiny_model("llama_gqa_rope3")
+    adapter = lp.LazyLLM(model).adapter
+    one = slot_bytes(adapter, 64 + 8)
+    scheduler = Scheduler(model, TOKENIZER, ServeConfig(max_batch=8, max_prompt_tokens=64, max_new_tokens=8,
+                                                        kv_budget_gb=3.5 * one / 2**30), eos=set())
+    try:
+        r, out = request(prompt_ids(20), 2)
+        scheduler.submit(r)
+        wait([out])
+        assert [p.engine.cache.batch for p in scheduler.pools.values()] == [3]
+    finally:
+        scheduler.close()
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(monkeypatch):
+    model = tiny_model("llama_gqa_rope3")
+    scheduler = Scheduler(model, TOKENIZER, ServeConfig(schedule="paper", max_batch=2, max_prompt_tokens=64,
+                                                        max_new_tokens=8), eos=set())
+    real = lp.engine.Engine.decode
+    calls = []
+
+    def decode_once_broken(self, tokens, seqs):
+        calls.append(seqs)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, tokens, seqs)
+
+    monkeypatch.setattr(lp.engine.Engine, "decode", decode_once_broken)
+    try:
+        r, out = request(prompt_ids(30, seed=1), 8)
+        scheduler.submit(r)
+        wait([out])
+        assert out.finish == "error" and "out of memory" in out.events[-1].error
+        r2, out2 = request(prompt_ids(30, seed=1), 8)
+        scheduler.submit(r2)
+        wait([out2])
+    finally:
+        scheduler.close()
+    want = lp.LazyLLM(model, "paper").generate(prompt_ids(30, seed=1), max_new_tokens=8, eos_token_id=[])
+    assert out2.finish == "length" and out2.tokens == want.new_tokens
