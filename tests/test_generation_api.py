@@ -11,6 +11,7 @@ from helpers import prompt_ids, tiny_model
 
 import lazyprefill as lp
 import lazyprefill.engine
+import lazyprefill.generation
 from lazyprefill.generation import SamplingParams
 
 PROMPT = prompt_ids(24, seed=3)
@@ -171,3 +172,19 @@ def test_a_kept_engine_serves_later_calls_as_a_new_one_would(family, schedule):
     assert engines[4] is not engines[3]
     lazy.release()
     assert lazy._engine is None
+
+
+def test_a_call_that_fails_after_prefill_leaves_the_kept_engine_sound(monkeypatch):
+    """A call that raises between prefill and its first decoding step (here: choosing the first token) must not
+    leave that prefill's bookkeeping for the next call's sequences."""
+    model = tiny_model("llama_gqa_rope3")
+    lazy = lp.LazyLLM(model, "paper")
+    real = lazyprefill.generation._choose
+    monkeypatch.setattr(lazyprefill.generation, "_choose", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        lazy.generate(prompt_ids(90, seed=1), max_new_tokens=4)
+    monkeypatch.setattr(lazyprefill.generation, "_choose", real)
+    got = lazy.generate(prompt_ids(40, seed=2), max_new_tokens=12, eos_token_id=[])
+    want = lp.LazyLLM(model, "paper").generate(prompt_ids(40, seed=2), max_new_tokens=12, eos_token_id=[])
+    assert got.new_tokens == want.new_tokens
+    np.testing.assert_array_equal(got.stats.prefill_depth, want.stats.prefill_depth)

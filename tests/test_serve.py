@@ -5,6 +5,7 @@ leaves mid-stream, every bad input), then /metrics is parsed."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 DOC = (Path(__file__).parents[1] / "examples" / "python_license.txt").read_text()
-MAX_BATCH, MAX_QUEUE, MAX_PROMPT, MAX_NEW = 3, 2, 700, 24
+MAX_BATCH, MAX_QUEUE, MAX_PROMPT, MAX_NEW = 3, 2, 700, 64
 
 
 def free_port() -> int:
@@ -113,14 +114,40 @@ def test_concurrent_requests_get_what_they_get_alone(server, client):
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
+    """The request stops within a few tokens of the client leaving, not at max_tokens."""
+    before = metric_samples(server, "lazyprefill_generated_tokens_total")[()]
     stream = ask(client, 1200, new=MAX_NEW, stream=True)
-    for _, _chunk in zip(range(3), stream):
+    for _, _chunk in zip(range(4), stream):
         pass
     stream.close()
     idle(server)
-    outcomes = metric_samples(server, "lazyprefill_requests_total")
-    assert outcomes.get(("outcome", "cancelled"), 0) >= 1
+    assert metric_samples(server, "lazyprefill_generated_tokens_total")[()] - before < MAX_NEW / 2
+    assert metric_samples(server, "lazyprefill_requests_total").get(("outcome", "cancelled"), 0) >= 1
     assert ask(client, 300).choices[0].message.content  # and the server goes on
+
+
+def test_a_client_that_leaves_a_plain_request_cancels_it(server):
+    before = metric_samples(server, "lazyprefill_generated_tokens_total")[()]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/chat/completions", timeout=httpx.Timeout(60, read=1.0), json={
+            "messages": [{"role": "user", "content": DOC[:1200]}], "max_tokens": MAX_NEW, "temperature": 0})
+    idle(server)
+    assert metric_samples(server, "lazyprefill_generated_tokens_total")[()] - before < MAX_NEW / 2
+
+
+def test_the_raw_stream_ends_with_done(server):
+    with httpx.stream("POST", f"{server}/v1/completions", timeout=60, json={
+            "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "stream": True}) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"} and chunks[-1]["choices"][0]["finish_reason"]
+
+
+def test_an_unknown_path_gets_an_openai_error(server):
+    reply = httpx.get(f"{server}/v1/nothing-here")
+    assert reply.status_code == 404 and reply.json()["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("body, param", [
@@ -134,6 +161,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
     ({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "schedule": "9:1.5"}, "schedule"),
     ({"model": "smollm2", "messages": [{"role": "user", "content": DOC}]}, "messages"),  # over --max-prompt-tokens
     ({"model": "smollm2", "prompt": [10**9]}, "prompt"),
+    ({"model": "smollm2", "prompt": "hi", "stop": [""]}, "stop"),
+    ({"model": "smollm2", "prompt": "hi", "seed": 2**70}, "seed"),
 ])
 def test_bad_input_gets_a_400_in_openai_s_shape_and_the_server_goes_on(server, client, body, param):
     path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"

@@ -67,19 +67,24 @@ def test_requests_joining_and_leaving_get_what_they_get_alone(scheduled):
     with prefill in chunks of 64 rows x layers between decoding steps: each gets the greedy tokens of
     LazyLLM.generate on its prompt alone."""
     model, scheduler, schedule = scheduled
+    running: list[float] = []
+    scheduler.observe = lambda name, value: running.append(value) if name == "running" else None
     prompts = [prompt_ids(n, seed=n) for n in (90, 17, 60, 33, 110)]
     news = [16, 5, 12, 16, 9]
     outs = []
-    for prompt, new in zip(prompts, news):
+    for i, (prompt, new) in enumerate(zip(prompts, news)):
+        if i == 3:  # the last two arrive while the first ones decode (and wait for a slot)
+            while not outs[0].tokens:
+                time.sleep(0.001)
         r, out = request(prompt, new)
         scheduler.submit(r)
         outs.append(out)
-        time.sleep(0.05)  # later requests arrive while earlier ones decode
     wait(outs)
     lazy = lp.LazyLLM(model, schedule)
     for prompt, new, out in zip(prompts, news, outs):
         want = lazy.generate(prompt, max_new_tokens=new, eos_token_id=[]).new_tokens
         assert out.tokens == want and out.finish == "length"
+    assert max(running) == 3  # they overlapped: every slot ran at once
     assert scheduler.stats() == {"waiting": 0, "running": 0}
 
 
@@ -108,18 +113,27 @@ def test_prefill_runs_in_chunks_between_decoding_steps(chunk, least):
 
 
 def test_cancelling_frees_the_slot(scheduled):
-    model, scheduler, _ = scheduled
-    rs = [request(prompt_ids(30, seed=s), 16) for s in range(3)]  # every slot busy
+    """Three slots busy and one request waiting: cancelling a decoding request gives its slot to the waiting one
+    before the others finish, and the newcomer gets what it gets alone, whatever the slot held."""
+    model, scheduler, schedule = scheduled
+    rs = [request(prompt_ids(30, seed=s), 16) for s in range(3)]
     for r, _ in rs:
         scheduler.submit(r)
+    while not all(out.tokens for _, out in rs):
+        time.sleep(0.01)
     waiting, waiting_out = request(prompt_ids(25, seed=9), 4)
     scheduler.submit(waiting)
     rs[1][0].cancel()
     wait([rs[1][1], waiting_out])
-    assert rs[1][1].finish == "cancelled" and waiting_out.finish == "length"
+    assert rs[1][1].finish == "cancelled" and len(rs[1][1].tokens) < 16 and waiting_out.finish == "length"
+    assert waiting.slot == rs[1][0].slot
     wait([out for _, out in rs])
-    want = lp.LazyLLM(model, scheduled[2]).generate(prompt_ids(25, seed=9), max_new_tokens=4, eos_token_id=[])
-    assert waiting_out.tokens == want.new_tokens  # the freed slot's new request is unaffected by what was there
+    assert waiting_out.times[-1] < max(out.times[-1] for _, out in (rs[0], rs[2]))  # it did not wait for them
+    want = lp.LazyLLM(model, schedule).generate(prompt_ids(25, seed=9), max_new_tokens=4, eos_token_id=[])
+    assert waiting_out.tokens == want.new_tokens
+    while scheduler.stats()["running"]:
+        time.sleep(0.01)
+    assert [sorted(p.free) for p in scheduler.pools.values()] == [[0, 1, 2]]
 
 
 def test_stop_strings_and_eos_end_a_request():
@@ -238,3 +252,29 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(monkeypatch):
         scheduler.close()
     want = lp.LazyLLM(model, "paper").generate(prompt_ids(30, seed=1), max_new_tokens=8, eos_token_id=[])
     assert out2.finish == "length" and out2.tokens == want.new_tokens
+
+
+def test_a_request_whose_engine_cannot_be_built_fails_alone(monkeypatch):
+    """Admission that raises (here: the engine of a second schedule) ends that request with an error; the loop
+    and the other requests go on."""
+    model = tiny_model("llama_gqa_rope3")
+    scheduler = Scheduler(model, TOKENIZER, ServeConfig(max_batch=2, max_prompt_tokens=64, max_new_tokens=6),
+                          eos=set())
+    real = lp.engine.Engine.__init__
+
+    def no_dense(self, adapter, schedule, *args, **kw):
+        if schedule.is_dense:
+            raise RuntimeError("out of memory (simulated)")
+        real(self, adapter, schedule, *args, **kw)
+
+    monkeypatch.setattr(lp.engine.Engine, "__init__", no_dense)
+    try:
+        r1, out1 = request(prompt_ids(30, seed=1), 6, "dense")
+        r2, out2 = request(prompt_ids(30, seed=2), 6)
+        scheduler.submit(r1)
+        scheduler.submit(r2)
+        wait([out1, out2])
+    finally:
+        scheduler.close()
+    assert out1.finish == "error" and "out of memory" in out1.events[-1].error
+    assert out2.finish == "length" and len(out2.tokens) == 6

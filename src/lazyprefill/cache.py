@@ -62,7 +62,7 @@ class LazyCache:
         self.k = torch.empty(L, batch, kv, P, dh, device=dev, dtype=dt)  # [L, B, Hkv, P, dh]
         self.v = torch.empty(L, batch, kv, P, dh, device=dev, dtype=dt)  # [L, B, Hkv, P, dh]
         self.aux = torch.empty(batch, P, adapter.hidden_size, device=dev, dtype=dt)  # [B, P, d]
-        self.depth_device = torch.empty(batch, P, device=dev, dtype=torch.int32)  # [B, P], set by `clear`
+        self.depth_device = torch.empty(batch, P, device=dev, dtype=torch.int32)  # [B, P], set by `settle`
         self.length = np.zeros(batch, dtype=np.int64)  # tokens seen so far, per sequence (host)
         counter = WriteCounter(L, batch, capacity) if count_writes else None
         self.writes: np.ndarray | None = None if counter is None else counter.counts  # [L, B, C]

@@ -39,10 +39,7 @@ class SegmentRunner:
         B, P = cache.depth_device.shape
         dev, long = adapter.device, torch.long
         self.a, self.cache, self.reselects, self.speculate = adapter, cache, reselects, speculate
-        # Runs that are never captured (`compact`) attend over the stepping sequences' keys only: a server's idle
-        # slots would otherwise cost the written-out attention as much as busy ones (CPU, 8 slots, 1 busy: 149
-        # against 60 ms a step). Captured runs keep every slot, for their static shapes.
-        self.compact = compact
+        self.compact = compact  # runs are never captured: a step takes only the sequences that step (`run`)
         self.partial = False  # this step leaves some slots out
         self.layers: LlamaAdapter | CompiledLayers = CompiledLayers(adapter) if compile_layers else adapter
         # the Triton kernels that read only S_l's K/V (CUDA): few rows per sequence, and bursts of many
@@ -66,6 +63,7 @@ class SegmentRunner:
         self.active = torch.zeros(B, dtype=torch.bool, device=dev)  # [B]
         self.keep = torch.zeros(num_pruning, B, dtype=long, device=dev)  # [n_pruning, B] |S| after each pruning
         self.seqs = self.batch  # [A] the sequences taking this step
+        self.ids = torch.arange(B, device=dev)  # [B] each slot's sequence id (Engine.prefill's `ids`)
         # state carried from one segment to the next
         self.in_s = torch.zeros(B, P, dtype=torch.bool, device=dev)  # [B, P] membership of S_l
         # [segments, 2, B] rows entering each segment and how many of them are revived: segment 0 takes q
@@ -110,10 +108,12 @@ class SegmentRunner:
         slots would otherwise cost as much as busy ones (CPU, 8 slots, 1 busy: 149 against 60 ms a step).
         Captured runs take every slot, for their static shapes (an idle slot's q is the scratch slot).
         """
-        if self.compact and self.partial:  # [b] the sequences this run takes, as a tensor and as an index
+        # bs: [b] the sequences this run takes (their ids index the cache); sel indexes per-sequence tensors with
+        # them, a slice when it is every slot, so that those stay views (the captured runs' buffers)
+        if self.compact and self.partial:
             bs, sel = self.seqs, self.seqs
         else:
-            bs, sel = self.batch, slice(None)  # a slice keeps every per-sequence tensor a view
+            bs, sel = self.batch, slice(None)
         in_s = self.in_s[sel, :T]  # [b, T]: a view, or a copy written back below
         self._run(seg, index, R, T, scorer, recorder, bs, sel, in_s)
         if isinstance(sel, torch.Tensor):
@@ -150,7 +150,7 @@ class SegmentRunner:
             return
         q_last = q.view(b, R, H, dh)[self.batch[:b], (count - 1).clamp(0, R - 1)]  # [b, H, dh]: q is each last row
         x = ScoreInput(q_last[:, :, None], t[:, None], c.k[seg.last, sel, :, :T], keys, in_s, a.scaling, seg.last, T,
-                       seq=bs)
+                       seq=self.ids[sel])
         scores = scorer.score(x)  # [b, T]
         recorder.scores(seg.last, keys, in_s, scores)
         chosen = top_k(scores, in_s, keys == t[:, None], self.keep[index, sel])

@@ -136,8 +136,8 @@ class Engine:
         self._run_segment = Graphs() if self.graphs else eager
         self._prompt_lengths = np.zeros(batch, dtype=np.int64)  # [B] per slot
         self._prefill_sizes = np.zeros((batch, L), dtype=np.int64)  # [B, L] |S_l| of each slot's prefill
-        self._dropped: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer, slots, positions) to settle
-        self._unsettled: list[int] = []  # slots prefilled since the last settle
+        # prefills since the last settle: (their slots, the (layer, slots, positions) each dropped)
+        self._unsettled: list[tuple[list[int], list[tuple[int, torch.Tensor, torch.Tensor]]]] = []
         self._guess: list[int] | None = None  # rows to lay out per segment of the next step (speculating)
 
     @property
@@ -153,15 +153,17 @@ class Engine:
 
     # ---------------------------------------------------------------- prefill
     def prefill(
-        self, prompts: list[torch.Tensor], slots: list[int] | None = None
+        self, prompts: list[torch.Tensor], slots: list[int] | None = None, ids: list[int] | None = None
     ) -> tuple[torch.Tensor, list[StepStats]]:
         """prompts: token-id tensors [n_b] on the model's device, into cache `slots` (default: the first ones)
-        -> last-token logits [len(prompts), vocab], stats. Other slots are untouched (they may be decoding).
+        -> last-token logits [len(prompts), vocab], stats. The sequences of other slots (they may be decoding)
+        are untouched. `ids`: each prompt's place in its own batch, for scorers that draw per sequence (`random`;
+        default: its slot), so that a server's request draws as it would alone.
 
         Never waits on the device: selection sizes are known on the host, and the slots are made ready for
         decoding by `settle()`, once the first tokens' logits exist.
         """
-        run = self.prefill_layers(prompts, slots)
+        run = self.prefill_layers(prompts, slots, ids)
         while True:
             try:
                 next(run)
@@ -169,7 +171,7 @@ class Engine:
                 return done.value
 
     def prefill_layers(
-        self, prompts: list[torch.Tensor], slots: list[int] | None = None
+        self, prompts: list[torch.Tensor], slots: list[int] | None = None, ids: list[int] | None = None
     ) -> Generator[int, None, tuple[torch.Tensor, list[StepStats]]]:
         """`prefill`, one layer at a time: yields the rows each layer computed and returns what `prefill` returns,
         so that a server can run decoding steps of other slots between layers and bound how long a new request's
@@ -183,12 +185,16 @@ class Engine:
         slots = list(range(len(prompts))) if slots is None else list(slots)
         if self.trace and slots != list(range(c.batch)):
             raise ValueError("a traced engine prefills its whole batch at once, into slots 0..B-1")
+        # an earlier prefill into these slots that never settled (its caller failed before) must not settle later
+        self._unsettled = [(s, d) for s, d in self._unsettled if not set(s) & set(slots)]
         self.recorder = TraceRecorder(c.batch) if self.trace else self.recorder
         stats = [StepStats() for _ in prompts]
         self.recorder.begin(slots)
         c.ensure_clean(max(counts))
         rows = Packing(counts, dev)
-        seqs = upload(np.asarray(slots, dtype=np.int64), dev)  # [B'] each prompt's cache slot
+        seqs = upload(np.asarray(slots + (slots if ids is None else list(ids)), dtype=np.int64), dev)
+        seqs, ids_dev = seqs.split(len(slots))  # [B'] each prompt's cache slot, its sequence id
+        self.runner.ids[seqs] = ids_dev
         slot_of = seqs[rows.seq]  # [N] each row's cache slot
         pos = rows.slot  # [N] original position of each active row
         h = a.embed(torch.cat(prompts))  # [N, d]
@@ -207,7 +213,8 @@ class Engine:
             c.write_kv(l, slot_of, pos, k, v)
             qp, kp, vp = (rows.pad(x).transpose(1, 2) for x in (q, k, v))  # [B, heads, width, dh]
             o = prefill_attention(qp, kp, vp, rows.pad(pos), a.window(l), max(counts), a.scaling)  # [B, H, W, dh]
-            scores = self._prefill_scores(l, qp, kp, rows, pos, max(counts), seqs) if l in self.schedule.keep else None
+            pruning = l in self.schedule.keep
+            scores = self._prefill_scores(l, qp, kp, rows, pos, max(counts), ids_dev) if pruning else None
             del q, k, v, qp, kp, vp  # free them before the MLP's activations: lower peak memory, as in transformers
             o = rows.unpad(o.transpose(1, 2))  # [N, H, dh]
             h = a.finish(l, h, o)
@@ -226,15 +233,15 @@ class Engine:
         self.recorder.end()
         self._prompt_lengths[slots] = counts
         self._prefill_sizes[slots] = [s.candidates for s in stats]
-        self._dropped += dropped_at
-        self._unsettled += slots
+        self._unsettled.append((slots, dropped_at))
         return a.logits(h[rows.last]), stats
 
     def settle(self) -> None:
         """Make the slots prefilled since the last call ready for decoding (after TTFT has been measured):
         their depth. Never waits for the device."""
-        self.cache.settle(self._unsettled, self._prompt_lengths[self._unsettled].tolist(), self._dropped)
-        self._dropped, self._unsettled = [], []
+        for slots, dropped in self._unsettled:
+            self.cache.settle(slots, self._prompt_lengths[slots].tolist(), dropped)
+        self._unsettled = []
         self._guess = None  # a new sequence's first step revives what its prefill deferred: no guess fits it
 
     def _prefill_scores(
@@ -244,7 +251,7 @@ class Engine:
         """The scorer's [B, width] scores of every active row, from the last `query_rows` rows' queries.
 
         qp: [B, H, width, dh], kp: [B, Hkv, width, dh] padded as `rows.pad` lays rows out; pos: [N] packed;
-        seqs: [B] each sequence's cache slot.
+        seqs: [B] each sequence's id (Engine.prefill's `ids`).
         """
         w = self.schedule.scorer.query_rows
         slots = rows.last_slot[:, None] - torch.arange(w - 1, -1, -1, device=pos.device)  # [B, w], q last

@@ -37,7 +37,7 @@ class ScoreInput:
     scaling: float  # the model's attention logit scale
     layer: int
     span: int  # every position is below it (known on the host: no device round trip)
-    seq: torch.Tensor | None = None  # [B] each row's sequence: its cache slot, its index in a generate batch
+    seq: torch.Tensor | None = None  # [B] each row's sequence id: its index in its generate batch (None: 0..B-1)
 
 
 class Scorer:
@@ -205,8 +205,9 @@ def hash_uniform(*keys: torch.Tensor) -> torch.Tensor:
 class Random(Scorer):
     """The `random` baseline: the same keep counts, chosen uniformly at random (q kept by selection).
 
-    Each score hashes (seed + b, layer, q's position, key position): sequence b of a batch (cache slot b)
-    draws with `seed + b` whatever else is in the batch, and the draw does not depend on how keys are laid out.
+    Each score hashes (seed + b, layer, q's position, key position): sequence b of a batch draws with `seed + b`
+    whatever else is in the batch (a server's request is sequence 0 of its own), and the draw does not depend on
+    how keys are laid out.
     """
 
     name: ClassVar[str] = "random"

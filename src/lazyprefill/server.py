@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .generation import SamplingParams
 from .serving import Event, Refused, Scheduler, ServeRequest
@@ -49,8 +51,9 @@ class Sampling(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=1)] | None = None  # not OpenAI's; vLLM and others take it
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**62)] | None = None  # torch seeds sequence i with seed + i
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                          Field(max_length=4)] | None = None
     n: Literal[1] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -82,6 +85,7 @@ class Metrics:
         self.tokens = Counter("lazyprefill_generated_tokens", "Tokens generated", registry=r)
         self.tokens_per_s = Gauge("lazyprefill_tokens_per_second", "Tokens generated over the last 10 s, per s",
                                   registry=r)
+        self.tokens_per_s.set_function(self._rate)
         self.saved = Counter("lazyprefill_prefill_rows_saved", "Prefill (token, layer) rows not computed",
                              registry=r)
         self.revived = Counter("lazyprefill_revived_rows", "Rows resumed from the Aux Cache in decoding steps",
@@ -101,47 +105,37 @@ class Metrics:
 
     def _tokens(self, count: float) -> None:
         self.tokens.inc(count)
+        self._recent.append(time.perf_counter())
+
+    def _rate(self) -> float:
+        """Tokens of the last 10 s, per second, when scraped (so an idle server reads 0)."""
         now = time.perf_counter()
-        self._recent.append(now)
-        while now - self._recent[0] > 10:
+        while self._recent and now - self._recent[0] > 10:
             self._recent.popleft()
-        self.tokens_per_s.set(len(self._recent) / 10)
+        return len(self._recent) / 10
 
 
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}.get(status, "server_error")
+    """OpenAI's error object; its type as OpenAI names them (404, an unknown path, is an invalid request too)."""
+    kind = ("rate_limit_error" if status == 429 else "invalid_request_error" if 400 <= status < 500
+            else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
-    """The OpenAI-compatible app over a running scheduler (the caller closes it)."""
+    """The OpenAI-compatible app over a running scheduler (the caller closes it): routes only; `Endpoints` answers."""
     app = FastAPI(title="lazyprefill", docs_url=None, redoc_url=None)
-    metrics = Metrics(CollectorRegistry())
-    scheduler.observe = metrics.observe
-    tokenizer = scheduler.tokenizer
-
-    def refuse(err: Refused) -> JSONResponse:
-        metrics.requests.labels(str(err.status)).inc()
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status in (429, 503) else None
-        return JSONResponse(error_body(str(err), err.status, err.param, err.code), err.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        metrics.requests.labels("400").inc()
-        if first.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('msg', '')}", 400), 400)
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
-        return JSONResponse(error_body(message, 400, where or None), 400)
+    api = Endpoints(scheduler, model_name, Metrics(CollectorRegistry()))
+    app.exception_handler(StarletteHTTPException)(api.http_error)
+    app.exception_handler(RequestValidationError)(api.invalid)
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", **scheduler.stats()}
+        return {"status": "ok", **await run_in_threadpool(scheduler.stats)}
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -149,57 +143,116 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
                                             "owned_by": "lazyprefill"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
-        if getattr(tokenizer, "chat_template", None) is None:
-            return refuse(Refused("this model has no chat template: use /v1/completions", param="messages"))
-        text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True,
-                                             tokenize=False)
-        return await respond(body, tokenizer(text, add_special_tokens=False)["input_ids"], "chat.completion")
+    async def chat(body: ChatRequest, http: Request):
+        return await api.chat(body, http)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        ids = body.prompt if isinstance(body.prompt, list) else tokenizer(body.prompt)["input_ids"]
-        if not ids:
-            return refuse(Refused("the prompt is empty", param="prompt"))
-        if max(ids) >= scheduler.adapter.vocab_size or min(ids) < 0:
-            return refuse(Refused("a prompt token id is outside the vocabulary", param="prompt"))
-        return await respond(body, ids, "text_completion")
+    async def completions(body: CompletionRequest, http: Request):
+        return await api.completions(body, http)
 
-    async def respond(body: Sampling, ids: list[int], kind: str):
+    return app
+
+
+class Endpoints:
+    """What the app's routes do: tokenize, submit to the scheduler, and answer in one piece or as a stream."""
+
+    def __init__(self, scheduler: Scheduler, model_name: str, metrics: Metrics) -> None:
+        self.scheduler, self.model_name, self.metrics = scheduler, model_name, metrics
+        self.tokenizer = scheduler.tokenizer
+        scheduler.observe = metrics.observe
+
+    def refuse(self, err: Refused) -> JSONResponse:
+        self.metrics.requests.labels(str(err.status)).inc()
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status in (429, 503) else None
+        return JSONResponse(error_body(str(err), err.status, err.param, err.code), err.status, headers=headers)
+
+    async def http_error(self, _request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(err.detail), err.status_code), err.status_code, headers=err.headers)
+
+    async def invalid(self, _request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        self.metrics.requests.labels("400").inc()
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('msg', '')}", 400), 400)
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
+        return JSONResponse(error_body(message, 400, where or None), 400)
+
+    async def chat(self, body: ChatRequest, http: Request):
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) is None:
+            return self.refuse(Refused("this model has no chat template: use /v1/completions", param="messages"))
+        text = tok.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True,
+                                       tokenize=False)
+        return await self.respond(body, tok(text, add_special_tokens=False)["input_ids"], "chat.completion", http)
+
+    async def completions(self, body: CompletionRequest, http: Request):
+        ids = body.prompt if isinstance(body.prompt, list) else self.tokenizer(body.prompt)["input_ids"]
+        if not ids:
+            return self.refuse(Refused("the prompt is empty", param="prompt"))
+        if max(ids) >= self.scheduler.adapter.vocab_size or min(ids) < 0:
+            return self.refuse(Refused("a prompt token id is outside the vocabulary", param="prompt"))
+        return await self.respond(body, ids, "text_completion", http)
+
+    async def respond(self, body: Sampling, ids: list[int], kind: str, http: Request):
+        """Submit (in a worker thread: the scheduler's lock may be held while it builds an engine), then stream
+        the events or gather them into one answer."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:  # the scheduler's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                request.cancel()
+
         try:
             request = ServeRequest(
-                prompt=ids, max_new_tokens=_max_tokens(body, scheduler.config.max_new_tokens),
+                prompt=ids, max_new_tokens=_max_tokens(body, self.scheduler.config.max_new_tokens),
                 sampling=_sampling(body), schedule=body.schedule or "",
-                stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
-                emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-            scheduler.submit(request)
+                stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()), emit=emit)
+            await run_in_threadpool(self.scheduler.submit, request)
         except Refused as err:
-            return refuse(err)
-        reply = Reply(request, kind, model_name, len(ids), scheduler.parse(body.schedule).describe())
+            return self.refuse(err)
+        reply = Reply(request, kind, self.model_name, len(ids), self.scheduler.parse(body.schedule).describe())
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(stream(reply, events, usage), media_type="text/event-stream")
-        while (event := await events.get()).finish_reason is None:
-            pass
-        metrics.requests.labels(event.finish_reason).inc()
-        if event.finish_reason == "error":
-            return JSONResponse(error_body(event.error or "the model failed", 500), 500)
+            return StreamingResponse(self.stream(reply, events, usage), media_type="text/event-stream")
+        event = await self.gather(request, events, http)
+        self.metrics.requests.labels(event.finish_reason).inc()
+        if event.finish_reason in ENDED_BY_SERVER:
+            return ended_by_server(event)
         return reply.whole(event.finish_reason)
 
-    async def stream(reply: Reply, events: asyncio.Queue[Event], usage: bool) -> AsyncIterator[str]:
+    async def gather(self, request: ServeRequest, events: asyncio.Queue[Event], http: Request) -> Event:
+        """The last event of a request answered in one piece; a client that leaves meanwhile cancels it (a task
+        waits for the disconnect message, as StreamingResponse does for streams)."""
+
+        async def watch() -> None:
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+            request.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            while (event := await events.get()).finish_reason is None:
+                pass
+            return event
+        finally:
+            watcher.cancel()
+
+    async def stream(self, reply: Reply, events: asyncio.Queue[Event], usage: bool) -> AsyncIterator[str]:
         finish = None
         try:
-            yield sse(reply.chunk(role=True))
+            yield sse(reply.chunk(role=True, usage=usage))
             while (event := await events.get()).finish_reason is None:
                 if event.text:  # a token whose text is held back (a stop string may begin) sends nothing yet
-                    yield sse(reply.chunk(text=event.text))
+                    yield sse(reply.chunk(text=event.text, usage=usage))
             finish = event.finish_reason
-            if finish == "error":
-                yield sse(error_body(event.error or "the model failed", 500))
+            if finish in ENDED_BY_SERVER:
+                yield sse(json.loads(ended_by_server(event).body))
             else:
-                yield sse(reply.chunk(finish=finish))
+                yield sse(reply.chunk(finish=finish, usage=usage))
                 if usage:
                     yield sse(reply.usage_chunk())
             yield "data: [DONE]\n\n"
@@ -207,9 +260,17 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
             if finish is None:  # the client left: free the slot
                 reply.request.cancel()
                 finish = "cancelled"
-            metrics.requests.labels(finish).inc()
+            self.metrics.requests.labels(finish).inc()
 
-    return app
+
+# A request the server ended: a failed step (500), or the server shutting down (503).
+ENDED_BY_SERVER = ("error", "cancelled")
+
+
+def ended_by_server(event: Event) -> JSONResponse:
+    if event.finish_reason == "error":
+        return JSONResponse(error_body(event.error or "the model failed", 500), 500)
+    return JSONResponse(error_body("the server is shutting down", 503), 503, headers={"Retry-After": "1"})
 
 
 @dataclass
@@ -243,17 +304,22 @@ class Reply:
 
     def whole(self, finish: str) -> dict:
         text = self.request.text
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                  if self.kind == "chat.completion" else {"index": 0, "text": text, "finish_reason": finish})
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "finish_reason": finish} if self.kind == "chat.completion"
+                  else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
         return {**self._base(self.kind), "choices": [choice], "usage": self.usage(), "lazyprefill": self.figures()}
 
-    def chunk(self, text: str = "", role: bool = False, finish: str | None = None) -> dict:
+    def chunk(self, text: str = "", role: bool = False, finish: str | None = None, usage: bool = False) -> dict:
+        """A streamed chunk; with `usage` (stream_options.include_usage) it carries "usage": null, as OpenAI's do."""
         if self.kind == "chat.completion":
             delta = {"role": "assistant", "content": ""} if role else ({} if finish else {"content": text})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             out = {**self._base("chat.completion.chunk"), "choices": [choice]}
         else:
-            out = {**self._base("text_completion"), "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+            out = {**self._base("text_completion"),
+                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        if usage:
+            out["usage"] = None
         if finish:
             out["lazyprefill"] = self.figures()
         return out

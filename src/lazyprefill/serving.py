@@ -167,6 +167,7 @@ class Scheduler:
         self.waiting: deque[ServeRequest] = deque()
         self._lock = threading.Condition()
         self._closed = False
+        self._running = 0  # requests prefilling or decoding after the loop's last round
         self._thread = threading.Thread(target=self._loop, name="lazyprefill-scheduler", daemon=True)
         self._thread.start()
 
@@ -205,10 +206,9 @@ class Scheduler:
         return min(self.config.max_batch, self.slots_budget)
 
     def stats(self) -> dict[str, int]:
-        """Requests waiting and running now."""
+        """Requests waiting, and running as of the loop's last round."""
         with self._lock:
-            running = sum(len(p.decoding) + len(p.prefilling) for p in self.pools.values())
-            return {"waiting": len(self.waiting), "running": running}
+            return {"waiting": len(self.waiting), "running": self._running}
 
     def close(self) -> None:
         """Stop the loop: running requests end with finish_reason "cancelled"."""
@@ -219,47 +219,77 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the loop's thread
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not self._closed and not self.waiting and not any(p.busy for p in self.pools.values()):
-                        self._lock.wait()
-                    if self._closed:
-                        break
-                    self._admit()
-                    self.observe("queue", len(self.waiting))
-                try:
-                    self._drop_cancelled()
-                    for pool in list(self.pools.values()):
-                        self._prefill_chunk(pool)
-                        self._decode_step(pool)
-                    self.observe("running", sum(len(p.decoding) + len(p.prefilling) for p in self.pools.values()))
-                except Exception as err:  # a failed step fails its requests, not the server
-                    self._fail_all(f"{type(err).__name__}: {err}")
-        for pool in self.pools.values():
-            for request in [*pool.decoding.values(), *(r for r, _ in pool.prefilling)]:
+        """Admit, prefill a chunk, decode a step, until closed. A step that raises fails its requests (and its
+        engines go); if the loop itself ends for any reason, every request still held ends and new ones are
+        refused, so that no client waits for a thread that is gone."""
+        try:
+            with torch.inference_mode():
+                while self._next_round():
+                    try:
+                        self._drop_cancelled()
+                        for pool in list(self.pools.values()):
+                            self._prefill_chunk(pool)
+                            self._decode_step(pool)
+                    except Exception as err:  # a failed step fails its requests, not the server
+                        self._fail_all(f"{type(err).__name__}: {err}")
+                    self._running = sum(len(p.decoding) + len(p.prefilling) for p in self.pools.values())
+                    self.observe("running", self._running)
+        finally:
+            with self._lock:
+                self._closed = True
+                left = [*self.waiting, *(r for p in self.pools.values() for r in p.decoding.values()),
+                        *(r for p in self.pools.values() for r, _ in p.prefilling)]
+                self.waiting.clear()
+            for request in left:
                 request.emit(Event(finish_reason="cancelled"))
-        for request in self.waiting:
-            request.emit(Event(finish_reason="cancelled"))
+
+    def _next_round(self) -> bool:
+        """Wait for work, then admit what fits; False once closed."""
+        with self._lock:
+            while not self._closed and not self.waiting and not any(p.busy for p in self.pools.values()):
+                self._lock.wait()
+            if self._closed:
+                return False
+            self._admit()
+            self.observe("queue", len(self.waiting))
+            return True
 
     def _admit(self) -> None:
-        """Move waiting requests, oldest first, into free slots of their schedule's engine (held lock)."""
-        held = deque()
+        """Move waiting requests, oldest first, into free slots of their schedule's engine (held lock). When no
+        engine can be built for one, it and every later request wait, so that busy engines drain and make room
+        for it; a request whose admission fails ends with an error."""
+        held: deque[ServeRequest] = deque()
         while self.waiting:
             request = self.waiting.popleft()
             if request.cancelled:
                 request.emit(Event(finish_reason="cancelled"))
                 continue
-            pool = self._pool_for(request.schedule)
-            if pool is None or not pool.free:
-                held.append(request)
-                continue
-            request.slot = pool.free.pop()
+            try:
+                pool = self._pool_for(request.schedule)
+                if pool is None:
+                    held.append(request)
+                    break
+                if not pool.free:
+                    held.append(request)
+                    continue
+                self._start(pool, request)
+            except Exception as err:  # an engine that cannot be built, say: this request fails, not the loop
+                request.emit(Event(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+        self.waiting = held + self.waiting
+
+    def _start(self, pool: Pool, request: ServeRequest) -> None:
+        """Give a request a slot and queue its prefill."""
+        slot = pool.free.pop()
+        try:
             ids = torch.tensor(request.prompt, dtype=torch.long, device=self.adapter.device)
-            request.generator = request.sampling.generators(1, self.adapter.device)[0] if \
-                request.sampling.do_sample else None
-            pool.prefilling.append((request, pool.engine.prefill_layers([ids], [request.slot])))
-        self.waiting = held
+            if request.sampling.do_sample:
+                request.generator = request.sampling.generators(1, self.adapter.device)[0]
+            run = pool.engine.prefill_layers([ids], [slot], ids=[0])  # each request is sequence 0 of its own
+        except Exception:
+            pool.free.append(slot)
+            raise
+        request.slot = slot
+        pool.prefilling.append((request, run))
 
     def _pool_for(self, spec: str) -> Pool | None:
         """The engine of a schedule, built when there is room for its slots (dropping an idle one if needed)."""
@@ -308,10 +338,10 @@ class Scheduler:
         except StopIteration as finished:
             logits, stats = finished.value
         pool.prefilling.popleft()
+        pool.decoding[request.slot] = request  # from here a failure finds it there
         pool.engine.settle()
         request.prefill = stats[0]
         self.observe("prefill_rows_saved", len(stats[0].computed) * len(request.prompt) - sum(stats[0].computed))
-        pool.decoding[request.slot] = request
         self._take(pool, request, self._choose(logits, [request])[0])
 
     def _decode_step(self, pool: Pool) -> None:
@@ -369,13 +399,14 @@ class Scheduler:
     def _fail_all(self, message: str) -> None:
         """A step raised: its engines' state is unknown, so every running request fails and the engines go (new
         ones are built for the next requests)."""
-        for pool in self.pools.values():
+        with self._lock:
+            pools, self.pools = list(self.pools.values()), {}
+        for pool in pools:
             for request in pool.decoding.values():
                 request.emit(Event(finish_reason="error", error=message))
             for request, run in pool.prefilling:
                 run.close()
                 request.emit(Event(finish_reason="error", error=message))
-        self.pools.clear()
 
 
 def slot_bytes(a: LlamaAdapter, capacity: int) -> int:
