@@ -142,12 +142,14 @@ def rel_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 
 def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64, fed: int = 8) -> bool:
-    """The default decoding path against slower exact ones, bf16 real shapes with random weights.
+    """The default decoding path against slower exact ones, bf16 real shapes with random weights, each held to an
+    fp32 copy of the model (written-out attention) fed the same tokens.
 
-    CUDA graphs against eager over `steps` greedy steps: same tokens, logits within bf16 rounding. Then, fed
-    the same `fed` tokens, the default (every DecodeOptions choice on) and the default with each choice turned
-    off, against an fp32 copy of the model (written-out attention): the default must be about as close to fp32
-    as each path a choice replaces (error at most 1.25x that path's + 1e-3). Two bf16 paths through 32
+    CUDA graphs against eager over `steps` steps, eager fed the graphs' greedy tokens: graphs lay out rows in
+    buckets and eager at their exact count, so their GEMMs differ in shape and round differently, and with random
+    weights (near-uniform logits) a greedy choice can flip; so each is compared with fp32 on the same tokens, and
+    graphs must be about as close as eager (error at most 1.25x eager's + 1e-3). Then, fed the first `fed` tokens,
+    the default and the default with each choice turned off, by the same rule. Two bf16 paths through 32
     random-weight layers drift apart by a few percent (5.4-5.7e-2 measured between the split kernel and the
     written-out attention); whether that is rounding or a bug only a yardstick in higher precision says.
     """
@@ -157,18 +159,19 @@ def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64, fed
     prompt = bench.random_prompts(n, adapter.vocab_size, 1, torch.device("cuda"), 0)[0]
     capacity, ok = n + steps + 1, True
     for name, schedule in bench.schedules_for(adapter.num_layers).items():
-        (fast, fast_logits, revived), (slow, slow_logits, _) = [
-            greedy(engine(adapter, schedule, capacity, graphs=g), prompt, steps) for g in (True, False)]
-        rel = rel_error(fast_logits, slow_logits)
-        diff = max((a - b).abs().max().item() for a, b in zip(fast_logits, slow_logits, strict=True))
-        same = fast == slow
-        ok &= same and rel <= 1e-2
-        print(f"{shape} bf16 {n} {name}: graphs vs eager over {steps} steps: tokens {'agree' if same else 'DIFFER'}, "
-              f"max abs {diff:.2e}, max rel {rel:.2e}, {revived} rows revived")
+        fast, fast_logits, revived = greedy(engine(adapter, schedule, capacity, graphs=True), prompt, steps)
+        _, slow_logits, _ = greedy(engine(adapter, schedule, capacity, graphs=False), prompt, steps, fast)
         plain = {"split_kernel": False, "burst_kernel": False, "speculate": False, "compile": False}
-        _, yardstick, _ = greedy(engine(fp32, schedule, capacity, **plain), prompt, fed, fast)
+        _, yardstick, _ = greedy(engine(fp32, schedule, capacity, **plain), prompt, steps, fast)
+        graphs, eager = rel_error(fast_logits, yardstick), rel_error(slow_logits, yardstick)
+        good = graphs <= 1.25 * eager + 1e-3
+        ok &= good
+        print(f"{shape} bf16 {n} {name}: graphs vs eager over {steps} steps fed the same tokens: rel error against "
+              f"fp32 graphs {graphs:.2e}, eager {eager:.2e}, between them {rel_error(fast_logits, slow_logits):.2e}, "
+              f"{revived} rows revived: {'ok' if good else 'WORSE'}")
+        yardstick = yardstick[: fed + 1]
         default = rel_error(fast_logits[: fed + 1], yardstick)
-        for off in ("split_kernel", "speculate", "burst_kernel", "compile"):
+        for off in ("split_kernel", "burst_kernel", "compile"):  # speculation (off by default): below
             _, logits, _ = greedy(engine(adapter, schedule, capacity, **{off: False}), prompt, fed, fast)
             error = rel_error(logits, yardstick)
             good = default <= 1.25 * error + 1e-3
@@ -187,7 +190,7 @@ def compare_speculation(adapter, schedule, prompt: torch.Tensor, fed: list[int],
     every step that revives overflows, leaves its no-op segments in the captured graphs and reruns. Each must
     be about as close to the fp32 `yardstick` as the default run (error `waiting`): at most 1.25x + 1e-3."""
     ok = True
-    def one_row(entered):
+    def one_row(entered, batch=1):
         return [1] * len(entered)
 
     for label, guess in [("planner's guesses", guess_rows), ("every guess one row", one_row)]:
@@ -222,8 +225,10 @@ def compare_windowed(n: int = 4096, steps: int = 32) -> bool:
 
 
 def compare_scorers(n: int = 300, steps: int = 12) -> bool:
-    """Every scorer's decoding under CUDA graphs equals the eager engine (fp32, small model); says whether a
-    scorer's code could not be captured (the engine then runs it eagerly)."""
+    """Every scorer's decoding under CUDA graphs equals the eager engine fed the same tokens (fp32, small model)
+    within fp32 rounding: graphs lay out rows in buckets and eager at their exact count, and GEMMs of other
+    shapes round differently (up to 1.1e-5 measured on the H200, logits of size ~10). Says whether a scorer's
+    code could not be captured (the engine then runs it eagerly)."""
     model, config = small_model(3, torch.float32, initializer_range=0.1)
     adapter = adapter_for(model)
     prompt = torch.randint(0, config.vocab_size, (n,), device="cuda")
@@ -235,7 +240,7 @@ def compare_scorers(n: int = 300, steps: int = 12) -> bool:
         fast, fast_logits, revived = greedy(fast_engine, prompt, steps)
         _, slow_logits, _ = greedy(engine(adapter, schedule, n + steps + 1, graphs=False), prompt, steps, fast)
         diff = max((a - b).abs().max().item() for a, b in zip(fast_logits, slow_logits, strict=True))
-        ok &= diff <= 1e-5
+        ok &= diff <= 1e-4
         refused = fast_engine._run_segment.refused
         print(f"{spec}: graphs vs eager max abs {diff:.1e}, {revived} rows revived, "
               f"{'captured' if refused is None else 'NOT captured: ' + refused[:90]}")

@@ -11,6 +11,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=1, help="random prompts of --length decoding together")
     p.add_argument("--decode-steps", type=int, default=64, help="timed decoding steps per method")
     p.add_argument("--warmup-steps", type=int, default=16, help="untimed steps first (graph captures happen here)")
     p.add_argument("--profile-steps", type=int, default=8)
@@ -57,6 +59,7 @@ def main() -> None:
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
                        help=f"DecodeOptions({name.replace('-', '_')}=True / False; default: by device)")
     p.add_argument("--no-prefill", action="store_true")
+    p.add_argument("--methods", help="a comma-separated subset of transformers, dense and the presets (default all)")
     p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
     p.add_argument("--json", help="write the decoding timings here")
     args = p.parse_args()
@@ -64,16 +67,17 @@ def main() -> None:
         use_split_setting(args.split_setting)
     model = bench.random_model(args.model, "cuda", torch.bfloat16)
     adapter = adapter_for(model)
-    ids = bench.random_prompts(args.length, adapter.vocab_size, 1, torch.device("cuda"), 0)[0]
+    prompts = bench.random_prompts(args.length, adapter.vocab_size, args.batch, torch.device("cuda"), 0)
     if not args.no_prefill:
-        profile_prefill(model, adapter, ids)
+        profile_prefill(model, adapter, prompts[0])
     options = DecodeOptions(graphs=None if args.graphs == "auto" else False,
                             split_kernel=None if args.attention == "auto" else False,
                             speculate=args.speculate, burst_kernel=args.burst_kernel, compile=args.compile)
     rows = []
     with torch.inference_mode():
-        for name, step in decoders(model, adapter, ids, args.warmup_steps + args.decode_steps + args.profile_steps,
-                                   options).items():
+        methods = args.methods.split(",") if args.methods else None
+        for name, step in decoders(model, adapter, prompts, args.warmup_steps + args.decode_steps + args.profile_steps,
+                                   options, methods):
             for _ in range(args.warmup_steps):
                 step()
             ms, revived = step_times(step, args.decode_steps)
@@ -87,14 +91,16 @@ def main() -> None:
                 for _ in range(args.profile_steps):
                     step()
                 torch.cuda.synchronize()
-            label = f"decode after {args.length} {name} (graphs {args.graphs}, attention {args.attention})"
+            label = (f"decode after {args.batch} x {args.length} {name} "
+                     f"(graphs {args.graphs}, attention {args.attention})")
             summarize(prof, label, sum(ms) / len(ms) * args.profile_steps, args.profile_steps)
+            del step  # its cache goes before the next method's is allocated
     print(f"\n{'method':<14} {'graphs':<6} {'median ms/token':>16} {'mean':>8} {'revived/step':>13}")
     for r in rows:
         print(f"{r['method']:<14} {r['graphs']:<6} {r['median_ms']:>16.2f} {r['mean_ms']:>8.2f} "
               f"{r['revived_per_step']:>13.1f}")
     if args.json:
-        info = {"model": args.model, "length": args.length, "device": torch.cuda.get_device_name(),
+        info = {"model": args.model, "length": args.length, "batch": args.batch, "device": torch.cuda.get_device_name(),
                 "torch": torch.__version__, "command": " ".join(sys.argv)}
         Path(args.json).write_text(json.dumps({**info, "decode": rows}, indent=1))
 
@@ -135,34 +141,47 @@ def step_times(step, steps: int) -> tuple[list[float], float]:
     return [a.elapsed_time(b) for a, b in pairwise(events)], revived / steps
 
 
-def decoders(model, adapter, ids: torch.Tensor, steps: int, options: DecodeOptions) -> dict:
-    """One greedy decoding step per call, after a prefill of ids: transformers' forward with its cache, and ours.
-    Each call returns the rows it revived."""
-    out = model(ids[None], use_cache=True, logits_to_keep=1)
-    state = {"past": out.past_key_values, "token": out.logits[0, -1].argmax()}
+def decoders(model, adapter, prompts: list[torch.Tensor], steps: int, options: DecodeOptions,
+             methods: list[str] | None = None) -> Iterator[tuple[str, Callable[[], int]]]:
+    """(name, one greedy decoding step of every prompt per call) after their prefill: transformers' forward with its
+    cache, and ours; `methods` of them (None: all). Each call returns the rows it revived. Made one at a time, so
+    that only one cache is held."""
+    if methods is None or bench.TRANSFORMERS in methods:
+        yield bench.TRANSFORMERS, transformers_step(model, prompts)
+    for name, schedule in bench.schedules_for(adapter.num_layers).items():
+        if methods is None or name in methods:
+            engine = Engine(adapter, schedule, capacity=prompts[0].shape[0] + steps + 8, decode=options,
+                            batch=len(prompts))
+            logits, _ = engine.prefill(prompts)
+            engine.settle()
+            yield name, engine_step(engine, logits.argmax(dim=-1))
+            del engine
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def transformers_step(model, prompts: list[torch.Tensor]) -> Callable[[], int]:
+    """A greedy decoding step of transformers' forward with its cache per call, after a prefill of `prompts`."""
+    out = model(torch.stack(prompts), use_cache=True, logits_to_keep=1)
+    state = {"past": out.past_key_values, "tokens": out.logits[:, -1].argmax(dim=-1)}  # tokens: [B]
 
     def hf_step() -> int:
-        res = model(state["token"].view(1, 1), past_key_values=state["past"], use_cache=True)
-        state["token"] = res.logits[0, -1].argmax()
+        res = model(state["tokens"][:, None], past_key_values=state["past"], use_cache=True)
+        state["tokens"] = res.logits[:, -1].argmax(dim=-1)
         return 0
 
-    runs = {bench.TRANSFORMERS: hf_step}
-    for name, schedule in bench.schedules_for(adapter.num_layers).items():
-        engine = Engine(adapter, schedule, capacity=ids.shape[0] + steps + 8, decode=options)
-        logits, _ = engine.prefill([ids])
-        engine.settle()
-        runs[name] = engine_step(engine, logits.argmax(dim=-1))
-    return runs
+    return hf_step
 
 
 def engine_step(engine: Engine, token: torch.Tensor):
-    """A greedy decoding step of `engine` per call, starting from `token`."""
+    """A greedy decoding step of every sequence of `engine` per call, starting from `token`: [B]."""
     state = {"token": token}
+    seqs = list(range(token.shape[0]))
 
     def step() -> int:
-        logits, stats = engine.decode(state["token"], [0])
+        logits, stats = engine.decode(state["token"], seqs)
         state["token"] = logits.argmax(dim=-1)
-        return sum(stats[0].revived)
+        return sum(sum(s.revived) for s in stats)
 
     return step
 

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,16 +189,30 @@ def run_one(args: argparse.Namespace, name: str, arrivals: list, url: str | None
         warm = [doc for _, doc in trace(1.0, 10.0, args.seed + 1, args.max_chars, args.max_chars)[:3]]
         asyncio.run(drive(url, args.model_name, [(0.0, warm[0])], args.new_tokens))
         asyncio.run(drive(url, args.model_name, [(0.0, doc) for doc in warm[1:]], args.new_tokens))
+        time.sleep(2)  # the server idles: what it holds then is its working set
         before = memory(proc.pid if proc else None)
+        samples: list[dict] = []
+        sampling = threading.Event()
+
+        def sample() -> None:  # memory every 5 s during the run
+            while not sampling.wait(5):
+                samples.append(memory(proc.pid if proc else None))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         outcomes, wall = asyncio.run(drive(url, args.model_name, arrivals, args.new_tokens))
+        sampling.set()
+        sampler.join()
+        time.sleep(2)
         after = memory(proc.pid if proc else None)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
+    peak = {k: max(m.get(k, 0) for m in samples) for k in before} if samples else {}
     return {"name": name, "url": url if proc is None else "started here", "schedule": schedule,
-            "memory_after_warmup": before, "memory_at_end": after, **summary(outcomes, wall),
-            "outcomes": [asdict(o) for o in outcomes]}
+            "memory_after_warmup": before, "memory_at_end": after, "memory_peak_during_run": peak,
+            **summary(outcomes, wall), "outcomes": [asdict(o) for o in outcomes]}
 
 
 def markdown(result: dict) -> str:
@@ -207,15 +222,15 @@ def markdown(result: dict) -> str:
              f"{cfg['new_tokens']} new tokens (greedy), streamed; model {cfg['model']} on {cfg['device']}; "
              f"command: `{result['command']}`.", "",
              "| server | finished / sent | errors | TTFT p50 s | TTFT p99 s | per-token p50 ms | per-token p99 ms | "
-             "tokens/s | prefill work | resident MB (warm -> end) |",
+             "tokens/s | prefill work | resident MB: idle after warm-up -> idle at end (peak while loaded) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def f(x, spec, scale=1.0):
         return "—" if x is None else format(x * scale, spec)
 
     for r in result["runs"]:
-        mem = (f"{r['memory_after_warmup'].get('rss_mb', 0):.0f} -> {r['memory_at_end'].get('rss_mb', 0):.0f}"
-               if r["memory_after_warmup"] else "—")
+        mem = (f"{r['memory_after_warmup'].get('rss_mb', 0):.0f} -> {r['memory_at_end'].get('rss_mb', 0):.0f} "
+               f"({r.get('memory_peak_during_run', {}).get('rss_mb', 0):.0f})" if r["memory_after_warmup"] else "—")
         lines.append(f"| {r['name']} | {r['finished']} / {r['requests']} | {r['errors']} | "
                      f"{f(r['ttft_p50_s'], '.2f')} | {f(r['ttft_p99_s'], '.2f')} | "
                      f"{f(r['per_token_p50_s'], '.0f', 1e3)} | {f(r['per_token_p99_s'], '.0f', 1e3)} | "

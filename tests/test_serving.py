@@ -226,6 +226,23 @@ def test_kv_budget_sets_the_slots():
         scheduler.close()
 
 
+def test_an_engine_writes_its_whole_cache_when_built():
+    """A server's memory must not grow as slots and positions are used for the first time (on the CPU, pages of
+    `torch.empty` become resident when first written): the engine's K/V and Aux Cache are zeroed when it is built."""
+    model = tiny_model("llama_gqa_rope3")
+    scheduler = Scheduler(model, TOKENIZER, ServeConfig(max_batch=2, max_prompt_tokens=64, max_new_tokens=8), eos=set())
+    try:
+        r, out = request(prompt_ids(20), 2)
+        scheduler.submit(r)
+        wait([out])
+        [pool] = scheduler.pools.values()
+        cache = pool.engine.cache
+        assert cache.clean == cache.capacity + 1  # every position, the scratch slot too
+        assert r.slot == 0 and not cache.k[:, 1].any() and not cache.v[:, 1].any() and not cache.aux[1].any()
+    finally:
+        scheduler.close()
+
+
 def test_a_failing_step_fails_its_requests_and_the_server_goes_on(monkeypatch):
     model = tiny_model("llama_gqa_rope3")
     scheduler = Scheduler(model, TOKENIZER, ServeConfig(schedule="paper", max_batch=2, max_prompt_tokens=64,

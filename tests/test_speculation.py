@@ -23,8 +23,8 @@ STEPS, BOTH = 12, 7  # decoding steps; sequence 0 stops after BOTH of them, sequ
 # how the next step's rows are guessed: the planner's rule, always too few (every revival overflows), plenty
 GUESSES = {
     "planner": guess_rows,
-    "too-few": lambda entered: [1] * len(entered),
-    "plenty": lambda entered: [1] + [32] * (len(entered) - 1),
+    "too-few": lambda entered, batch=1: [1] * len(entered),
+    "plenty": lambda entered, batch=1: [1] + [32] * (len(entered) - 1),
 }
 
 
@@ -146,6 +146,13 @@ def test_guess_rows_leaves_headroom_and_gives_up_on_large_counts():
     assert guess_rows(np.array([1, 8, 31])) == [1, 32, 32]
     assert guess_rows(np.array([1, SPECULATE_MAX_ROWS, 1])) is None  # the next bucket would be 128 rows
     assert guess_rows(np.array([1, 40, 1]), max_rows=128) == [1, 128, 32]
+
+
+def test_guess_floor_is_shared_by_the_batch():
+    """A batch lays out every sequence's rows in one matrix: the floor is 32 rows over the batch, not per sequence."""
+    assert guess_rows(np.array([1, 0, 0]), batch=8) == [1, 4, 4]
+    assert guess_rows(np.array([1, 5, 0]), batch=8) == [1, 8, 4]
+    assert guess_rows(np.array([1, 0, 0]), batch=64) == [1, 1, 1]
 
 
 def test_first_overflow_is_the_first_segment_over_its_rows():

@@ -88,6 +88,14 @@ class LazyCache:
         self.v[:, :, :, self.clean : positions] = 0
         self.clean = positions
 
+    def reserve(self) -> None:
+        """Write every page of K/V and Aux Cache now. A server's slots then hold their memory from the start: on the
+        CPU, `torch.empty` pages become resident only when first written, so a server's memory would otherwise grow
+        whenever a slot or a position is used for the first time (a 30-minute soak grew 10-13% this way). Enqueued
+        only: never waits."""
+        self.ensure_clean(self.capacity + 1)
+        self.aux.zero_()
+
     def settle(self, slots: list[int], prompt_lengths: list[int],
                dropped: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
         """After a prefill into `slots`: depth L-1 for their prompts, -1 past them, `layer` for each (layer, slot,

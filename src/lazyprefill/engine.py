@@ -61,8 +61,8 @@ DECODE_ATTENTION = [
 @dataclass(frozen=True)
 class DecodeOptions:
     """How decoding steps run. Every choice computes the same thing (SPEC.md) up to floating-point rounding;
-    they differ in speed. None, every default, is what measured fastest on the device kind: all on with CUDA,
-    all off on the CPU (benchmarks/NOTES.md, "The whole answer on the H200").
+    they differ in speed. Each default is what measured fastest on the device kind (benchmarks/NOTES.md, "The
+    whole answer on the H200"): None means on with CUDA and off on the CPU, except speculation: off on both.
 
     graphs: replay segments as CUDA graphs (needs CUDA and no tracing, whose recorder reads the device
         mid-step). split_kernel: the Triton kernel that reads only S_l's K/V for a few rows per sequence;
@@ -70,7 +70,9 @@ class DecodeOptions:
     burst_kernel: many rows (revival bursts) through the Triton flash kernel over S_l's positions with
         per-row key ranges, instead of SDPA with an [R, T] mask.
     speculate: lay out a step's segments before their row counts are known, so that the host waits once a
-        step, not once per pruning layer that reselects (where a wait idles the GPU).
+        step, at its end, not once per pruning layer that reselects. Off by default: on the H200 (8K, llama2-7b
+        and llama3-8b, batch 1 and 8) `balanced` and `paper` decoded 0.6-1.9 ms a step slower with it, since the
+        GPU idles at a step's end while the host plans the whole next step, longer than it idles mid-step.
     compile: the layer halves of decoding steps through torch.compile (decoding.CompiledLayers), fusing the
         small kernels that a step's many short layers launch; the first call in a process compiles.
     """
@@ -118,9 +120,8 @@ class Engine:
         self.split_kernel = on_cuda if decode.split_kernel is None else decode.split_kernel
         self.burst_kernel = on_cuda if decode.burst_kernel is None else decode.burst_kernel
         self.compile_layers = on_cuda if decode.compile is None else decode.compile
-        speculate = on_cuda if decode.speculate is None else decode.speculate
         self.segments = segments(adapter.num_layers, list(schedule.keep))
-        self.speculate = speculate and waits_mid_step(schedule)  # nothing to guess otherwise
+        self.speculate = bool(decode.speculate) and waits_mid_step(schedule)  # nothing to guess otherwise
         self.recorder: Recorder = Recorder()
         self.cache: LazyCache | None = None
         if batch is not None:
@@ -301,7 +302,7 @@ class Engine:
                 counts[index] = self.runner.counts[index].tolist()  # a wait per pruning layer
             self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys, self.graphs), plan.keys)
         if self.speculate:
-            self._guess = guess_rows(counts[:, 0].max(axis=1))
+            self._guess = guess_rows(counts[:, 0].max(axis=1), batch=c.batch)
         self.recorder.end()
         return self.a.logits(self.runner.q_hidden()), self._stats(plan, seqs, counts)
 

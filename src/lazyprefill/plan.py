@@ -68,8 +68,10 @@ def layout_rows(n: int, keys: int, buckets: bool = True) -> int:
 
 # A step speculates only while every segment took fewer rows than SPECULATE_MAX_ROWS in the step before: a
 # larger guess would lay out up to 4x the rows it needs (a bucket above 32 is 128), and such steps are the few
-# right after prefill, whose revivals fall fast. Guesses are at least SPECULATE_MIN_ROWS: rows up to 32 cost
-# about what one costs (the weights dominate the bytes a segment reads), and a guess one bucket above the
+# right after prefill, whose revivals fall fast. Guesses lay out at least SPECULATE_MIN_ROWS rows a segment over
+# the batch (that many divided by the batch per sequence): up to 32 rows cost about what one costs (the weights
+# dominate the bytes a segment reads), 256 do not (at batch 8 a floor of 32 rows per sequence made llama3-8b's
+# `balanced` step at 8K 12.3 ms against 8.2 without speculation on the H200). A guess one bucket above the
 # last count overflowed in 10-22% of the steps with real weights, at least 32 rows in 3-10% (Gemma 3 270M at
 # 2K and 4K, replayed in benchmarks/results/revivals-gemma3-270m.md).
 SPECULATE_MAX_ROWS = 32
@@ -77,18 +79,19 @@ SPECULATE_MIN_ROWS = 32
 
 
 def guess_rows(
-    entered: np.ndarray, max_rows: int = SPECULATE_MAX_ROWS, min_rows: int = SPECULATE_MIN_ROWS
+    entered: np.ndarray, batch: int = 1, max_rows: int = SPECULATE_MAX_ROWS, min_rows: int = SPECULATE_MIN_ROWS
 ) -> list[int] | None:
-    """Rows to lay out per segment of a step before its counts are known, from the last step's
-    `entered`: [segments] the most rows that entered each segment in any sequence.
+    """Rows to lay out per sequence and segment of a step before its counts are known, from the last step's
+    `entered`: [segments] the most rows that entered each segment in any of the `batch` sequences laid out.
 
     Segment 0 takes q alone. After a pruning layer, one bucket above last step's count and at least
-    `min_rows`, so that more revivals still fit and a step overflows, and runs again, only when revivals
-    jump. None when some segment took `max_rows` or more: the next step waits for its counts.
+    `min_rows` over the batch, so that more revivals still fit and a step overflows, and runs again, only when
+    revivals jump. None when some segment took `max_rows` or more: the next step waits for its counts.
     """
     if entered.max() >= max_rows:
         return None
-    return [1] + [max(min_rows, row_bucket(int(n) + 1)) for n in entered[1:]]
+    floor = max(1, min_rows // batch)
+    return [1] + [max(floor, row_bucket(int(n) + 1)) for n in entered[1:]]
 
 
 def first_overflow(entered: np.ndarray, rows: list[int]) -> int | None:
@@ -121,7 +124,7 @@ def replay_guesses(
             replay.overflowed += first_overflow(row, guess) is not None
             replay.laid_out += sum(guess[1:])
             replay.needed += int(row[1:].sum())
-        guess = guess_rows(row, max_rows, min_rows)
+        guess = guess_rows(row, 1, max_rows, min_rows)
     return replay
 
 
