@@ -119,6 +119,10 @@ class Reference:
                 record.scores[layer] = scores
                 n_keep = math.ceil(Fraction(str(self.keep[layer])) * len(S))  # exact: ratio as written
                 others = sorted((i for i in S if i != t), key=lambda i: -scores[i])
+                bound = self.scorer.revival_rows
+                if bound is not None and not prefill:  # of those that stopped here, only the best bound - 1
+                    stopped = [i for i in others if self.depth[i] == layer]
+                    others = [i for i in others if i not in stopped[bound - 1:]]
                 S = sorted([t, *others[:n_keep - 1]])
         record.depth = list(self.depth)
         self.steps.append(record)
@@ -195,7 +199,7 @@ def ref_scores(
 ) -> dict[int, float]:
     """Each candidate's score under `scorer`, one token at a time, from the per-head probability rows of
     the query rows it reads (prefill: the last `query_rows` active rows; decoding: q's)."""
-    if isinstance(scorer, scoring.Static):
+    if isinstance(scorer, (scoring.Static, scoring.Revive)):
         return ref_scores(scorer.of, rows, S, t, layer)
     if isinstance(scorer, scoring.Random):
         return {j: float(scoring.hash_uniform(*(torch.tensor(v) for v in (scorer.seed, layer, t, j)))) for j in S}

@@ -29,6 +29,7 @@ SCHEDULES = [
     {1: 0.6, 2: 0.6, 3: 0.6, 4: 0.6},
     "static:0:0.5,2:0.5,4:0.5",
     "random:0:0.5,2:0.5,4:0.5",
+    "revive(rows=2):0:0.5,2:0.5,4:0.5",
 ]
 FAMILIES = ["llama_gqa_rope3", "qwen3", "qwen2"]
 

@@ -27,6 +27,8 @@ VARIANTS = [
     "protect(sink=0, recent=0, of=pool(k=3))",
     "static(of=pool(k=3))",
     "random(seed=5)",
+    "revive(rows=2)",
+    "revive(rows=3, of=pool(k=3))",
 ]
 SPECS = [name for name in scoring.SCORERS] + VARIANTS
 
@@ -80,7 +82,7 @@ def test_reselecting_scorers_revive_and_static_ones_never_do(case):
 
 
 @pytest.mark.parametrize("spec", ["window(w=4)", "pool(k=5, of=window(w=4))", "protect(sink=2, recent=3)",
-                                  "random(seed=5)"])
+                                  "random(seed=5)", "revive(rows=2)"])
 def test_a_batch_scores_each_sequence_as_alone(spec):
     """Invariant 6 for the scorers that read more than q's row, positions, or a seed."""
     model = tiny_model("llama_gqa_rope3")
@@ -182,3 +184,58 @@ def test_bad_schedule_file(tmp_path, content, match):
         path.write_text(content)
     with pytest.raises(ValueError, match=match):
         lp.LazyLLM(tiny_model("llama_gqa_rope3"), schedule=path)
+
+
+def revive_run(scorer: scoring.Scorer, bounded_layout: bool = False):
+    """Greedy prefill + 8 decoding steps of a 48-token prompt under KEEP, fp32 (tokens, logits, stats)."""
+    model = tiny_model("llama_gqa_rope3")
+    lazy = lp.LazyLLM(model, lp.Schedule(KEEP, scorer=scorer))
+    if bounded_layout:  # as on CUDA with graphs: every segment laid out at the bound, no count read mid-step
+        original = lazy._engine_for
+
+        def engine_for(*args, **kwargs):
+            engine = original(*args, **kwargs)
+            engine._bounded = [1] + [scorer.revival_rows] * (len(engine.segments) - 1)
+            return engine
+
+        lazy._engine_for = engine_for
+    out = lazy.generate(prompt_ids(48, seed=7), max_new_tokens=8, eos_token_id=[], return_logits=True)
+    return out.new_tokens, out.logits, out.stats
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_revive_computes_at_most_its_rows_after_each_pruning_layer(rows):
+    _, _, stats = revive_run(scoring.Revive(rows=rows))
+    _, _, unbounded = revive_run(scoring.Last())
+    after = [layer + 1 for layer in KEEP]
+    for step in stats.steps[1:]:  # decoding steps
+        assert all(step.computed[layer] <= rows for layer in after)
+    assert max(s.computed[a] for s in unbounded.steps[1:] for a in after) > rows, "the bound must bind here"
+    assert (stats.revived == 0) == (rows == 1)
+
+
+def test_revive_with_room_for_every_row_is_the_paper_rule():
+    tokens, logits, stats = revive_run(scoring.Revive(rows=10_000))
+    want_tokens, want_logits, want_stats = revive_run(scoring.Last())
+    assert tokens == want_tokens and stats.to_dict() == want_stats.to_dict()
+    assert all(torch.equal(a, b) for a, b in zip(logits, want_logits, strict=True))
+
+
+def test_revive_laid_out_at_its_bound_computes_what_waiting_for_counts_computes():
+    """On CUDA with graphs a bounded step lays every segment out at the bound and reads no count mid-step."""
+    waited = revive_run(scoring.Revive(rows=3))
+    laid_out = revive_run(scoring.Revive(rows=3), bounded_layout=True)
+    assert laid_out[0] == waited[0] and laid_out[2].to_dict() == waited[2].to_dict()
+    assert all((a - b).abs().max().item() <= 1e-5 for a, b in zip(laid_out[1], waited[1], strict=True))
+
+
+@pytest.mark.parametrize(("spec", "match"), [("revive(rows=0)", "rows=0"), ("revive(of=static)", "prefill only")])
+def test_bad_revive(spec, match):
+    with pytest.raises(ValueError, match=match):
+        scoring.parse_scorer(spec)
+
+
+def test_revive_wraps_a_preset():
+    schedule = lp.parse_schedule("revive(rows=8):paper", 30)
+    assert schedule.keep == lp.parse_schedule("paper", 30).keep
+    assert schedule.scorer == scoring.Revive(rows=8) and schedule.scorer.revival_rows == 8

@@ -35,6 +35,7 @@ class SegmentRunner:
     def __init__(
         self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int, split_kernel: bool,
         burst_kernel: bool = False, compile_layers: bool = False, speculate: bool = False, compact: bool = False,
+        revival_rows: int | None = None, ratios: list[float] | None = None,
     ) -> None:
         B, P = cache.depth_device.shape
         dev, long = adapter.device, torch.long
@@ -62,13 +63,17 @@ class SegmentRunner:
         self.t = torch.full((B,), cache.scratch, dtype=long, device=dev)  # [B] its q position (scratch: inactive)
         self.active = torch.zeros(B, dtype=torch.bool, device=dev)  # [B]
         self.keep = torch.zeros(num_pruning, B, dtype=long, device=dev)  # [n_pruning, B] |S| after each pruning
+        # under a revival bound (Revive): [B] how many candidates that stopped at a pruning layer a step may keep,
+        # and [n_pruning] each pruning layer's keep ratio, applied to the candidates the bound left
+        self.revive = torch.full((B,), (revival_rows or 1) - 1, dtype=long, device=dev)
+        self.ratios = torch.tensor(ratios or [1.0] * num_pruning, dtype=torch.float64, device=dev)
         self.seqs = self.batch  # [A] the sequences taking this step
         self.ids = torch.arange(B, device=dev)  # [B] each slot's sequence id (Engine.prefill's `ids`)
         # state carried from one segment to the next
         self.in_s = torch.zeros(B, P, dtype=torch.bool, device=dev)  # [B, P] membership of S_l
-        # [segments, 2, B] rows entering each segment and how many of them are revived: segment 0 takes q
-        # alone (`load`), a pruning segment writes the next one's
-        self.counts = torch.zeros(num_pruning + 1, 2, B, dtype=long, device=dev)
+        # [segments, 3, B] rows entering each segment, how many of them are revived, and |S| there: segment 0 takes
+        # q alone among every token (`load`), a pruning segment writes the next one's
+        self.counts = torch.zeros(num_pruning + 1, 3, B, dtype=long, device=dev)
         # False from the first segment of the step whose rows did not fit its R: that segment and every later
         # one then run on the scratch slot only and change nothing, so the host can run them again, larger
         self.fits = torch.ones((), dtype=torch.bool, device=dev)
@@ -90,6 +95,7 @@ class SegmentRunner:
         self.tokens.index_copy_(0, self.seqs, tokens)
         self.counts.zero_()
         self.counts[0, 0] = self.active
+        self.counts[0, 2] = torch.where(self.active, self.t + 1, 0)
         self.fits.fill_(True)
 
     def q_hidden(self) -> torch.Tensor:
@@ -153,12 +159,21 @@ class SegmentRunner:
                        seq=self.ids[sel])
         scores = scorer.score(x)  # [b, T]
         recorder.scores(seg.last, keys, in_s, scores)
-        chosen = top_k(scores, in_s, keys == t[:, None], self.keep[index, sel])
+        is_q, candidates, keep = keys == t[:, None], in_s, self.keep[index, sel]
+        if scorer.revival_rows is not None:  # of those that would need rows next, only the best rows - 1
+            needs = in_s & (c.depth_device[sel, :T] == seg.last) & ~is_q
+            candidates = in_s & ~(needs & ~top_k(scores, needs, torch.zeros_like(needs), self.revive[sel]))
+            # ceil(r |S_l|) as Schedule.kept_count rounds it, of the S_l that reached this layer: an earlier bound
+            # may have left it smaller than the host planned
+            kept = torch.round(in_s.sum(1) * self.ratios[index], decimals=6)
+            keep = torch.ceil(kept).long().clamp(min=1)
+        chosen = top_k(scores, candidates, is_q, keep)
         in_s.copy_(chosen if fits is None else torch.where(fits, chosen, in_s))
         entering = (in_s & (c.depth_device[sel, :T] == seg.last)).sum(1)
         stayed = (in_s.gather(1, rows.clamp(max=T - 1)) & valid).sum(1)  # rows of this segment still candidates
         self.counts[index + 1, 0, sel] = entering
         self.counts[index + 1, 1, sel] = entering - stayed
+        self.counts[index + 1, 2, sel] = in_s.sum(1)
 
     def _attention(
         self, in_s: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, T: int, sel: torch.Tensor | slice

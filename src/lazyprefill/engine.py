@@ -35,7 +35,7 @@ from .env import triton_runs_on
 from .packing import Packing, upload
 from .plan import (
     GRAPH_MAX_ROWS,
-    StepPlan,
+    SPECULATE_MAX_ROWS,
     first_overflow,
     guess_rows,
     layout_rows,
@@ -122,6 +122,12 @@ class Engine:
         self.compile_layers = on_cuda if decode.compile is None else decode.compile
         self.segments = segments(adapter.num_layers, list(schedule.keep))
         self.speculate = bool(decode.speculate) and waits_mid_step(schedule)  # nothing to guess otherwise
+        # Revive: every step after a pruning layer computes at most this many rows a sequence, so a step laid out
+        # in buckets (graphs) needs no count from the device to be laid out: no wait, and no guess to overflow.
+        # Only for bounds that cost about what one row costs (a larger one waits and lays out what it needs)
+        bound = schedule.scorer.revival_rows
+        fixed = bound is not None and bound <= SPECULATE_MAX_ROWS and self.graphs and waits_mid_step(schedule)
+        self._bounded = [1] + [bound] * (len(self.segments) - 1) if fixed else None
         self.recorder: Recorder = Recorder()
         self.cache: LazyCache | None = None
         if batch is not None:
@@ -133,7 +139,9 @@ class Engine:
         L = self.a.num_layers
         c = self.cache = LazyCache(self.a, batch, self.capacity, count_writes=self.trace)
         self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel,
-                                    self.burst_kernel, self.compile_layers, self.speculate, compact=not self.graphs)
+                                    self.burst_kernel, self.compile_layers, self.speculate, compact=not self.graphs,
+                                    revival_rows=self.schedule.scorer.revival_rows,
+                                    ratios=list(self.schedule.keep.values()))
         self._run_segment = Graphs() if self.graphs else eager
         self._prompt_lengths = np.zeros(batch, dtype=np.int64)  # [B] per slot
         self._prefill_sizes = np.zeros((batch, L), dtype=np.int64)  # [B, L] |S_l| of each slot's prefill
@@ -273,7 +281,8 @@ class Engine:
         pruning layer that reselects is known only on the device: when speculating, every segment is laid
         out at the size the previous step suggests and the host waits once, at the end; a segment that
         overflowed its guess did nothing, and it and the rest are run again at their real sizes, waiting
-        for the count before each (as every step does without speculation).
+        for the count before each (as every step does without speculation). Under a revival bound (Revive)
+        with buckets, every segment is laid out at the bound, which it cannot overflow.
         """
         c = self.cache
         plan = plan_step(self.schedule, self.reselects, c.length, seqs, self.a.num_layers, self.capacity,
@@ -283,13 +292,16 @@ class Engine:
         self.runner.load(tokens, seqs, plan)
         self.recorder.begin(seqs)
         n_seg = len(self.segments)
-        counts = np.zeros((n_seg, 2, c.length.shape[0]), dtype=np.int64)  # rows entering each segment, revived
+        counts = np.zeros((n_seg, 3, c.length.shape[0]), dtype=np.int64)  # rows entering each segment, revived, |S|
         counts[:, 0, seqs] = 1  # q alone, unless a pruning layer that reselects brings more (read from the device)
+        counts[:, 2] = plan.sizes[:, [seg.first for seg in self.segments]].T  # as planned, unless read from the device
         start = 0
-        if self._guess is not None:
-            rows = [layout_rows(n, plan.keys, self.graphs) for n in self._guess]
+        guess = self._bounded or self._guess
+        if guess is not None:
+            rows = [layout_rows(n, plan.keys, self.graphs) for n in guess]
             for index, R in enumerate(rows):
                 self._run(index, R, plan.keys)
+            logits = self.a.logits(self.runner.q_hidden())  # [A, vocab], enqueued before the wait
             counts = np.array(self.runner.counts.tolist())  # the step's one wait
             start = first_overflow(counts[:, 0].max(axis=1), rows)
             if start is None:
@@ -301,10 +313,12 @@ class Engine:
             if index > start and self.reselects:
                 counts[index] = self.runner.counts[index].tolist()  # a wait per pruning layer
             self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys, self.graphs), plan.keys)
+        if start < n_seg:  # a segment ran after the guessed ones, or none was guessed
+            logits = self.a.logits(self.runner.q_hidden())
         if self.speculate:
             self._guess = guess_rows(counts[:, 0].max(axis=1), batch=c.batch)
         self.recorder.end()
-        return self.a.logits(self.runner.q_hidden()), self._stats(plan, seqs, counts)
+        return logits, self._stats(seqs, counts)
 
     def _run(self, index: int, R: int, keys: int) -> None:
         """Segment `index` on R rows per sequence (plan.layout_rows), keys [0, keys).
@@ -315,13 +329,14 @@ class Engine:
         run((index, R, keys), partial(self.runner.run, self.segments[index], index, R, keys, self.schedule.scorer,
                                       self.recorder))
 
-    def _stats(self, plan: StepPlan, seqs: list[int], counts: np.ndarray) -> list[StepStats]:
-        """Per-layer counts of each stepping sequence from `counts`: [segments, 2 (entering, revived), B]."""
+    def _stats(self, seqs: list[int], counts: np.ndarray) -> list[StepStats]:
+        """Per-layer counts of each stepping sequence from `counts`: [segments, 3 (entering, revived, |S|), B]."""
         stats = []
         for b in seqs:
-            s = StepStats(candidates=plan.sizes[b].tolist())
-            for seg, (entering, revived) in zip(self.segments, counts[:, :, b].tolist()):
+            s = StepStats()
+            for seg, (entering, revived, candidates) in zip(self.segments, counts[:, :, b].tolist()):
                 n = len(seg.layers)
+                s.candidates += [candidates] * n
                 s.computed += [entering] * n
                 s.revived += [revived] + [0] * (n - 1)
             stats.append(s)

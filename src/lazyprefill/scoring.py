@@ -54,6 +54,11 @@ class Scorer:
     def query_rows(self) -> int:
         return 1
 
+    @property
+    def revival_rows(self) -> int | None:
+        """The most rows (q included) a decoding step may compute after each pruning layer; None: no bound."""
+        return None
+
     def score(self, x: ScoreInput) -> torch.Tensor:
         raise NotImplementedError
 
@@ -159,6 +164,10 @@ class Wrapper(Scorer):
     @property
     def query_rows(self) -> int:
         return self.of.query_rows
+
+    @property
+    def revival_rows(self) -> int | None:
+        return self.of.revival_rows
 
 
 @register
@@ -270,6 +279,42 @@ class Protect(Wrapper):
         s = self.of.score(x)
         keep = (x.pos < self.sink) | (x.pos > x.q_pos[:, -1:] - 1 - self.recent)  # [B, W]
         return s.masked_fill(keep, PROTECTED)
+
+
+@register
+@dataclass(frozen=True)
+class Revive(Wrapper):
+    """`of`'s scores and selection, with at most `rows` rows per sequence (q included) computed after each
+    pruning layer of a decoding step: of the candidates that would need computing there (they stopped at that
+    layer), only the `rows - 1` best-scoring may be kept, and the keep count is filled from the rest.
+
+    Why: after prefill the paper's rule revives every deferred token it selects at once, thousands of rows in
+    the first steps (a step 4-27x a dense one on the H200), and a step's row count is known only on the device,
+    so the host waits for it at every pruning layer. With a bound, the revivals spread over the following steps,
+    each (token, layer) still computed at most once, and every step has the same shape: no wait, one set of
+    CUDA graphs. The price: a step's S_l lacks the deferred tokens over the bound, so it attends to fewer of the
+    tokens the scorer ranks highest (and holds fewer than ceil(r |S|) candidates when too few remain to fill
+    it). A named option, measured against the paper's rule before it may become a default. Prefill is `of`'s.
+    """
+
+    name: ClassVar[str] = "revive"
+    rows: int = 32
+    of: Scorer = field(default_factory=Last)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rows, int) or self.rows < 1:
+            raise ValueError(f"revive rows={self.rows!r}: rows per step after a pruning layer, q included, "
+                             "must be an int >= 1 (1: q alone, nothing revived)")
+        if not self.of.reselects:
+            raise ValueError(f"revive(of={self.of.spec()}): {self.of.spec()} prunes in prefill only and never "
+                             "revives, so there is nothing to bound; use it alone")
+
+    @property
+    def revival_rows(self) -> int | None:
+        return self.rows
+
+    def score(self, x: ScoreInput) -> torch.Tensor:
+        return self.of.score(x)
 
 
 # ------------------------------------------------------------------------------------------- parsing
