@@ -65,7 +65,7 @@ def plot(rows: list[dict], path: Path) -> None:
             match = [r["wall_ms"] for r in rows if (r["model"], r["length"], r["batch"], r["method"]) == want
                      and (v == "dense" or r["variant"] == v)]
             heights.append(min(match) if match else 0.0)
-        ax.bar([c + i * width for c in range(len(cases))], heights, width, label=v if v != "dense" else "dense")
+        ax.bar([c + i * width for c in range(len(cases))], heights, width, label=v)
     ax.set_xticks([c + 1.5 * width for c in range(len(cases))],
                   [f"{m}\n{n // 1024}K x{b}\n{meth}" for m, n, b, meth in cases], fontsize=8)
     ax.set_ylabel("ms per decoding step (wall)")

@@ -35,7 +35,7 @@ class SegmentRunner:
     def __init__(
         self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int, split_kernel: bool,
         burst_kernel: bool = False, compile_layers: bool = False, speculate: bool = False, compact: bool = False,
-        revival_rows: int | None = None, ratios: list[float] | None = None,
+        revival_rows: int | None = None, ratios: tuple[float, ...] = (),
     ) -> None:
         B, P = cache.depth_device.shape
         dev, long = adapter.device, torch.long
@@ -66,7 +66,7 @@ class SegmentRunner:
         # under a revival bound (Revive): [B] how many candidates that stopped at a pruning layer a step may keep,
         # and [n_pruning] each pruning layer's keep ratio, applied to the candidates the bound left
         self.revive = torch.full((B,), (revival_rows or 1) - 1, dtype=long, device=dev)
-        self.ratios = torch.tensor(ratios or [1.0] * num_pruning, dtype=torch.float64, device=dev)
+        self.ratios = torch.tensor(ratios, dtype=torch.float64, device=dev)
         self.seqs = self.batch  # [A] the sequences taking this step
         self.ids = torch.arange(B, device=dev)  # [B] each slot's sequence id (Engine.prefill's `ids`)
         # state carried from one segment to the next

@@ -141,7 +141,7 @@ class Engine:
         self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel,
                                     self.burst_kernel, self.compile_layers, self.speculate, compact=not self.graphs,
                                     revival_rows=self.schedule.scorer.revival_rows,
-                                    ratios=list(self.schedule.keep.values()))
+                                    ratios=tuple(self.schedule.keep.values()))
         self._run_segment = Graphs() if self.graphs else eager
         self._prompt_lengths = np.zeros(batch, dtype=np.int64)  # [B] per slot
         self._prefill_sizes = np.zeros((batch, L), dtype=np.int64)  # [B, L] |S_l| of each slot's prefill
