@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from lazyprefill import answers
 from lazyprefill.engine import DecodeOptions
+from lazyprefill.eval.runner import split_list
 
 
 def _ints(text: str) -> list[int]:
@@ -48,14 +49,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8], help="batches of equal-length random prompts")
     p.add_argument("--new-tokens", type=_ints, default=[128, 512],
                    help="totals reported; one run of the largest count gives them all")
-    p.add_argument("--methods", type=_names, help=f"a subset of {','.join(answers.method_names())} (default all)")
+    p.add_argument("--methods", type=split_list,
+                   help=f"a subset of {','.join(answers.method_names())} and schedule specs such as "
+                        "'revive(rows=8):balanced' (default: the named ones)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--warmup-tokens", type=int, default=16, help="new tokens of each method's warm-up run")
     p.add_argument("--steady-skip", type=int, default=8, help="decoding steps left out of the steady state")
     p.add_argument("--copy-mb", type=int, default=1024, help="size of the copy that measures bandwidth")
     p.add_argument("--memory-limit-gb", type=float, help="check fits against this, not the GPU's free memory")
-    for name in ("burst-kernel", "speculate", "compile"):
+    for name in ("burst-kernel", "compile"):
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
                        help=f"ours: DecodeOptions({name.replace('-', '_')}=True / False; default: by device)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="join chunk results instead of measuring")
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             models=args.models, lengths=args.lengths, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
             methods=args.methods, device=args.device, dtype=args.dtype, warmup_tokens=args.warmup_tokens,
             steady_skip=args.steady_skip, copy_mb=args.copy_mb, memory_limit_gb=args.memory_limit_gb,
-            decode=DecodeOptions(burst_kernel=args.burst_kernel, speculate=args.speculate, compile=args.compile),
+            decode=DecodeOptions(burst_kernel=args.burst_kernel, compile=args.compile),
         )
         total = len(cfg.models) * len(cfg.lengths) * len(cfg.batch_sizes) * len(cfg.selected)
         with tqdm(total=total, desc="answers") as bar:

@@ -26,9 +26,9 @@ from decode_attention import median_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from lazyprefill import burst_attention as ba
-from lazyprefill import split_attention as sa
 from lazyprefill.attention import decode_mask, listed_positions, row_ranges
+from lazyprefill.kernels import burst_attention as ba
+from lazyprefill.kernels import split_attention as sa
 
 SHAPES = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}  # (H, Hkv)
 DH, SCALING = 128, 128**-0.5

@@ -22,9 +22,9 @@ import statistics
 import torch
 from sweep import report
 
-from lazyprefill import burst_attention as ba
 from lazyprefill.attention import decode_mask, listed_positions, row_ranges
 from lazyprefill.decoding import masked_attention
+from lazyprefill.kernels import burst_attention as ba
 
 FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
 DEFAULT = (ba.BLOCK_M, ba.BLOCK_N, ba.NUM_WARPS, ba.NUM_STAGES)

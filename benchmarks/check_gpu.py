@@ -6,7 +6,7 @@ float64 reference of tests/reference.py on the GPU (the decoding paths that only
 attention, written-out masked attention), and a batch of prompts of different lengths against each
 prompt alone. Then the decoding fast path (CUDA graphs of static-shape segments) against the same engine
 run eagerly, on bf16 `llama2-7b` shapes after an 8K prompt: same greedy tokens over 64 steps, logits within
-bf16 rounding; and each faster variant (split kernel, speculation, burst kernel, compiled layers) no further
+bf16 rounding; and each faster variant (split kernel, burst kernel, compiled layers) no further
 from an fp32 copy of the model than the path it replaces. Then the sliding-window family (Gemma 3 270M's
 shape, fp32): dense against transformers, `paper` under graphs against eager (`check_gpu.py windowed` runs only this).
 Exits non-zero if fp32 differs by more than 1e-3, the graphs differ from eager or a variant is less
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from unittest import mock
 
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
@@ -26,7 +25,6 @@ import lazyprefill as lp
 from lazyprefill import bench
 from lazyprefill.adapters import adapter_for
 from lazyprefill.engine import DecodeOptions, Engine
-from lazyprefill.plan import first_overflow, guess_rows
 
 SMALL = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
@@ -161,7 +159,7 @@ def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64, fed
     for name, schedule in bench.schedules_for(adapter.num_layers).items():
         fast, fast_logits, revived = greedy(engine(adapter, schedule, capacity, graphs=True), prompt, steps)
         _, slow_logits, _ = greedy(engine(adapter, schedule, capacity, graphs=False), prompt, steps, fast)
-        plain = {"split_kernel": False, "burst_kernel": False, "speculate": False, "compile": False}
+        plain = {"split_kernel": False, "burst_kernel": False, "compile": False}
         _, yardstick, _ = greedy(engine(fp32, schedule, capacity, **plain), prompt, steps, fast)
         graphs, eager = rel_error(fast_logits, yardstick), rel_error(slow_logits, yardstick)
         good = graphs <= 1.25 * eager + 1e-3
@@ -171,39 +169,15 @@ def compare_graphs(shape: str = "llama2-7b", n: int = 8192, steps: int = 64, fed
               f"{revived} rows revived: {'ok' if good else 'WORSE'}")
         yardstick = yardstick[: fed + 1]
         default = rel_error(fast_logits[: fed + 1], yardstick)
-        for off in ("split_kernel", "burst_kernel", "compile"):  # speculation (off by default): below
+        for off in ("split_kernel", "burst_kernel", "compile"):
             _, logits, _ = greedy(engine(adapter, schedule, capacity, **{off: False}), prompt, fed, fast)
             error = rel_error(logits, yardstick)
             good = default <= 1.25 * error + 1e-3
             ok &= good
             print(f"{shape} bf16 {n} {name}, {fed} tokens fed, rel error against fp32: default {default:.2e}, "
                   f"{off}=False {error:.2e}: {'ok' if good else 'WORSE'}")
-        ok &= compare_speculation(adapter, schedule, prompt, fast[:fed], yardstick, default)
     del model, fp32
     torch.cuda.empty_cache()
-    return ok
-
-
-def compare_speculation(adapter, schedule, prompt: torch.Tensor, fed: list[int], yardstick: list[torch.Tensor],
-                        waiting: float) -> bool:
-    """Speculation under CUDA graphs, fed `fed`: with the planner's guesses and with guesses of one row, so that
-    every step that revives overflows, leaves its no-op segments in the captured graphs and reruns. Each must
-    be about as close to the fp32 `yardstick` as the default run (error `waiting`): at most 1.25x + 1e-3."""
-    ok = True
-    def one_row(entered, batch=1):
-        return [1] * len(entered)
-
-    for label, guess in [("planner's guesses", guess_rows), ("every guess one row", one_row)]:
-        with mock.patch("lazyprefill.engine.guess_rows", guess), \
-                mock.patch("lazyprefill.engine.first_overflow", side_effect=first_overflow) as spy:
-            _, logits, _ = greedy(engine(adapter, schedule, prompt.shape[0] + len(fed) + 1, speculate=True), prompt,
-                                  len(fed), fed)
-        rel = rel_error(logits, yardstick)
-        reruns = sum(first_overflow(*call.args) is not None for call in spy.call_args_list)
-        good = rel <= 1.25 * waiting + 1e-3
-        ok &= good
-        print(f"speculating under graphs, {label}: {spy.call_count} steps on a guess, {reruns} overflowed; "
-              f"rel error against fp32 {rel:.2e} (default {waiting:.2e}): {'ok' if good else 'WORSE'}")
     return ok
 
 
@@ -251,7 +225,7 @@ def compare_split_kernel() -> bool:
     """The Triton split-K kernel against the written-out masked attention on random inputs: K/V outside S_l
     is NaN, so reading it would show. fp32 within 1e-5, bf16 within bf16 rounding."""
     from lazyprefill.decoding import masked_attention
-    from lazyprefill.split_attention import split_attention
+    from lazyprefill.kernels.split_attention import split_attention
 
     ok, g = True, torch.Generator(device="cuda").manual_seed(0)
     for dtype, heads, kv_heads, R in [(torch.float32, 8, 2, 1), (torch.float32, 4, 4, 32), (torch.bfloat16, 32, 32, 1),

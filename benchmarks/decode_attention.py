@@ -16,8 +16,8 @@ import statistics
 import torch
 from sweep import report
 
-from lazyprefill import split_attention as sa
 from lazyprefill.decoding import masked_attention
+from lazyprefill.kernels import split_attention as sa
 
 FIELDS = ("block_n", "programs_per_sm", "num_warps", "num_stages", "merge_kernel")
 DEFAULT = (sa.BLOCK_N, sa.PROGRAMS_PER_SM, sa.NUM_WARPS, sa.NUM_STAGES, sa.MERGE_KERNEL)

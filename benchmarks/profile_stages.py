@@ -21,6 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 from lazyprefill import bench
 from lazyprefill.adapters import adapter_for
 from lazyprefill.engine import DecodeOptions, Engine
+from lazyprefill.eval.runner import split_list
+from lazyprefill.schedule import parse_schedule
 
 HOST_STALLS = ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
@@ -55,11 +57,13 @@ def main() -> None:
     p.add_argument("--graphs", choices=["auto", "off"], default="auto", help="off: DecodeOptions(graphs=False)")
     p.add_argument("--attention", choices=["auto", "masked"], default="auto",
                    help="masked: DecodeOptions(split_kernel=False)")
-    for name in ("speculate", "burst-kernel", "compile"):
+    for name in ("burst-kernel", "compile"):
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
                        help=f"DecodeOptions({name.replace('-', '_')}=True / False; default: by device)")
     p.add_argument("--no-prefill", action="store_true")
-    p.add_argument("--methods", help="a comma-separated subset of transformers, dense and the presets (default all)")
+    p.add_argument("--methods", type=split_list,
+                   help="transformers, dense, presets and schedule specs, comma-separated (default: transformers, "
+                        "dense and the presets)")
     p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
     p.add_argument("--json", help="write the decoding timings here")
     args = p.parse_args()
@@ -72,17 +76,16 @@ def main() -> None:
         profile_prefill(model, adapter, prompts[0])
     options = DecodeOptions(graphs=None if args.graphs == "auto" else False,
                             split_kernel=None if args.attention == "auto" else False,
-                            speculate=args.speculate, burst_kernel=args.burst_kernel, compile=args.compile)
+                            burst_kernel=args.burst_kernel, compile=args.compile)
     rows = []
     with torch.inference_mode():
-        methods = args.methods.split(",") if args.methods else None
         for name, step in decoders(model, adapter, prompts, args.warmup_steps + args.decode_steps + args.profile_steps,
-                                   options, methods):
+                                   options, args.methods):
             for _ in range(args.warmup_steps):
                 step()
             ms, revived = step_times(step, args.decode_steps)
             rows.append({"method": name, "graphs": args.graphs, "attention": args.attention,
-                         "speculate": args.speculate, "burst_kernel": args.burst_kernel, "compile": args.compile,
+                         "burst_kernel": args.burst_kernel, "compile": args.compile,
                          "median_ms": statistics.median(ms), "mean_ms": sum(ms) / len(ms),
                          "revived_per_step": revived, "steps_ms": ms})
             print(f"decode {name}: median {rows[-1]['median_ms']:.2f} ms/token, mean {rows[-1]['mean_ms']:.2f}",
@@ -107,7 +110,7 @@ def main() -> None:
 
 def use_split_setting(path: str) -> None:
     """Set split_attention's launch constants from a JSON file written by decode_attention.py --setting."""
-    from lazyprefill import split_attention
+    from lazyprefill.kernels import split_attention
 
     for name, value in json.loads(Path(path).read_text()).items():
         setattr(split_attention, name.upper(), value)
@@ -144,20 +147,19 @@ def step_times(step, steps: int) -> tuple[list[float], float]:
 def decoders(model, adapter, prompts: list[torch.Tensor], steps: int, options: DecodeOptions,
              methods: list[str] | None = None) -> Iterator[tuple[str, Callable[[], int]]]:
     """(name, one greedy decoding step of every prompt per call) after their prefill: transformers' forward with its
-    cache, and ours; `methods` of them (None: all). Each call returns the rows it revived. Made one at a time, so
-    that only one cache is held."""
-    if methods is None or bench.TRANSFORMERS in methods:
-        yield bench.TRANSFORMERS, transformers_step(model, prompts)
-    for name, schedule in bench.schedules_for(adapter.num_layers).items():
-        if methods is None or name in methods:
-            engine = Engine(adapter, schedule, capacity=prompts[0].shape[0] + steps + 8, decode=options,
-                            batch=len(prompts))
-            logits, _ = engine.prefill(prompts)
-            engine.settle()
-            yield name, engine_step(engine, logits.argmax(dim=-1))
-            del engine
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    cache, and ours; `methods`: names and schedule specs (None: transformers, dense and the presets). Each call
+    returns the rows it revived. Made one at a time, so that only one cache is held."""
+    for name in methods or [bench.TRANSFORMERS, *bench.schedules_for(adapter.num_layers)]:
+        if name == bench.TRANSFORMERS:
+            yield name, transformers_step(model, prompts)
+            continue
+        engine = Engine(adapter, parse_schedule(name, adapter.num_layers), capacity=prompts[0].shape[0] + steps + 8,
+                        decode=options, batch=len(prompts))
+        logits, _ = engine.prefill(prompts)
+        engine.settle()
+        yield name, engine_step(engine, logits.argmax(dim=-1))
+        del engine
+        torch.cuda.empty_cache()
 
 
 def transformers_step(model, prompts: list[torch.Tensor]) -> Callable[[], int]:

@@ -16,10 +16,8 @@ import json
 import shlex
 import statistics
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -29,7 +27,6 @@ from lazyprefill.bench import machine_info
 from lazyprefill.eval.tasks import build
 from lazyprefill.generation import LazyLLM
 from lazyprefill.models import load_model
-from lazyprefill.plan import SPECULATE_MAX_ROWS, SPECULATE_MIN_ROWS, Replay, replay_guesses
 from lazyprefill.schedule import PRESETS
 
 
@@ -81,26 +78,8 @@ def summarize(records: list[dict]) -> list[dict]:
             "prompt_share_deferred": deferred / sum(r["prompt_tokens"] for r in rs),
             "prompt_share_revived": sum(r["prompt_revived"] for r in rs) / sum(r["prompt_tokens"] for r in rs),
             "deferred_share_revived": sum(r["prompt_revived"] for r in rs) / deferred if deferred else None,
-            "speculation": ({rule: speculation(rs, *limits) for rule, limits in RULES.items()}
-                            if "entered_per_step" in rs[0] else {}),
         })
     return rows
-
-
-# guessing rules replayed, name -> (no guess once a segment took this many rows, guesses at least this many)
-ENGINE = f"at least {SPECULATE_MIN_ROWS}, under {SPECULATE_MAX_ROWS}"  # the engine's: plan.guess_rows
-RULES = {
-    "a bucket above, under 32": (32, 1),
-    ENGINE: (SPECULATE_MAX_ROWS, SPECULATE_MIN_ROWS),
-    "at least 32, under 128": (128, 32),
-    "at least 32, under 512": (512, 32),
-}
-
-
-def speculation(records: list[dict], max_rows: int, min_rows: int) -> dict:
-    """plan.replay_guesses over every prompt's recorded counts with these thresholds, summed."""
-    replays = [replay_guesses(np.array(r["entered_per_step"]), max_rows, min_rows) for r in records]
-    return {name: sum(getattr(x, name) for x in replays) for name in asdict(Replay())}
 
 
 def markdown(result: dict) -> str:
@@ -109,34 +88,13 @@ def markdown(result: dict) -> str:
               f"{', '.join(cfg['tasks'])}, {cfg['samples']} prompts per task and length). Rows revived per decoding "
               "step are summed over layers; shares are of prompt tokens."), "",
              ("| weights | prompt | method | prompts | revived rows/step mean | max | prompt deferred | "
-              "prompt revived | deferred revived | speculated steps overflowing |"),
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "prompt revived | deferred revived |"),
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["summary"]:
         share = "—" if r["deferred_share_revived"] is None else f"{r['deferred_share_revived']:.1%}"
-        engine = r["speculation"].get(ENGINE, {})
-        spec = engine.get("speculated", 0)
-        overflow = f"{engine['overflowed']} of {spec} ({engine['overflowed'] / spec:.1%})" if spec else "—"
         lines.append(f"| {r['weights']} | {r['length']} | {r['method']} | {r['prompts']} | {r['revived_mean']:.1f} | "
                      f"{r['revived_max']} | {r['prompt_share_deferred']:.1%} | {r['prompt_share_revived']:.1%} | "
-                     f"{share} | {overflow} |")
-    lines += ["", ("Speculation (DecodeOptions(speculate=True)): a step lays out each segment at a guess from "
-                   "the previous step's count and waits once; a step whose revivals overflow that guess runs "
-                   "part of itself again. Replayed here on the recorded counts (plan.replay_guesses), per prompt "
-                   "(batch 1), by rule (guesses one bucket above the last count and at least some rows, none once "
-                   f"a segment took some rows; the engine's: {ENGINE}): the share of steps after the first that "
-                   "speculated, the share of those that overflowed, and rows laid out per row needed in the "
-                   "segments after a pruning layer."), ""]
-    rules = [rule for rule in RULES if any(rule in r["speculation"] for r in result["summary"])]
-    if rules:
-        lines += ["| weights | prompt | method | " + " | ".join(rules) + " |", "|---|---:|---|" + "---:|" * len(rules)]
-        for r in result["summary"]:
-            cells = []
-            for rule in rules:
-                x = r["speculation"][rule]
-                steps = (len(r["curve"]) - 1) * r["prompts"]
-                ratio = f"{x['laid_out'] / x['needed']:.1f}x" if x["needed"] else "—"
-                cells.append(f"{x['speculated'] / steps:.0%}, {x['overflowed'] / max(x['speculated'], 1):.0%}, {ratio}")
-            lines.append(f"| {r['weights']} | {r['length']} | {r['method']} | " + " | ".join(cells) + " |")
+                     f"{share} |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     for sample in tqdm(samples, desc=f"revivals {args.model}"):
         for (weights, method), lazy in lazies.items():
             out = lazy.generate(sample.prompt_ids, args.new_tokens, eos_token_id=[])
-            record = answers.revivals(out.stats, len(sample.prompt_ids), lazy.schedule)
+            record = answers.revivals(out.stats, len(sample.prompt_ids))
             result["records"].append({"weights": weights, "method": method, "task": sample.task,
                                       "sample": sample.index, "length": sample.length, **record})
         result["summary"] = summarize(result["records"])

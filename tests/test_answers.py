@@ -7,7 +7,6 @@ import json
 import statistics
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -16,7 +15,6 @@ from lazyprefill import answers
 from lazyprefill.bench import ModelDims, random_model, random_prompts
 from lazyprefill.engine import DecodeOptions
 from lazyprefill.generation import LazyLLM
-from lazyprefill.plan import replay_guesses
 from lazyprefill.schedule import PRESETS
 
 LLAMA2_7B = ModelDims(layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, ffn=11008, vocab=32000)
@@ -114,10 +112,18 @@ def test_a_method_that_does_not_fit_is_recorded_not_run():
 
 
 def test_config_says_what_to_change():
-    with pytest.raises(ValueError, match="unknown methods"):
+    with pytest.raises(ValueError, match=r"'fastest' is neither one of .* nor a schedule spec: unknown schedule"):
         config(methods=["paper", "fastest"])
     with pytest.raises(ValueError, match="steady state"):
         config(new_tokens=[4])
+
+
+def test_schedule_specs_run_as_methods_after_the_presets():
+    cfg = config(methods=["revive(rows=4):paper", "transformers-static", "dense"])
+    assert cfg.selected == ["dense", "revive(rows=4):paper", "transformers-static"]
+    rows = answers.run(config(methods=["revive(rows=4):paper"]))["cases"][0]["rows"]
+    assert [(r["method"], r["status"]) for r in rows] == [("revive(rows=4):paper", "ok")]
+    assert rows[0]["revived_max"] <= 2 * 3  # at most rows - 1 a step after each of paper's two pruning layers
 
 
 def test_merge_joins_chunks_of_one_case(result, tmp_path):
@@ -149,29 +155,22 @@ def test_cli_writes_json_table_plot_and_command(tmp_path):
 def test_rows_of_other_decode_options_are_named_by_them():
     assert answers.method_label("paper", DecodeOptions()) == "paper"
     assert answers.method_label("paper", DecodeOptions(burst_kernel=True)) == "paper (burst_kernel=True)"
-    assert answers.method_label(answers.TRANSFORMERS, DecodeOptions(speculate=True)) == answers.TRANSFORMERS
-    options = DecodeOptions(speculate=True, burst_kernel=True, compile=True)
-    assert answers.method_label(answers.DENSE, options) == "dense (compile=True)"  # it never speculates or revives
+    assert answers.method_label(answers.TRANSFORMERS, DecodeOptions(compile=True)) == answers.TRANSFORMERS
+    options = DecodeOptions(burst_kernel=True, compile=True)
+    assert answers.method_label(answers.DENSE, options) == "dense (compile=True)"  # it never revives
 
 
 def test_revivals_count_prompt_tokens_taken_deeper():
     model = random_model("tiny", "cpu", torch.float32)
     prompt = random_prompts(N, model.config.vocab_size, 1, torch.device("cpu"), 3)[0]
     lazies = {name: LazyLLM(model, name) for name in ("dense", "static", "paper")}
-    got = {name: answers.revivals(lazy.generate(prompt, 8, eos_token_id=[]).stats, N, lazy.schedule)
+    got = {name: answers.revivals(lazy.generate(prompt, 8, eos_token_id=[]).stats, N)
            for name, lazy in lazies.items()}
     assert got["dense"] == {"revived_per_step": [0] * 7, "prompt_tokens": N, "prompt_deferred": 0, "prompt_revived": 0}
     assert got["static"]["prompt_deferred"] > 0 and got["static"]["prompt_revived"] == 0  # never revived
     paper = got["paper"]
     assert 0 < paper["prompt_revived"] <= paper["prompt_deferred"] < N
     assert sum(paper["revived_per_step"]) >= paper["prompt_revived"]  # a token may be revived at several layers
-    assert "entered_per_step" not in got["static"]  # its decoding steps know their rows: nothing is guessed
-    entered = np.array(paper["entered_per_step"])  # [steps, segments], q alone entering segment 0
-    assert entered.shape == (7, len(LazyLLM(model, "paper").schedule.keep) + 1) and (entered[:, 0] == 1).all()
-    # revived rows per step [14, 8, 1, 0, 0, 0, 3]: no segment takes 32, so every step after the first guesses,
-    # and no guess (32 rows) is overflowed
-    replay = replay_guesses(entered)
-    assert (replay.speculated, replay.overflowed) == (6, 0)
 
 
 def test_a_method_that_runs_out_of_memory_is_recorded_and_the_next_goes_on(monkeypatch):

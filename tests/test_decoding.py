@@ -143,8 +143,8 @@ def test_graphs_need_cuda():
 def test_decode_options_say_what_to_change(monkeypatch):
     with pytest.raises(ValueError, match="graphs must be True, False or None"):
         DecodeOptions(graphs=1)
-    with pytest.raises(ValueError, match=r"speculate must be True, False or None .*, got 'yes'"):
-        DecodeOptions(speculate="yes")
+    with pytest.raises(ValueError, match=r"compile must be True, False or None .*, got 'yes'"):
+        DecodeOptions(compile="yes")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter aside, Triton needs CUDA
     adapter = adapter_for(tiny_model("qwen3"))
     for options in (DecodeOptions(split_kernel=True), DecodeOptions(burst_kernel=True)):

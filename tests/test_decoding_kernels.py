@@ -53,7 +53,7 @@ def test_kernels_decode_what_the_written_out_attention_decodes(monkeypatch, fami
     written = lp.LazyLLM(model, schedule, decode=lp.DecodeOptions(split_kernel=False)).generate(PROMPTS, **kw)
     calls = {name: 0 for name in ("split_attention", "burst_attention")}
     for name in calls:  # count the kernels' calls: a silent fallback would compare the written-out with itself
-        module = importlib.import_module(f"lazyprefill.{name}")
+        module = importlib.import_module(f"lazyprefill.kernels.{name}")
         monkeypatch.setattr(module, name, counted(getattr(module, name), calls, name))
     got = lp.LazyLLM(model, schedule, decode=KERNELS[kernels]).generate(PROMPTS, **kw)
     assert calls[f"{kernels}_attention"] > 0

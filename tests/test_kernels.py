@@ -22,10 +22,10 @@ if DEVICE.type == "cpu":
     if not isinstance(triton.language.max, InterpretedFunction):
         raise RuntimeError("triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
 
-from lazyprefill import burst_attention as ba  # noqa: E402
-from lazyprefill import split_attention as sa  # noqa: E402
 from lazyprefill.attention import decode_mask, listed_positions, row_ranges  # noqa: E402
 from lazyprefill.decoding import masked_attention  # noqa: E402
+from lazyprefill.kernels import burst_attention as ba  # noqa: E402
+from lazyprefill.kernels import split_attention as sa  # noqa: E402
 
 # The split kernel's empty parts take log-sum-exp log(0) = -inf on purpose (weight 0 in the merge): numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")

@@ -23,11 +23,10 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -45,22 +44,26 @@ from .bench import (
 )
 from .engine import DecodeOptions
 from .generation import GenerationStats, LazyLLM, synchronize
-from .plan import segments, waits_mid_step
-from .schedule import PRESETS, Schedule, preset
+from .schedule import PRESETS, parse_schedule
 
 STATIC = "transformers-static"
+# Methods other than the named ones are schedule specs, checked when the config is built against the depth of
+# MEASURE.md's shapes; one that does not fit a model's layers fails when that model's case runs.
+SPEC_CHECK_LAYERS = 32
 
 
-def method_names() -> list[str]:
-    """Every method in the order they run: transformers eager, ours, then the compiled one (its CUDA graph pools
-    and compile caches are dropped after it, so it cannot hold memory that the others need)."""
-    return [TRANSFORMERS, DENSE, *PRESETS, STATIC]
+def method_names(extra: Sequence[str] = ()) -> list[str]:
+    """Every method in the order they run: transformers eager, ours (the presets, then `extra` schedule specs such
+    as "revive(rows=8):balanced"), then the compiled one (its CUDA graph pools and compile caches are dropped after
+    it, so it cannot hold memory that the others need)."""
+    ours = [DENSE, *PRESETS, *(m for m in extra if m not in (TRANSFORMERS, DENSE, *PRESETS, STATIC))]
+    return [TRANSFORMERS, *ours, STATIC]
 
 
 def method_label(method: str, decode: DecodeOptions) -> str:
-    """A row's name: ours carry the DecodeOptions that differ from the defaults and apply to them (dense neither
-    speculates nor revives), so that merged chunks keep both rows and never two of the same."""
-    inert = {"speculate", "burst_kernel"} if method == DENSE else set()
+    """A row's name: ours carry the DecodeOptions that differ from the defaults and apply to them (dense never
+    revives), so that merged chunks keep both rows and never two of the same."""
+    inert = {"burst_kernel"} if method == DENSE else set()
     changed = [f"{f.name}={getattr(decode, f.name)}" for f in fields(decode)
                if getattr(decode, f.name) != f.default and f.name not in inert]
     return method if method in (TRANSFORMERS, STATIC) or not changed else f"{method} ({', '.join(changed)})"
@@ -74,7 +77,7 @@ class AnswerConfig:
     lengths: list[int] = field(default_factory=lambda: [8192, 32768])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     new_tokens: list[int] = field(default_factory=lambda: [128, 512])
-    methods: list[str] | None = None  # None: every method
+    methods: list[str] | None = None  # None: every named method; others are schedule specs (parse_schedule)
     device: str = "cuda"
     dtype: str = "bfloat16"
     seed: int = 0
@@ -98,13 +101,16 @@ class AnswerConfig:
             raise ValueError("1 <= warmup_tokens <= max(new_tokens), steady_skip >= 0 and copy_mb >= 1 are required")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
-        unknown = sorted(set(self.methods or []) - set(method_names()))
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; methods: {', '.join(method_names())}")
+        for method in set(self.methods or []) - set(method_names()):
+            try:
+                parse_schedule(method, SPEC_CHECK_LAYERS)
+            except ValueError as err:
+                raise ValueError(f"method {method!r} is neither one of {', '.join(method_names())} nor a schedule "
+                                 f"spec: {err}") from None
 
     @property
     def selected(self) -> list[str]:
-        return [m for m in method_names() if self.methods is None or m in self.methods]
+        return [m for m in method_names(self.methods or ()) if self.methods is None or m in self.methods]
 
 
 # ------------------------------------------------------------------------------- bytes and memory
@@ -211,7 +217,7 @@ def runner(method: str, model: nn.Module, new: int, decode: DecodeOptions = Deco
 
         return run_transformers
     num_layers = adapter_for(model).num_layers
-    lazy = LazyLLM(model, Schedule() if method == DENSE else preset(method, num_layers), decode=decode)
+    lazy = LazyLLM(model, parse_schedule(method, num_layers), decode=decode)
 
     def run_ours(prompts: list[torch.Tensor], clock: TokenClock, stop: int | None) -> list[GenerationStats] | None:
         clock.start()
@@ -285,25 +291,18 @@ def summarize(case: Case, stamps: list[float], stats: list[GenerationStats] | No
     return row
 
 
-def revivals(stats: GenerationStats, n_prompt: int, schedule: Schedule) -> dict:
+def revivals(stats: GenerationStats, n_prompt: int) -> dict:
     """What decoding revived for one sequence: rows per decoding step (summed over layers), and how many prompt
     tokens prefill deferred (stopped before the last layer) and how many of them a later step took deeper
-    (depth only grows, and only a revival makes a prompt token's depth grow). Where a step can speculate on
-    the rows entering each segment (a pruning layer that reselects), also those rows per step and segment, from
-    which plan.replay_guesses tells how any guessing rule would have fared (as at batch 1)."""
+    (depth only grows, and only a revival makes a prompt token's depth grow)."""
     deferred = stats.prefill_depth < stats.num_layers - 1  # [n_prompt]
     deeper = stats.final_depth[:n_prompt] > stats.prefill_depth  # [n_prompt]
-    record = {
+    return {
         "revived_per_step": [sum(s.revived) for s in stats.steps[1:]],
         "prompt_tokens": n_prompt,
         "prompt_deferred": int(deferred.sum()),
         "prompt_revived": int(deeper.sum()),
     }
-    if waits_mid_step(schedule):
-        firsts = [seg.first for seg in segments(stats.num_layers, list(schedule.keep))]
-        entered = np.array([[s.computed[f] for f in firsts] for s in stats.steps[1:]])  # [steps, segments]
-        record["entered_per_step"] = entered.tolist()
-    return record
 
 
 def measure(case: Case, method: str, cfg: AnswerConfig) -> dict:
@@ -409,7 +408,8 @@ def run(cfg: AnswerConfig, progress: Callable[[str], None] | None = None,
         result["models"][name] = {
             "random_weights": name in SHAPES, "dims": asdict(dims),
             "dtype": str(adapter_for(model).dtype).removeprefix("torch."),
-            "schedules": {m: preset(m, dims.layers).keep for m in PRESETS},
+            "schedules": {m: parse_schedule(m, dims.layers).to_dict()
+                          for m in cfg.selected if m not in (TRANSFORMERS, DENSE, STATIC)},
         }
         for n in cfg.lengths:
             for batch in cfg.batch_sizes:
@@ -430,7 +430,8 @@ def run(cfg: AnswerConfig, progress: Callable[[str], None] | None = None,
 def merge(results: list[dict]) -> dict:
     """One result from chunks: cases of the same (model, length, batch) are joined, methods in their run order
     (a method measured twice keeps the later chunk's row). Each chunk's machine and command stay in `runs`."""
-    order = {m: i for i, m in enumerate(method_names())}
+    order = {m: i for i, m in enumerate(method_names([r["method"] for c in results for case in c["cases"]
+                                                      for r in case["rows"]]))}
     merged: dict = {"kind": "answers", "machine": results[0]["machine"], "models": {}, "cases": [],
                     "runs": [{"machine": r["machine"], "command": r["command"], "config": r["config"]}
                              for r in results]}

@@ -8,8 +8,7 @@ A segment run reads its inputs from buffers that live as long as the engine (the
 positions, the candidate-set membership `in_s`, the cache) and writes only into them, with shapes
 fixed by (segment, R, T). So on CUDA each such run is captured once as a CUDA graph and replayed; on
 the CPU the same code runs eagerly. Padded rows point at the scratch slot: they compute garbage that
-nothing reads, and no write needs a mask; a speculative segment whose rows overflowed its R points all its
-rows there, which is how it changes nothing.
+nothing reads, and no write needs a mask.
 """
 
 from __future__ import annotations
@@ -34,24 +33,24 @@ class SegmentRunner:
 
     def __init__(
         self, adapter: LlamaAdapter, cache: LazyCache, reselects: bool, num_pruning: int, split_kernel: bool,
-        burst_kernel: bool = False, compile_layers: bool = False, speculate: bool = False, compact: bool = False,
+        burst_kernel: bool = False, compile_layers: bool = False, compact: bool = False,
         revival_rows: int | None = None, ratios: tuple[float, ...] = (),
     ) -> None:
         B, P = cache.depth_device.shape
         dev, long = adapter.device, torch.long
-        self.a, self.cache, self.reselects, self.speculate = adapter, cache, reselects, speculate
+        self.a, self.cache, self.reselects = adapter, cache, reselects
         self.compact = compact  # runs are never captured: a step takes only the sequences that step (`run`)
         self.partial = False  # this step leaves some slots out
         self.layers: LlamaAdapter | CompiledLayers = CompiledLayers(adapter) if compile_layers else adapter
         # the Triton kernels that read only S_l's K/V (CUDA): few rows per sequence, and bursts of many
         self.split = self.burst = None
         if split_kernel:
-            from . import split_attention
+            from .kernels import split_attention
 
             if split_attention.warm_up(adapter.dtype, adapter.head_dim, dev):
                 self.split = split_attention
         if burst_kernel:
-            from . import burst_attention
+            from .kernels import burst_attention
 
             group = adapter.num_heads // adapter.num_kv_heads
             if burst_attention.warm_up(adapter.dtype, adapter.head_dim, group, dev):
@@ -74,9 +73,6 @@ class SegmentRunner:
         # [segments, 3, B] rows entering each segment, how many of them are revived, and |S| there: segment 0 takes
         # q alone among every token (`load`), a pruning segment writes the next one's
         self.counts = torch.zeros(num_pruning + 1, 3, B, dtype=long, device=dev)
-        # False from the first segment of the step whose rows did not fit its R: that segment and every later
-        # one then run on the scratch slot only and change nothing, so the host can run them again, larger
-        self.fits = torch.ones((), dtype=torch.bool, device=dev)
 
     def load(self, tokens: torch.Tensor, seqs: list[int], plan: StepPlan) -> None:
         """Copy a step's inputs into the buffers (one host-to-device copy). tokens: [A] for `seqs`."""
@@ -96,7 +92,6 @@ class SegmentRunner:
         self.counts.zero_()
         self.counts[0, 0] = self.active
         self.counts[0, 2] = torch.where(self.active, self.t + 1, 0)
-        self.fits.fill_(True)
 
     def q_hidden(self) -> torch.Tensor:
         """[A, d] the last layer's output for each stepping sequence's q."""
@@ -106,9 +101,8 @@ class SegmentRunner:
         """Layers seg.first..seg.last on the rows entering seg.first (at most R per sequence), keys [0, T).
 
         `index`: the segment's place in the step (and which pruning layer seg.last is, when it prunes). A
-        pruning segment leaves in `counts[index + 1]` the rows that enter the next segment. R may be a guess
-        (engine.decode): if more rows enter, the segment clears `fits` and, like every later segment of the
-        step, computes on the scratch slot only, so that nothing it would have changed is changed.
+        pruning segment leaves in `counts[index + 1]` the rows that enter the next segment (at most R there, by
+        the host's count or a revival bound).
 
         A run that is never captured (`compact`) takes only the sequences that step (`seqs`): a server's idle
         slots would otherwise cost as much as busy ones (CPU, 8 slots, 1 busy: 149 against 60 ms a step).
@@ -135,11 +129,6 @@ class SegmentRunner:
         self._start_membership(seg, T, in_s, sel, t)
         keys = self.positions[:T].expand(b, T)
         rows, valid, count = self._rows(seg.first, R, T, in_s, sel)  # [b, R], [b, R], [b]
-        fits = None  # without speculation R holds every row that enters
-        if self.speculate:  # R is a guess: a device value says whether it held them, with no wait
-            fits = self.fits & (count <= R).all()
-            self.fits.copy_(fits)
-            rows, valid = torch.where(fits, rows, c.scratch), valid & fits
         recorder.layers(len(seg.layers), keys, in_s, rows, valid)
         seq, pos = bs[:, None].expand(b, R).reshape(-1), rows.reshape(-1)  # [b * R]
         h = c.aux[seq, pos]  # [b * R, d]
@@ -159,16 +148,15 @@ class SegmentRunner:
                        seq=self.ids[sel])
         scores = scorer.score(x)  # [b, T]
         recorder.scores(seg.last, keys, in_s, scores)
-        is_q, candidates, keep = keys == t[:, None], in_s, self.keep[index, sel]
+        is_q, keep, bounded = keys == t[:, None], self.keep[index, sel], None
         if scorer.revival_rows is not None:  # of those that would need rows next, only the best rows - 1
-            needs = in_s & (c.depth_device[sel, :T] == seg.last) & ~is_q
-            candidates = in_s & ~(needs & ~top_k(scores, needs, torch.zeros_like(needs), self.revive[sel]))
+            bounded = in_s & (c.depth_device[sel, :T] == seg.last) & ~is_q
             # ceil(r |S_l|) as Schedule.kept_count rounds it, of the S_l that reached this layer: an earlier bound
             # may have left it smaller than the host planned
             kept = torch.round(in_s.sum(1) * self.ratios[index], decimals=6)
             keep = torch.ceil(kept).long().clamp(min=1)
-        chosen = top_k(scores, candidates, is_q, keep)
-        in_s.copy_(chosen if fits is None else torch.where(fits, chosen, in_s))
+        chosen = top_k(scores, in_s, is_q, keep, bounded, self.revive[sel])
+        in_s.copy_(chosen)
         entering = (in_s & (c.depth_device[sel, :T] == seg.last)).sum(1)
         stayed = (in_s.gather(1, rows.clamp(max=T - 1)) & valid).sum(1)  # rows of this segment still candidates
         self.counts[index + 1, 0, sel] = entering
@@ -234,7 +222,7 @@ class SegmentRunner:
         self, first: int, R: int, T: int, in_s: torch.Tensor, sel: torch.Tensor | slice
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The candidates that stopped just before layer `first`: [b, R] positions in order (scratch slot
-        where padded), [b, R] bool real, [b] count (all of them: when it exceeds R, the first R are laid out)."""
+        where padded), [b, R] bool real, [b] count (at most R)."""
         b = in_s.shape[0]
         enter = in_s & (self.cache.depth_device[sel, :T] == first - 1)  # [b, T]
         count = enter.sum(1)
@@ -273,17 +261,25 @@ class CompiledLayers:
         return self._finish(self.a.layers[layer], h, attn_out.contiguous())
 
 
-def top_k(scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The keep[b] best candidates of each sequence, q always kept -> [B, T] bool.
+def top_k(
+    scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, keep: torch.Tensor,
+    bounded: torch.Tensor | None = None, allowance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The keep[b] best candidates of each sequence, q always kept -> [B, T] bool. With `bounded` ([B, T] bool),
+    only the allowance[b] best of those candidates may be among them (Revive: rows a step may compute), and the
+    keep count is filled from the others.
 
-    scores, in_s, is_q: [B, T] over positions; keep: [B]. Ties go to the earlier position (a stable
-    sort over positions), as scoring.select breaks them over packed candidates in position order.
+    scores, in_s, is_q: [B, T] over positions; keep, allowance: [B]. One stable sort over positions ranks every
+    candidate (ties go to the earlier position, as scoring.select breaks them over packed candidates in position
+    order); the bound and the keep count are then running counts along that order.
     """
-    B, T = scores.shape
     s = scores.masked_fill(~in_s, float("-inf")).masked_fill(is_q, float("inf"))
     order = torch.argsort(s, dim=1, descending=True, stable=True)  # [B, T]
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=s.device).expand(B, T))
-    return (rank < keep[:, None]) & in_s
+    member = in_s.gather(1, order)  # [B, T] in rank order
+    if bounded is not None:
+        over = bounded.gather(1, order)
+        member &= ~(over & (over.cumsum(1) > allowance[:, None]))
+    return torch.zeros_like(in_s).scatter_(1, order, member & (member.cumsum(1) <= keep[:, None]))
 
 
 # Rows x query heads per K/V head up to which the split kernel runs: one of its programs holds all of a K/V

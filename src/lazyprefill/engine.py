@@ -34,10 +34,8 @@ from .decoding import Graphs, SegmentRunner, eager
 from .env import triton_runs_on
 from .packing import Packing, upload
 from .plan import (
+    BOUNDED_MAX_ROWS,
     GRAPH_MAX_ROWS,
-    SPECULATE_MAX_ROWS,
-    first_overflow,
-    guess_rows,
     layout_rows,
     plan_step,
     segments,
@@ -62,17 +60,13 @@ DECODE_ATTENTION = [
 class DecodeOptions:
     """How decoding steps run. Every choice computes the same thing (SPEC.md) up to floating-point rounding;
     they differ in speed. Each default is what measured fastest on the device kind (benchmarks/NOTES.md, "The
-    whole answer on the H200"): None means on with CUDA and off on the CPU, except speculation: off on both.
+    whole answer on the H200"): None means on with CUDA and off on the CPU.
 
     graphs: replay segments as CUDA graphs (needs CUDA and no tracing, whose recorder reads the device
         mid-step). split_kernel: the Triton kernel that reads only S_l's K/V for a few rows per sequence;
         otherwise the written-out masked attention over every position.
     burst_kernel: many rows (revival bursts) through the Triton flash kernel over S_l's positions with
         per-row key ranges, instead of SDPA with an [R, T] mask.
-    speculate: lay out a step's segments before their row counts are known, so that the host waits once a
-        step, at its end, not once per pruning layer that reselects. Off by default: on the H200 (8K, llama2-7b
-        and llama3-8b, batch 1 and 8) `balanced` and `paper` decoded 0.6-1.9 ms a step slower with it, since the
-        GPU idles at a step's end while the host plans the whole next step, longer than it idles mid-step.
     compile: the layer halves of decoding steps through torch.compile (decoding.CompiledLayers), fusing the
         small kernels that a step's many short layers launch; the first call in a process compiles.
     """
@@ -80,7 +74,6 @@ class DecodeOptions:
     graphs: bool | None = None
     split_kernel: bool | None = None
     burst_kernel: bool | None = None
-    speculate: bool | None = None
     compile: bool | None = None
 
     def __post_init__(self) -> None:
@@ -121,12 +114,11 @@ class Engine:
         self.burst_kernel = on_cuda if decode.burst_kernel is None else decode.burst_kernel
         self.compile_layers = on_cuda if decode.compile is None else decode.compile
         self.segments = segments(adapter.num_layers, list(schedule.keep))
-        self.speculate = bool(decode.speculate) and waits_mid_step(schedule)  # nothing to guess otherwise
         # Revive: every step after a pruning layer computes at most this many rows a sequence, so a step laid out
-        # in buckets (graphs) needs no count from the device to be laid out: no wait, and no guess to overflow.
-        # Only for bounds that cost about what one row costs (a larger one waits and lays out what it needs)
+        # in buckets (graphs) needs no count from the device to be laid out: no wait mid-step. Only for bounds
+        # that cost about what one row costs (a larger one waits and lays out what it needs)
         bound = schedule.scorer.revival_rows
-        fixed = bound is not None and bound <= SPECULATE_MAX_ROWS and self.graphs and waits_mid_step(schedule)
+        fixed = bound is not None and bound <= BOUNDED_MAX_ROWS and self.graphs and waits_mid_step(schedule)
         self._bounded = [1] + [bound] * (len(self.segments) - 1) if fixed else None
         self.recorder: Recorder = Recorder()
         self.cache: LazyCache | None = None
@@ -139,7 +131,7 @@ class Engine:
         L = self.a.num_layers
         c = self.cache = LazyCache(self.a, batch, self.capacity, count_writes=self.trace)
         self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel,
-                                    self.burst_kernel, self.compile_layers, self.speculate, compact=not self.graphs,
+                                    self.burst_kernel, self.compile_layers, compact=not self.graphs,
                                     revival_rows=self.schedule.scorer.revival_rows,
                                     ratios=tuple(self.schedule.keep.values()))
         self._run_segment = Graphs() if self.graphs else eager
@@ -147,7 +139,6 @@ class Engine:
         self._prefill_sizes = np.zeros((batch, L), dtype=np.int64)  # [B, L] |S_l| of each slot's prefill
         # prefills since the last settle: (their slots, the (layer, slots, positions) each dropped)
         self._unsettled: list[tuple[list[int], list[tuple[int, torch.Tensor, torch.Tensor]]]] = []
-        self._guess: list[int] | None = None  # rows to lay out per segment of the next step (speculating)
 
     @property
     def graphs_captured(self) -> int:
@@ -251,7 +242,6 @@ class Engine:
         for slots, dropped in self._unsettled:
             self.cache.settle(slots, self._prompt_lengths[slots].tolist(), dropped)
         self._unsettled = []
-        self._guess = None  # a new sequence's first step revives what its prefill deferred: no guess fits it
 
     def _prefill_scores(
         self, layer: int, qp: torch.Tensor, kp: torch.Tensor, rows: Packing, pos: torch.Tensor, span: int,
@@ -278,11 +268,9 @@ class Engine:
         -> their logits [A, vocab] and stats. Each token becomes its sequence's q at position length.
 
         Plan (host: sizes), then one static-shape segment run after another. How many rows enter after a
-        pruning layer that reselects is known only on the device: when speculating, every segment is laid
-        out at the size the previous step suggests and the host waits once, at the end; a segment that
-        overflowed its guess did nothing, and it and the rest are run again at their real sizes, waiting
-        for the count before each (as every step does without speculation). Under a revival bound (Revive)
-        with buckets, every segment is laid out at the bound, which it cannot overflow.
+        pruning layer that reselects is known only on the device, so the host waits for that count before
+        laying out the next segment; under a revival bound (Revive) with buckets, every segment is laid out at
+        the bound instead, and the host waits once, at the step's end, for the stats.
         """
         c = self.cache
         plan = plan_step(self.schedule, self.reselects, c.length, seqs, self.a.num_layers, self.capacity,
@@ -291,32 +279,20 @@ class Engine:
         c.length[seqs] += 1
         self.runner.load(tokens, seqs, plan)
         self.recorder.begin(seqs)
-        n_seg = len(self.segments)
-        counts = np.zeros((n_seg, 3, c.length.shape[0]), dtype=np.int64)  # rows entering each segment, revived, |S|
-        counts[:, 0, seqs] = 1  # q alone, unless a pruning layer that reselects brings more (read from the device)
-        counts[:, 2] = plan.sizes[:, [seg.first for seg in self.segments]].T  # as planned, unless read from the device
-        start = 0
-        guess = self._bounded or self._guess
-        if guess is not None:
-            rows = [layout_rows(n, plan.keys, self.graphs) for n in guess]
-            for index, R in enumerate(rows):
-                self._run(index, R, plan.keys)
+        if self._bounded is not None:
+            for index, n in enumerate(self._bounded):
+                self._run(index, layout_rows(n, plan.keys, self.graphs), plan.keys)
             logits = self.a.logits(self.runner.q_hidden())  # [A, vocab], enqueued before the wait
             counts = np.array(self.runner.counts.tolist())  # the step's one wait
-            start = first_overflow(counts[:, 0].max(axis=1), rows)
-            if start is None:
-                start = n_seg
-            else:  # that segment and the later ones changed nothing: run them at their real sizes
-                self.runner.fits.fill_(True)
-                self.recorder.rewind(self.segments[start].first)
-        for index in range(start, n_seg):
-            if index > start and self.reselects:
-                counts[index] = self.runner.counts[index].tolist()  # a wait per pruning layer
-            self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys, self.graphs), plan.keys)
-        if start < n_seg:  # a segment ran after the guessed ones, or none was guessed
+        else:
+            counts = np.zeros((len(self.segments), 3, c.batch), dtype=np.int64)  # entering each segment, revived, |S|
+            counts[:, 0, seqs] = 1  # q alone, unless a pruning layer that reselects brings more (read from the device)
+            counts[:, 2] = plan.sizes[:, [seg.first for seg in self.segments]].T  # as planned
+            for index in range(len(self.segments)):
+                if index > 0 and self.reselects:
+                    counts[index] = self.runner.counts[index].tolist()  # a wait per pruning layer
+                self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys, self.graphs), plan.keys)
             logits = self.a.logits(self.runner.q_hidden())
-        if self.speculate:
-            self._guess = guess_rows(counts[:, 0].max(axis=1), batch=c.batch)
         self.recorder.end()
         return logits, self._stats(seqs, counts)
 

@@ -137,7 +137,7 @@ class LazyLLM:
 
     `schedule` is a preset name ("balanced", the default, or "paper"), "dense"/None, "static"/"random" baselines, a
     "layer:ratio,..." string, a `{layer: ratio}` dict or a `Schedule`. `decode` chooses how decoding steps
-    run (`DecodeOptions`: CUDA graphs, Triton kernels, speculation, compiled layers); the defaults suit the device.
+    run (`DecodeOptions`: CUDA graphs, Triton kernels, compiled layers); the defaults suit the device.
 
     Memory: the engine of the last call (its K/V cache, compiled code and CUDA graphs) is kept for the next call
     of the same batch size that fits in it, as a compiled static cache is; `release()` frees it.

@@ -66,71 +66,15 @@ def layout_rows(n: int, keys: int, buckets: bool = True) -> int:
     return n if n > GRAPH_MAX_ROWS else min(row_bucket(n), keys)
 
 
-# A step speculates only while every segment took fewer rows than SPECULATE_MAX_ROWS in the step before: a
-# larger guess would lay out up to 4x the rows it needs (a bucket above 32 is 128), and such steps are the few
-# right after prefill, whose revivals fall fast. Guesses lay out at least SPECULATE_MIN_ROWS rows a segment over
-# the batch (that many divided by the batch per sequence): up to 32 rows cost about what one costs (the weights
-# dominate the bytes a segment reads), 256 do not (at batch 8 a floor of 32 rows per sequence made llama3-8b's
-# `balanced` step at 8K 12.3 ms against 8.2 without speculation on the H200). A guess one bucket above the
-# last count overflowed in 10-22% of the steps with real weights, at least 32 rows in 3-10% (Gemma 3 270M at
-# 2K and 4K, replayed in benchmarks/results/revivals-gemma3-270m.md).
-SPECULATE_MAX_ROWS = 32
-SPECULATE_MIN_ROWS = 32
-
-
-def guess_rows(
-    entered: np.ndarray, batch: int = 1, max_rows: int = SPECULATE_MAX_ROWS, min_rows: int = SPECULATE_MIN_ROWS
-) -> list[int] | None:
-    """Rows to lay out per sequence and segment of a step before its counts are known, from the last step's
-    `entered`: [segments] the most rows that entered each segment in any of the `batch` sequences laid out.
-
-    Segment 0 takes q alone. After a pruning layer, one bucket above last step's count and at least
-    `min_rows` over the batch, so that more revivals still fit and a step overflows, and runs again, only when
-    revivals jump. None when some segment took `max_rows` or more: the next step waits for its counts.
-    """
-    if entered.max() >= max_rows:
-        return None
-    floor = max(1, min_rows // batch)
-    return [1] + [max(floor, row_bucket(int(n) + 1)) for n in entered[1:]]
-
-
-def first_overflow(entered: np.ndarray, rows: list[int]) -> int | None:
-    """The first segment whose entering rows (entered: [segments], most over the batch) exceed the rows laid
-    out for it, as the device finds it (decoding.SegmentRunner.run); None when every segment fit."""
-    return next((i for i, (n, r) in enumerate(zip(entered, rows, strict=True)) if n > r), None)
-
-
-@dataclass
-class Replay:
-    """How speculation went over recorded steps: steps laid out on a guess, how many of them overflowed it
-    (and ran again from there), and over the guessed steps' segments after q's, rows laid out and rows needed."""
-
-    speculated: int = 0
-    overflowed: int = 0
-    laid_out: int = 0
-    needed: int = 0
-
-
-def replay_guesses(
-    entered: np.ndarray, max_rows: int = SPECULATE_MAX_ROWS, min_rows: int = SPECULATE_MIN_ROWS
-) -> Replay:
-    """What speculation does on recorded counts, step by step as engine.decode guesses (`guess_rows` with
-    these thresholds). entered: [steps, segments] the most rows that entered each segment at each decoding step,
-    over the batch (per sequence, this is batch 1)."""
-    guess, replay = None, Replay()
-    for row in entered:
-        if guess is not None:
-            replay.speculated += 1
-            replay.overflowed += first_overflow(row, guess) is not None
-            replay.laid_out += sum(guess[1:])
-            replay.needed += int(row[1:].sum())
-        guess = guess_rows(row, 1, max_rows, min_rows)
-    return replay
+# A revival bound (scoring.Revive) of up to this many rows lays every segment after a pruning layer out at the bound,
+# so that a step reads no count from the device mid-step: up to 32 rows cost about what one costs (the weights
+# dominate the bytes a segment reads). A larger bound waits for the count and lays out what enters.
+BOUNDED_MAX_ROWS = 32
 
 
 def waits_mid_step(schedule: Schedule) -> bool:
     """Whether a decoding step must learn from the device how many rows enter a segment: only after a pruning
-    layer that reselects (otherwise only q enters, and speculation has nothing to guess)."""
+    layer that reselects (otherwise only q enters)."""
     return bool(schedule.keep) and schedule.scorer.reselects
 
 

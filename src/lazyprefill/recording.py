@@ -51,9 +51,6 @@ class Recorder:
     def scores(self, layer: int, cands: torch.Tensor, cand_ok: torch.Tensor | None, s: torch.Tensor) -> None:
         """Importance s: [B, width] of the candidates [B, width] at a pruning layer."""
 
-    def rewind(self, layer: int) -> None:
-        """Forget what this step recorded from `layer` on: those layers will run again (and score again)."""
-
     def end(self) -> None:
         """The step is over."""
 
@@ -80,10 +77,6 @@ class TraceRecorder(Recorder):
         val = _per_seq(s, cand_ok, self.seqs)
         for tr, p, v in zip(self.step, pos, val, strict=True):
             tr.scores[layer] = (p, v)
-
-    def rewind(self, layer) -> None:
-        for tr in self.step:
-            del tr.candidates[layer:], tr.computed[layer:]
 
     def end(self) -> None:
         for b, tr in zip(self.seqs, self.step, strict=True):
