@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from lazyprefill import answers
 from lazyprefill.engine import DecodeOptions
-from lazyprefill.eval.runner import split_list
+from lazyprefill.schedule import split_list
 
 
 def _ints(text: str) -> list[int]:

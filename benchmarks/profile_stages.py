@@ -21,8 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from lazyprefill import bench
 from lazyprefill.adapters import adapter_for
 from lazyprefill.engine import DecodeOptions, Engine
-from lazyprefill.eval.runner import split_list
-from lazyprefill.schedule import parse_schedule
+from lazyprefill.schedule import parse_schedule, split_list
 
 HOST_STALLS = ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize", "cudaEventSynchronize")
 

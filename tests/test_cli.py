@@ -38,7 +38,8 @@ def test_json_reports_the_answer_and_per_layer_work(doc):
     result = generate("--prompt-file", str(doc), "--question", "Who created Python?", "-n", "4", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["model"] == "smollm2" and out["schedule"] == "balanced" and out["schedule_scorer"] == "last(heads=mean)"
+    assert out["model"] == "smollm2" and out["schedule"] == "balanced"
+    assert out["schedule_scorer"] == "revive(rows=8, of=last(heads=mean))"
     assert out["schedule_keep"] == {"20": 0.3}  # the default preset: 67% of 30 layers
     assert 1 <= len(out["token_ids"]) <= 4 and isinstance(out["text"], str)
     assert out["ttft_s"] > 0 and len(out["ttft_runs_s"]) == 1

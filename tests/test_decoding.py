@@ -194,3 +194,25 @@ def test_compiled_layer_halves_decode_what_eager_ones_decode(family):
         assert b.new_tokens == a.new_tokens
         assert b.stats.to_dict() == a.stats.to_dict()
         torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["dense", "paper", "revive(rows=4):paper"])
+def test_steps_enqueued_ahead_give_what_steps_one_at_a_time_give(schedule):
+    """DecodeOptions(ahead=True) on the CPU: each step is enqueued before the last one's tokens are read, and a
+    sequence that stops at EOS takes one step more, which its output drops."""
+    model = tiny_model("llama_gqa_rope3")
+    prompts = [list(range(5, 45)), list(range(9, 30))]
+    plain = lp.LazyLLM(model, schedule, decode=DecodeOptions(ahead=False)).generate(prompts, 10, eos_token_id=[])
+    new = plain[0].new_tokens
+    stop = next(k for k in range(2, 10) if new[k] not in new[:k])  # sequence 0 stops there, by EOS
+    eos = new[stop]
+    want = lp.LazyLLM(model, schedule, decode=DecodeOptions(ahead=False)).generate(
+        prompts, 10, eos_token_id=eos, return_logits=True)
+    got = lp.LazyLLM(model, schedule, decode=DecodeOptions(ahead=True)).generate(
+        prompts, 10, eos_token_id=eos, return_logits=True)
+    assert want[0].finish_reason == "eos" and len(want[0].new_tokens) == stop + 1
+    for a, b in zip(want, got, strict=True):
+        assert (b.new_tokens, b.finish_reason) == (a.new_tokens, a.finish_reason)
+        torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits))
+        assert b.stats.steps == a.stats.steps
+        assert b.stats.final_depth.shape == a.stats.final_depth.shape

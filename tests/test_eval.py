@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from lazyprefill.cli import app
 from lazyprefill.eval import metrics, report, tasks
-from lazyprefill.eval.runner import make_methods, split_list, sweep_schedules
+from lazyprefill.eval.runner import make_methods, sweep_schedules
+from lazyprefill.schedule import split_list
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -22,7 +22,7 @@ from lazyprefill.attention import decode_mask, prefill_attention
 from lazyprefill.engine import Engine
 from lazyprefill.eval.runner import make_methods
 from lazyprefill.schedule import GEMMA3_PRESETS
-from lazyprefill.scoring import Random, parse_scorer
+from lazyprefill.scoring import Random, Revive, parse_scorer
 
 ATOL = 1e-4
 STEPS = 20
@@ -205,14 +205,15 @@ def test_gemma3_has_its_own_presets_chosen_on_its_own_evidence():
     """balanced and fast were tuned on gemma3-270m (schedule.GEMMA3_PRESETS); other families keep theirs."""
     gemma, mistral = windowed_model("gemma3"), windowed_model("mistral_window")
     pool = parse_scorer("pool(k=7, of=window(w=16))")
-    assert lp.LazyLLM(gemma).schedule == lp.Schedule({0: 0.5}, pool)  # the default: 0.3 of 6 layers -> full layer 0
+    # the default: 0.3 of 6 layers -> full layer 0
+    assert lp.LazyLLM(gemma).schedule == lp.Schedule({0: 0.5}, Revive(rows=8, of=pool))
     protect = parse_scorer(f"protect(sink=4, recent=16, of={pool.spec()})")
     assert lp.LazyLLM(gemma, "fast").schedule == lp.Schedule({0: 0.3}, protect)
     assert lp.LazyLLM(mistral).schedule == lp.parse_schedule("balanced", 6)  # the general preset: `last` at 0.67
     with pytest.raises(ValueError, match=r"use a preset \(balanced, paper\)"):
         lp.LazyLLM(mistral, "fast")
     # Gemma 3 270M: layers 5 and 11 can prune
-    assert lp.parse_schedule("balanced", 18, [5, 11], GEMMA3_PRESETS) == lp.Schedule({5: 0.5}, pool)
+    assert lp.parse_schedule("balanced", 18, [5, 11], GEMMA3_PRESETS) == lp.Schedule({5: 0.5}, Revive(rows=8, of=pool))
     names = [m.name for m in make_methods(["presets"], 18, [], [5, 11], GEMMA3_PRESETS)]
     assert names == ["dense", "balanced", "fast", "paper"]
 

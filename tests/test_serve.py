@@ -84,7 +84,8 @@ def test_chat_plain_and_streamed_give_the_same_answer(client):
     assert plain.usage.completion_tokens <= 12 and plain.usage.prompt_tokens > 300
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
     figures = plain.model_extra["lazyprefill"]
-    assert figures["schedule"].startswith("last") and 0 < figures["prefill_work"] < 1 and figures["ttft_s"] > 0
+    assert figures["schedule"].startswith("revive(rows=8, of=last")
+    assert 0 < figures["prefill_work"] < 1 and figures["ttft_s"] > 0
     chunks = list(ask(client, 1500, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content

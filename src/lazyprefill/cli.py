@@ -404,7 +404,7 @@ def eval_command(
 
     from .adapters import adapter_for
     from .eval import EvalConfig, ResumeMismatch, evaluate, make_methods, report_from_log
-    from .eval.runner import split_list
+    from .schedule import split_list
 
     try:
         cfg = EvalConfig(
@@ -565,8 +565,8 @@ def tune_command(
     from rich.console import Console
 
     from . import tune
-    from .eval.runner import split_list
     from .eval.tasks import SPLITS
+    from .schedule import split_list
 
     try:
         space = tune.SearchSpace(

@@ -36,6 +36,7 @@ from .packing import Packing, upload
 from .plan import (
     BOUNDED_MAX_ROWS,
     GRAPH_MAX_ROWS,
+    Segment,
     layout_rows,
     plan_step,
     segments,
@@ -45,7 +46,7 @@ from .recording import Recorder, StepStats, StepTrace, TraceRecorder
 from .schedule import Schedule
 from .scoring import ScoreInput, select
 
-__all__ = ["DECODE_ATTENTION", "DecodeOptions", "Engine", "StepStats", "StepTrace"]
+__all__ = ["DECODE_ATTENTION", "DecodeOptions", "Engine", "PendingStats", "StepStats", "StepTrace"]
 
 # Decoding calls SDPA only for bursts of revived rows, with the kernel choice scoped to the call
 # (decoding._sdpa_attention). `bench` uses this order for transformers
@@ -69,12 +70,16 @@ class DecodeOptions:
         per-row key ranges, instead of SDPA with an [R, T] mask.
     compile: the layer halves of decoding steps through torch.compile (decoding.CompiledLayers), fusing the
         small kernels that a step's many short layers launch; the first call in a process compiles.
+    ahead: LazyLLM enqueues each decoding step before it reads the previous step's tokens, so that the device
+        never waits for the host between steps; a sequence that stops at EOS or a stop string has then taken one
+        step more than its tokens show (its output drops it). Pays only where the device runs on its own (CUDA).
     """
 
     graphs: bool | None = None
     split_kernel: bool | None = None
     burst_kernel: bool | None = None
     compile: bool | None = None
+    ahead: bool | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -264,13 +269,20 @@ class Engine:
 
     # --------------------------------------------------------------- decoding
     def decode(self, tokens: torch.Tensor, seqs: list[int]) -> tuple[torch.Tensor, list[StepStats]]:
-        """tokens: [A] the newest token of each sequence in `seqs` (ascending; the rest have stopped)
-        -> their logits [A, vocab] and stats. Each token becomes its sequence's q at position length.
+        """`step`, then its stats: tokens [A] -> logits [A, vocab], stats of each sequence in `seqs`."""
+        logits, stats = self.step(tokens, seqs)
+        return logits, stats.get()
+
+    def step(self, tokens: torch.Tensor, seqs: list[int]) -> tuple[torch.Tensor, PendingStats]:
+        """tokens: [A] the newest token of each sequence in `seqs` (ascending; the rest have stopped), on the device
+        -> their logits [A, vocab] and the step's stats, read when asked for. Each token becomes its sequence's q at
+        position length.
 
         Plan (host: sizes), then one static-shape segment run after another. How many rows enter after a
         pruning layer that reselects is known only on the device, so the host waits for that count before
         laying out the next segment; under a revival bound (Revive) with buckets, every segment is laid out at
-        the bound instead, and the host waits once, at the step's end, for the stats.
+        the bound instead, and the step never waits: its counts are copied to the host behind its kernels, so
+        that a caller can enqueue the next step before reading this one's tokens (LazyLLM.stream).
         """
         c = self.cache
         plan = plan_step(self.schedule, self.reselects, c.length, seqs, self.a.num_layers, self.capacity,
@@ -282,8 +294,7 @@ class Engine:
         if self._bounded is not None:
             for index, n in enumerate(self._bounded):
                 self._run(index, layout_rows(n, plan.keys, self.graphs), plan.keys)
-            logits = self.a.logits(self.runner.q_hidden())  # [A, vocab], enqueued before the wait
-            counts = np.array(self.runner.counts.tolist())  # the step's one wait
+            counts = PendingStats.copy(self.runner.counts)
         else:
             counts = np.zeros((len(self.segments), 3, c.batch), dtype=np.int64)  # entering each segment, revived, |S|
             counts[:, 0, seqs] = 1  # q alone, unless a pruning layer that reselects brings more (read from the device)
@@ -292,9 +303,8 @@ class Engine:
                 if index > 0 and self.reselects:
                     counts[index] = self.runner.counts[index].tolist()  # a wait per pruning layer
                 self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys, self.graphs), plan.keys)
-            logits = self.a.logits(self.runner.q_hidden())
         self.recorder.end()
-        return logits, self._stats(seqs, counts)
+        return self.a.logits(self.runner.q_hidden()), PendingStats(self.segments, list(seqs), counts)
 
     def _run(self, index: int, R: int, keys: int) -> None:
         """Segment `index` on R rows per sequence (plan.layout_rows), keys [0, keys).
@@ -305,12 +315,38 @@ class Engine:
         run((index, R, keys), partial(self.runner.run, self.segments[index], index, R, keys, self.schedule.scorer,
                                       self.recorder))
 
-    def _stats(self, seqs: list[int], counts: np.ndarray) -> list[StepStats]:
-        """Per-layer counts of each stepping sequence from `counts`: [segments, 3 (entering, revived, |S|), B]."""
+
+class PendingStats:
+    """A decoding step's per-layer counts, read from the device only when asked for (`get`).
+
+    counts: [segments, 3 (entering, revived, |S|), B], on the host, or a device tensor whose copy to the host is
+    enqueued behind the step (`copy`), so that reading it waits for that step and nothing later."""
+
+    def __init__(self, segments: list[Segment], seqs: list[int], counts: np.ndarray | tuple) -> None:
+        self.segments, self.seqs, self._counts = segments, seqs, counts
+
+    @staticmethod
+    def copy(counts: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A host copy of `counts` enqueued on the current stream (pinned memory on CUDA), and its event."""
+        if counts.device.type != "cuda":
+            return counts.clone(), None
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def get(self) -> list[StepStats]:
+        """Per-layer counts of each stepping sequence (waits for the step if its counts are still on the way)."""
+        if isinstance(self._counts, tuple):
+            host, event = self._counts
+            if event is not None:
+                event.synchronize()
+            self._counts = host.numpy()
         stats = []
-        for b in seqs:
+        for b in self.seqs:
             s = StepStats()
-            for seg, (entering, revived, candidates) in zip(self.segments, counts[:, :, b].tolist()):
+            for seg, (entering, revived, candidates) in zip(self.segments, self._counts[:, :, b].tolist()):
                 n = len(seg.layers)
                 s.candidates += [candidates] * n
                 s.computed += [entering] * n

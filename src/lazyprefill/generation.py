@@ -16,7 +16,7 @@ from torch import nn
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .adapters import LlamaAdapter, adapter_for
-from .engine import DecodeOptions, Engine, StepStats, StepTrace
+from .engine import DecodeOptions, Engine, PendingStats, StepStats, StepTrace
 from .env import synchronize
 from .plan import key_length
 from .schedule import DEFAULT_PRESET, Schedule, parse_schedule
@@ -28,7 +28,9 @@ class GenerationStats:
 
     steps: list[StepStats]  # steps[0] is prefill
     prefill_depth: np.ndarray  # [n_prompt] deepest layer each prompt token reached in prefill
-    final_depth: np.ndarray  # [n_total] deepest layer each token reached over the whole generation
+    # [n_total] deepest layer each token reached over the whole generation (with DecodeOptions.ahead, a sequence
+    # stopped by EOS or a stop string includes what its one step more revived)
+    final_depth: np.ndarray
     num_layers: int
     traces: list[StepTrace] = field(default_factory=list)  # filled when LazyLLM(trace=True)
     graphs_captured: int = 0  # CUDA graphs the generation captured (0: it replayed what an earlier call captured)
@@ -267,34 +269,56 @@ class LazyLLM:
         for r, s in zip(requests, stats):
             r.steps.append(s)
             r.prefill_depth = engine.cache.depth[r.index, : r.prompt.shape[0]].copy()
+        # DecodeOptions.ahead: a step is enqueued before the previous one's tokens are read (its input tokens stay on
+        # the device), so the device computes it while the host hands tokens out, checks stops and plans: every
+        # sequence that has not reached max_new_tokens takes it, and one that stopped at EOS or a stop string wasted it
+        ahead = (device.type == "cuda" if self.decode.ahead is None else self.decode.ahead) and not self.trace
         active = requests
         while True:
             for i, r in enumerate(active):
                 r.new_tokens.append(chosen[i])
                 if return_logits:
                     r.logits.append(logits[i].clone())  # cloned outside inference mode: an ordinary tensor
+            if ahead:
+                runs = [i for i, r in enumerate(active) if len(r.new_tokens) < max_new_tokens]
+                step = self._step(engine, tokens, active, runs, warpers) if runs else None
+            for i, r in enumerate(active):
                 yield (r.index, chosen[i]) if batched else chosen[i]
                 r.finish_reason = self._stop_reason(r.new_tokens, eos, stops, max_new_tokens)
                 if r.done:
                     r.total_s = time.perf_counter() - start
-            going = [i for i, r in enumerate(active) if not r.done]
+            if not ahead:
+                runs = [i for i, r in enumerate(active) if not r.done]
+                step = self._step(engine, tokens, active, runs, warpers) if runs else None
+            if step is None:
+                break
+            going = [j for j, i in enumerate(runs) if not active[i].done]
             if not going:
                 break
-            active = [active[i] for i in going]
-            with torch.inference_mode():
-                logits, stats = engine.decode(tokens[going], [r.index for r in active])  # logits: [A, vocab]
-                tokens = _choose(logits, warpers, active)
-                chosen = tokens.tolist()
-            for r, s in zip(active, stats):
-                r.steps.append(s)
+            logits, tokens, pending = step
+            logits, tokens, active = logits[going], tokens[going], [active[runs[j]] for j in going]
+            chosen = tokens.tolist()
+            stats = pending.get()
+            for r, j in zip(active, going):
+                r.steps.append(stats[j])
         outputs = [self._output(r, engine, ttft, engine.graphs_captured - captured) for r in requests]
         return outputs if batched else outputs[0]
+
+    @staticmethod
+    def _step(engine: Engine, tokens: torch.Tensor, active: list[Request], runs: list[int], warpers: LogitsProcessorList
+              ) -> tuple[torch.Tensor, torch.Tensor, PendingStats]:
+        """A decoding step of active[i] for i in `runs`, from their tokens [len(active)] on the device -> logits
+        [len(runs), vocab], the chosen tokens [len(runs)] (on the device: nothing is read) and the step's stats."""
+        requests = [active[i] for i in runs]
+        with torch.inference_mode():
+            logits, pending = engine.step(tokens[runs], [r.index for r in requests])  # logits: [A, vocab]
+            return logits, _choose(logits, warpers, requests), pending
 
     def _output(self, r: Request, engine: Engine, ttft: float, graphs_captured: int) -> GenerationOutput:
         stats = GenerationStats(
             steps=r.steps,
             prefill_depth=r.prefill_depth,
-            final_depth=engine.cache.depth[r.index, : engine.cache.length[r.index]].copy(),
+            final_depth=engine.cache.depth[r.index, : r.prompt.shape[0] + len(r.new_tokens) - 1].copy(),
             num_layers=self.adapter.num_layers,
             traces=engine.traces[r.index] if engine.traces else [],
             graphs_captured=graphs_captured,

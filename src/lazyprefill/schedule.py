@@ -27,11 +27,15 @@ class Preset:
 # accurate schedule measured but its 1% promise is NOT confirmed: code +0.021, passkey 0, recall -0.033
 # (one sample net of 30; relative loss 5.9%, 95% bound 23.5%); at 1K tokens (60 per task) passkey 60/60 and
 # code +0.009 (bound 3.6%); results/README.md. No faster schedule
-# passed the 5% target on calibration, so the general presets have no `fast`.
+# passed the 5% target on calibration, so the general presets have no `fast`. Both `balanced` presets bound
+# revivals (scoring.Revive, 8 rows a step after the pruning layer): on SmolLM2 at 512 tokens and Gemma 3 at 2K the
+# bound scored as the unbounded rule (results/smollm2-cpu-512-revive, results/gemma3-270m-cpu-2048-revive), and it
+# takes the revival burst out of decoding, so that no step costs much more than a dense one and a step's shape is
+# known to the host (benchmarks/NOTES.md, "The revival bound as the default").
 # `paper` is Figure 4 of the paper: prune at ~30%, ~60% and ~90% of depth, dropping 30% of the current
 # candidates each time, ranked by the last token's attention.
 PRESETS: dict[str, Preset] = {
-    "balanced": Preset({0.67: 0.3}, "last"),
+    "balanced": Preset({0.67: 0.3}, "revive(rows=8, of=last)"),
     "paper": Preset({0.3: 0.7, 0.6: 0.7, 0.9: 0.7}),
 }
 # Gemma 3 (its adapter's presets; it prunes only at its full-attention layers, 5 and 11 of 18 on the 270M):
@@ -43,7 +47,7 @@ PRESETS: dict[str, Preset] = {
 # 5% on calibration, 2.0x ideal; on evaluation its mean is within 1.4% everywhere, the bounds 0-7.4%.
 # `paper` maps onto layers 5 and 11 (1.5x ideal) and holds accuracy on this model too.
 GEMMA3_PRESETS: dict[str, Preset] = {
-    "balanced": Preset({0.3: 0.5}, "pool(k=7, of=window(w=16))"),
+    "balanced": Preset({0.3: 0.5}, "revive(rows=8, of=pool(k=7, of=window(w=16)))"),
     "fast": Preset({0.3: 0.3}, "protect(sink=4, recent=16, of=pool(k=7, of=window(w=16)))"),
     "paper": PRESETS["paper"],
 }
@@ -193,6 +197,28 @@ def parse_schedule(
         schedule = preset(schedule.preset, num_layers, schedule.scorer, prunable, presets)
     schedule.check(num_layers, prunable)
     return schedule
+
+
+def split_list(text: str) -> list[str]:
+    """'paper, pool(k=5, of=window(w=8)):9:0.5;18:0.5' -> ['paper', 'pool(k=5, of=window(w=8)):9:0.5,18:0.5'].
+
+    Items are separated by commas outside parentheses (scorer specs hold commas); within an item a ';'
+    joins layer:ratio pairs."""
+    items, depth, start = [], 0, 0
+    for at, char in enumerate(text + ","):
+        depth += (char == "(") - (char == ")")
+        if char == "," and depth == 0:
+            items.append(text[start:at])
+            start = at + 1
+    out = []
+    for item in items:
+        parts, depth = [], 0
+        for char in item.strip():
+            depth += (char == "(") - (char == ")")
+            parts.append("," if char == ";" and depth == 0 else char)
+        if "".join(parts):
+            out.append("".join(parts))
+    return out
 
 
 def load_schedule(path: Path, num_layers: int | None = None) -> Schedule:

@@ -51,28 +51,6 @@ class Method:
     scorer: str = ""
 
 
-def split_list(text: str) -> list[str]:
-    """'paper, pool(k=5, of=window(w=8)):9:0.5;18:0.5' -> ['paper', 'pool(k=5, of=window(w=8)):9:0.5,18:0.5'].
-
-    Items are separated by commas outside parentheses (scorer specs hold commas); within an item a ';'
-    joins layer:ratio pairs."""
-    items, depth, start = [], 0, 0
-    for at, char in enumerate(text + ","):
-        depth += (char == "(") - (char == ")")
-        if char == "," and depth == 0:
-            items.append(text[start:at])
-            start = at + 1
-    out = []
-    for item in items:
-        parts, depth = [], 0
-        for char in item.strip():
-            depth += (char == "(") - (char == ")")
-            parts.append("," if char == ";" and depth == 0 else char)
-        if "".join(parts):
-            out.append("".join(parts))
-    return out
-
-
 def sweep_schedules(num_layers: int) -> list[str]:
     """SWEEP as "layer:ratio,..." strings for a model with `num_layers` layers."""
     out = []
