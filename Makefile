@@ -26,5 +26,5 @@ $(INSTALLED): requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet -e '.[gguf,serve]'
+	$(PY) -m pip install --quiet -e '.[gguf,serve,lm-eval]'
 	touch $@

@@ -9,6 +9,7 @@ run eagerly, on bf16 `llama2-7b` shapes after an 8K prompt: same greedy tokens o
 bf16 rounding; and each faster variant (split kernel, burst kernel, compiled layers) no further
 from an fp32 copy of the model than the path it replaces. Then the sliding-window family (Gemma 3 270M's
 shape, fp32): dense against transformers, `paper` under graphs against eager (`check_gpu.py windowed` runs only this).
+Then block-sparse prefill attention (sparse.py) against SDPA over the same keys (`check_gpu.py sparse` runs only this).
 Exits non-zero if fp32 differs by more than 1e-3, the graphs differ from eager or a variant is less
 accurate than what it replaces.
 """
@@ -32,6 +33,10 @@ SMALL = dict(
     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
 )
+
+
+# Pruned however short the prompt (on CUDA a schedule runs prompts under 2K tokens dense by default)
+PRUNED = "1:0.5,2:0.5+min=0"
 
 
 def small_model(seed: int, dtype: torch.dtype, **overrides) -> tuple[LlamaForCausalLM, LlamaConfig]:
@@ -71,7 +76,7 @@ def compare(dtype: torch.dtype, n: int = 2000, steps: int = 8, model: torch.nn.M
         print(f"{dtype} step {step}: max abs {diff:.2e} rel {rel:.2e}")
     same = out.new_tokens == ref.sequences[0, n:].tolist()
     print(f"{dtype}: greedy tokens {'agree' if same else 'DIFFER'}")
-    paper = lp.LazyLLM(model, schedule="paper").generate(ids, max_new_tokens=steps, eos_token_id=[],
+    paper = lp.LazyLLM(model, schedule="paper+min=0").generate(ids, max_new_tokens=steps, eos_token_id=[],
                                                          return_logits=True)
     finite = all(bool(step.isfinite().all()) for step in paper.logits)
     print(f"{dtype}: paper logits {'finite' if finite else 'NOT FINITE'}, prefill computed per layer "
@@ -85,7 +90,7 @@ def compare_reference(n: int = 160, steps: int = 12) -> float:
 
     model, config = small_model(1, torch.float32, initializer_range=0.1)  # peaked attention: no near-ties
     ids = torch.randint(0, config.vocab_size, (n,), device="cuda")
-    lazy = lp.LazyLLM(model, schedule={1: 0.5, 2: 0.5})
+    lazy = lp.LazyLLM(model, schedule=PRUNED)
     out = lazy.generate(ids, max_new_tokens=steps + 1, eos_token_id=[], return_logits=True)
     ref = Reference(copy.deepcopy(model).cpu(), lazy.schedule.keep)  # the reference runs on the CPU
     want = [ref.prefill(ids.tolist())] + [ref.decode(t) for t in out.new_tokens[:-1]]
@@ -99,7 +104,7 @@ def compare_batch(lengths: tuple[int, ...] = (700, 64, 1500, 300), steps: int = 
     """Invariant 6 on the GPU: each sequence of a batch gets the logits it gets alone (fp32, `paper`)."""
     model, config = small_model(2, torch.float32, initializer_range=0.1)
     prompts = [torch.randint(0, config.vocab_size, (n,), device="cuda") for n in lengths]
-    lazy = lp.LazyLLM(model, schedule={1: 0.5, 2: 0.5})
+    lazy = lp.LazyLLM(model, schedule=PRUNED)
     kw = dict(max_new_tokens=steps, eos_token_id=[], return_logits=True)
     batch = lazy.generate(prompts, **kw)
     worst, same = 0.0, True
@@ -209,7 +214,7 @@ def compare_scorers(n: int = 300, steps: int = 12) -> bool:
     ok = True
     for spec in ("last:1:0.5,2:0.5", "random:1:0.5,2:0.5", "static:1:0.5,2:0.5", "pool(k=5):1:0.5,2:0.5",
                  "protect:1:0.5,2:0.5"):
-        schedule = lp.parse_schedule(spec, adapter.num_layers)
+        schedule = lp.parse_schedule(f"{spec}+min=0", adapter.num_layers)
         fast_engine = engine(adapter, schedule, n + steps + 1, graphs=True)
         fast, fast_logits, revived = greedy(fast_engine, prompt, steps)
         _, slow_logits, _ = greedy(engine(adapter, schedule, n + steps + 1, graphs=False), prompt, steps, fast)
@@ -257,8 +262,35 @@ def compare_split_kernel() -> bool:
     return ok
 
 
+def compare_sparse(W: int = 4000, counts: tuple[int, ...] = (4000, 3000)) -> bool:
+    """Block-sparse attention through compiled FlexAttention against SDPA over the same keys masked element by
+    element (bf16, llama3-8b's heads): the fused kernel reads the BlockMask's block lists, which the CPU tests
+    (uncompiled FlexAttention applies the mask_mod everywhere) cannot check."""
+    from lazyprefill.sparse import Sparse, sparse_attention
+
+    torch.manual_seed(0)
+    B, dh = len(counts), 128
+    q = torch.randn(B, 32, W, dh, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, 8, W, dh, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    sparse = Sparse(top=0.1, local=2, min_tokens=0)
+    seen = sparse.blocks(q, k, list(counts), dh**-0.5, [True] * B)  # [B, H, nb, nb]
+    out = sparse_attention(q, k, v, sparse.block_mask(q, k, list(counts), dh**-0.5), dh**-0.5)
+    keys = seen.repeat_interleave(sparse.block, 2).repeat_interleave(sparse.block, 3)[:, :, :W, :W]
+    mask = keys & torch.ones(W, W, dtype=torch.bool, device="cuda").tril()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=dh**-0.5, enable_gqa=True)
+    err = max((out[b, :, :n] - ref[b, :, :n]).abs().max().item() for b, n in enumerate(counts))
+    good = err < 0.02
+    print(f"sparse attention bf16 (density {seen.float().mean().item():.2f}): max abs {err:.2e} "
+          f"{'ok' if good else 'WRONG'}")
+    return good
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
+    if sys.argv[1:] == ["sparse"]:
+        if not compare_sparse():
+            sys.exit("block-sparse attention differs from SDPA over the same keys")
+        return
     if sys.argv[1:] == ["windowed"]:
         if not compare_windowed():
             sys.exit("the sliding-window model differs from transformers, or its graphs from eager")
@@ -271,12 +303,15 @@ def main() -> None:
     compare(torch.bfloat16)
     split = compare_split_kernel()
     graphs = compare_scorers() & compare_graphs() & compare_windowed()
+    sparse = compare_sparse()
     if fp32 > 1e-3:
         sys.exit(f"fp32 logits differ from the reference by {fp32:.2e} > 1e-3")
     if not graphs:
         sys.exit("the CUDA-graph decoding path differs from the eager one, or a faster variant is less accurate")
     if not split:
         sys.exit("the split-K attention kernel differs from the written-out attention")
+    if not sparse:
+        sys.exit("block-sparse attention differs from SDPA over the same keys")
 
 
 if __name__ == "__main__":

@@ -37,15 +37,19 @@ def test_plan_sizes_follow_kept_count():
     """|S_l| per layer from the lengths alone, inactive sequences empty; static: prefill's sizes plus new tokens."""
     sched = lp.Schedule({1: 0.7, 3: 0.28})
     lengths = np.array([25, 9, 40])
-    plan = plan_step(sched, True, lengths, [0, 2], 5, 64, np.zeros((3, 5), np.int64), np.array([20, 9, 30]))
+    pruned = np.ones(3, dtype=bool)
+    plan = plan_step(sched, True, lengths, [0, 2], 5, 64, np.zeros((3, 5), np.int64), np.array([20, 9, 30]), pruned)
     s1 = sched.kept_count(1, 26)
     assert plan.sizes[0].tolist() == [26, 26, s1, s1, sched.kept_count(3, s1)]
     assert plan.sizes[1].tolist() == [0] * 5 and plan.keep[:, 1].tolist() == [0, 0]
     assert plan.keep[:, 2].tolist() == [sched.kept_count(1, 41), sched.kept_count(3, sched.kept_count(1, 41))]
     assert plan.t.tolist() == [25, 9, 40] and plan.active.tolist() == [True, False, True]
     prefill = np.array([[20, 20, 14, 14, 4]] * 3)
-    static = plan_step(sched, False, lengths, [0], 5, 64, prefill, np.array([20, 9, 30]))
+    static = plan_step(sched, False, lengths, [0], 5, 64, prefill, np.array([20, 9, 30]), pruned)
     assert static.sizes[0].tolist() == [26, 26, 20, 20, 10]  # 20 kept + 5 generated + q
+    short = plan_step(sched, True, lengths, [0, 2], 5, 64, prefill, np.array([20, 9, 30]),
+                      np.array([False, True, True]))
+    assert short.sizes[0].tolist() == [26] * 5 and short.sizes[2].tolist() == plan.sizes[2].tolist()
 
 
 def test_top_k_matches_select_ties_by_position():

@@ -210,12 +210,12 @@ def test_gemma3_has_its_own_presets_chosen_on_its_own_evidence():
     protect = parse_scorer(f"protect(sink=4, recent=16, of={pool.spec()})")
     assert lp.LazyLLM(gemma, "fast").schedule == lp.Schedule({0: 0.3}, protect)
     assert lp.LazyLLM(mistral).schedule == lp.parse_schedule("balanced", 6)  # the general preset: `last` at 0.67
-    with pytest.raises(ValueError, match=r"use a preset \(balanced, paper\)"):
+    with pytest.raises(ValueError, match=r"use a preset \(balanced, paper, long\)"):
         lp.LazyLLM(mistral, "fast")
     # Gemma 3 270M: layers 5 and 11 can prune
     assert lp.parse_schedule("balanced", 18, [5, 11], GEMMA3_PRESETS) == lp.Schedule({5: 0.5}, Revive(rows=8, of=pool))
     names = [m.name for m in make_methods(["presets"], 18, [], [5, 11], GEMMA3_PRESETS)]
-    assert names == ["dense", "balanced", "fast", "paper"]
+    assert names == ["dense", "balanced", "fast", "paper", "long"]
 
 
 # ------------------------------------------------------------------------------ the mask helpers

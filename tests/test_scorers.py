@@ -191,14 +191,14 @@ def revive_run(scorer: scoring.Scorer, bounded_layout: bool = False):
     model = tiny_model("llama_gqa_rope3")
     lazy = lp.LazyLLM(model, lp.Schedule(KEEP, scorer=scorer))
     if bounded_layout:  # as on CUDA with graphs: every segment laid out at the bound, no count read mid-step
-        original = lazy._engine_for
+        original = lazy.engine_for
 
         def engine_for(*args, **kwargs):
             engine = original(*args, **kwargs)
             engine._bounded = [1] + [scorer.revival_rows] * (len(engine.segments) - 1)
             return engine
 
-        lazy._engine_for = engine_for
+        lazy.engine_for = engine_for
     out = lazy.generate(prompt_ids(48, seed=7), max_new_tokens=8, eos_token_id=[], return_logits=True)
     return out.new_tokens, out.logits, out.stats
 

@@ -364,7 +364,10 @@ def print_table(run: GenerateRun, what: str) -> None:
 def eval_command(
     model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
     tasks: str = typer.Option(
-        "code,recall,passkey", "--tasks", help="Comma-separated: code, recall, passkey, fidelity."
+        "code,recall,passkey",
+        "--tasks",
+        help="Comma-separated: code, recall, passkey, fidelity, and RULER's niah_single, niah_multikey, "
+        "niah_multivalue, niah_multiquery, vt, cwe, fwe.",
     ),
     samples: int = typer.Option(5, "--samples", min=1, help="Samples per task and length."),
     lengths: str = typer.Option("512", "--lengths", help="Prompt lengths in tokens, comma-separated."),
@@ -663,3 +666,17 @@ def serve_command(
         uvicorn.run(create_app(scheduler, model), host=host, port=port, log_level="warning")
     finally:
         scheduler.close()
+
+
+# ---------------------------------------------------------------------- lm-eval
+# Every argument goes to lm-eval's own parser, --help included
+@app.command("lm-eval", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_command(ctx: typer.Context) -> None:
+    """Run lm-evaluation-harness with the `lazyprefill` model: `lazyprefill lm-eval --model lazyprefill
+    --model_args pretrained=PATH,schedule=balanced --tasks TASK`, any of lm_eval's arguments."""
+    try:
+        from .lm_eval_model import main
+    except ImportError as err:
+        fail(f"this command needs lm-evaluation-harness ({err.name} is missing): pip install 'lazyprefill[lm-eval]'")
+    main(ctx.args)

@@ -45,6 +45,7 @@ from .plan import (
 from .recording import Recorder, StepStats, StepTrace, TraceRecorder
 from .schedule import Schedule
 from .scoring import ScoreInput, select
+from .sparse import sparse_attention
 
 __all__ = ["DECODE_ATTENTION", "DecodeOptions", "Engine", "PendingStats", "StepStats", "StepTrace"]
 
@@ -119,6 +120,7 @@ class Engine:
         self.burst_kernel = on_cuda if decode.burst_kernel is None else decode.burst_kernel
         self.compile_layers = on_cuda if decode.compile is None else decode.compile
         self.segments = segments(adapter.num_layers, list(schedule.keep))
+        self.min_prompt = schedule.min_prompt(adapter.device.type)
         # Revive: every step after a pruning layer computes at most this many rows a sequence, so a step laid out
         # in buckets (graphs) needs no count from the device to be laid out: no wait mid-step. Only for bounds
         # that cost about what one row costs (a larger one waits and lays out what it needs)
@@ -141,6 +143,7 @@ class Engine:
                                     ratios=tuple(self.schedule.keep.values()))
         self._run_segment = Graphs() if self.graphs else eager
         self._prompt_lengths = np.zeros(batch, dtype=np.int64)  # [B] per slot
+        self._pruned = np.zeros(batch, dtype=bool)  # [B] whether the slot's prompt reached min_prompt (else: dense)
         self._prefill_sizes = np.zeros((batch, L), dtype=np.int64)  # [B, L] |S_l| of each slot's prefill
         # prefills since the last settle: (their slots, the (layer, slots, positions) each dropped)
         self._unsettled: list[tuple[list[int], list[tuple[int, torch.Tensor, torch.Tensor]]]] = []
@@ -205,6 +208,8 @@ class Engine:
         h = a.embed(torch.cat(prompts))  # [N, d]
         cos, sin = a.rope(pos)  # [N, dh]
         firsts = {seg.first: len(seg.layers) for seg in self.segments}
+        pruned = [n >= self.min_prompt for n in counts]  # [B'] the rest run dense (Schedule.min_prompt_tokens)
+        sparse = self.schedule.sparse
         dropped_at: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer, slots, positions)
         for l in range(L):
             for s, n in zip(stats, rows.counts):
@@ -217,8 +222,13 @@ class Engine:
             q, k, v = a.qkv(l, h, cos, sin)  # q: [N, H, dh], k/v: [N, Hkv, dh]
             c.write_kv(l, slot_of, pos, k, v)
             qp, kp, vp = (rows.pad(x).transpose(1, 2) for x in (q, k, v))  # [B, heads, width, dh]
-            o = prefill_attention(qp, kp, vp, rows.pad(pos), a.window(l), max(counts), a.scaling)  # [B, H, W, dh]
-            pruning = l in self.schedule.keep
+            blocks = sparse.block_mask(qp, kp, rows.counts, a.scaling, pruned) \
+                if sparse is not None and sparse.applies(l, a.window(l)) else None
+            if blocks is None:
+                o = prefill_attention(qp, kp, vp, rows.pad(pos), a.window(l), max(counts), a.scaling)  # [B, H, W, dh]
+            else:
+                o = sparse_attention(qp, kp, vp, blocks, a.scaling)
+            pruning = l in self.schedule.keep and any(pruned)
             scores = self._prefill_scores(l, qp, kp, rows, pos, max(counts), ids_dev) if pruning else None
             del q, k, v, qp, kp, vp  # free them before the MLP's activations: lower peak memory, as in transformers
             o = rows.unpad(o.transpose(1, 2))  # [N, H, dh]
@@ -226,7 +236,7 @@ class Engine:
             yield rows.total
             if scores is None:
                 continue
-            keep = [self.schedule.kept_count(l, n) for n in rows.counts]
+            keep = [self.schedule.kept_count(l, n) if p else n for n, p in zip(rows.counts, pruned)]
             kept, dropped = select(scores, rows, keep)
             self.recorder.scores(l, rows.pad(pos), rows.valid, scores)
             slot_dropped, pos_dropped = slot_of[dropped], pos[dropped]
@@ -237,6 +247,7 @@ class Engine:
         c.length[slots] = counts
         self.recorder.end()
         self._prompt_lengths[slots] = counts
+        self._pruned[slots] = pruned
         self._prefill_sizes[slots] = [s.candidates for s in stats]
         self._unsettled.append((slots, dropped_at))
         return a.logits(h[rows.last]), stats
@@ -286,7 +297,7 @@ class Engine:
         """
         c = self.cache
         plan = plan_step(self.schedule, self.reselects, c.length, seqs, self.a.num_layers, self.capacity,
-                         self._prefill_sizes, self._prompt_lengths)
+                         self._prefill_sizes, self._prompt_lengths, self._pruned)
         c.ensure_clean(plan.keys)
         c.length[seqs] += 1
         self.runner.load(tokens, seqs, plan)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .adapters import adapter_for
+from .sparse import Sparse
 
 
 @dataclass(frozen=True)
@@ -60,18 +61,23 @@ def attention_pairs(n: int, prompt: int, window: int | None) -> float:
     return n * w - w * (w - 1) / 2
 
 
-def prefill_flops(dims: ModelDims, computed: list[int]) -> float:
-    """FLOPs of a prefill that ran computed[l] tokens through layer l, with causal attention among them."""
+def prefill_flops(dims: ModelDims, computed: list[int], sparse: Sparse | None = None) -> float:
+    """FLOPs of a prefill that ran computed[l] tokens through layer l, with causal attention among them, or
+    block-sparse attention (`sparse`, counted at its most) where it applies."""
     if len(computed) != dims.layers:
         raise ValueError(f"need one token count per layer ({dims.layers}), got {len(computed)}")
     prompt = computed[0]
-    layers = sum(
-        n * dims.linear_flops + attention_pairs(n, prompt, dims.window(layer)) * dims.attention_flops
-        for layer, n in enumerate(computed)
-    )
+
+    def pairs(layer: int, n: int) -> float:
+        if sparse is not None and sparse.applies(layer, dims.window(layer)):
+            return sparse.pairs(n)
+        return attention_pairs(n, prompt, dims.window(layer))
+
+    layers = sum(n * dims.linear_flops + pairs(layer, n) * dims.attention_flops for layer, n in enumerate(computed))
     return layers + 2 * dims.hidden * dims.vocab  # LM head on the last token
 
 
-def ideal_speedup(dims: ModelDims, computed: list[int]) -> float:
-    """Dense prefill FLOPs over the FLOPs of the kept counts: the speedup a free pruning would give."""
-    return prefill_flops(dims, [computed[0]] * dims.layers) / prefill_flops(dims, computed)
+def ideal_speedup(dims: ModelDims, computed: list[int], sparse: Sparse | None = None) -> float:
+    """Dense prefill FLOPs over the FLOPs of the kept counts (and sparse attention): the speedup free pruning and
+    sparsity would give."""
+    return prefill_flops(dims, [computed[0]] * dims.layers) / prefill_flops(dims, computed, sparse)

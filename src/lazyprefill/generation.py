@@ -176,7 +176,7 @@ class LazyLLM:
         """Free the K/V cache and CUDA graphs kept from the last call (the next call builds them again)."""
         self._engine = None
 
-    def _engine_for(self, batch: int, capacity: int) -> Engine:
+    def engine_for(self, batch: int, capacity: int) -> Engine:
         """The last call's engine when this call fits it (same batch size, enough room, not traced), so that its
         cache, compiled kernels and captured CUDA graphs serve again, as a compiled static cache does; otherwise
         a new one, with its room rounded up (plan.key_length) so that calls of similar lengths share it."""
@@ -254,7 +254,7 @@ class LazyLLM:
         device, warpers = self.adapter.device, sampling.warpers()
         generators = sampling.generators(len(prompts), device) or [None] * len(prompts)
         requests = [Request(b, p, g) for b, (p, g) in enumerate(zip(prompts, generators))]
-        engine = self._engine_for(len(prompts), max(p.shape[0] for p in prompts) + max_new_tokens)
+        engine = self.engine_for(len(prompts), max(p.shape[0] for p in prompts) + max_new_tokens)
 
         captured = engine.graphs_captured
         with torch.inference_mode():

@@ -113,9 +113,11 @@ def plan_step(
     capacity: int,
     prefill_sizes: np.ndarray,
     prompt_lengths: np.ndarray,
+    pruned: np.ndarray,
 ) -> StepPlan:
     """Candidate-set sizes follow from the lengths alone, so the host knows them without asking the device.
 
+    pruned: [B] False for a sequence whose prompt is below the schedule's `min_prompt_tokens`: it keeps every token.
     Reselecting: |S_0| = t + 1 and each pruning layer keeps ceil(r |S_l|). Otherwise (prefill-only
     pruning) S_l is the tokens whose K/V at l exists plus q: the prompt tokens prefill kept up to l
     (`prefill_sizes[b, l]`, q's predecessor included) and every generated token.
@@ -128,7 +130,9 @@ def plan_step(
     pruning = list(schedule.keep)
     keep = np.zeros((len(pruning), B), dtype=np.int64)
     for b in seqs:
-        if reselects:
+        if not pruned[b]:  # a prompt below the schedule's min_prompt_tokens runs dense: nothing is dropped
+            sizes[b] = t[b] + 1
+        elif reselects:
             n = int(t[b]) + 1
             for l in range(num_layers):
                 sizes[b, l] = n

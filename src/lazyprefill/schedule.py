@@ -6,10 +6,11 @@ import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .scoring import ALIASES, SCORERS, Last, Scorer, parse_scorer, scorer_help
+from .sparse import Sparse, parse_sparse
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Preset:
 
     keep: dict[float, float]
     scorer: str = "last"
+    sparse: str | None = None  # block-sparse prefill attention (sparse.py), e.g. "sparse(top=0.05)"
 
 
 # Ordered by speed. `balanced` was chosen by `lazyprefill tune` on the calibration split (SmolLM2-135M,
@@ -34,9 +36,14 @@ class Preset:
 # known to the host (benchmarks/NOTES.md, "The revival bound as the default").
 # `paper` is Figure 4 of the paper: prune at ~30%, ~60% and ~90% of depth, dropping 30% of the current
 # candidates each time, ranked by the last token's attention.
+# `long` is for long prompts (issue 24): half the candidates go at ~30% and again at ~60% of depth, and from 16K
+# tokens on the full-attention layers from layer 2 attend block-sparsely (sparse.py), the pruned ones included. On an
+# H100 (llama3-8b, random bf16) it measured 1.76x TTFT at 8K, 2.21x at 32K and 2.77x at 64K
+# (benchmarks/results/long/); its accuracy at 16K-32K is not measured yet.
 PRESETS: dict[str, Preset] = {
     "balanced": Preset({0.67: 0.3}, "revive(rows=8, of=last)"),
     "paper": Preset({0.3: 0.7, 0.6: 0.7, 0.9: 0.7}),
+    "long": Preset({0.3: 0.5, 0.6: 0.5}, "revive(rows=8, of=last)", "sparse(min_tokens=16384)"),
 }
 # Gemma 3 (its adapter's presets; it prunes only at its full-attention layers, 5 and 11 of 18 on the 270M):
 # chosen by `lazyprefill tune` on gemma3-270m's calibration split (4K and 8K tokens, 15 samples per task and
@@ -50,8 +57,14 @@ GEMMA3_PRESETS: dict[str, Preset] = {
     "balanced": Preset({0.3: 0.5}, "revive(rows=8, of=pool(k=7, of=window(w=16)))"),
     "fast": Preset({0.3: 0.3}, "protect(sink=4, recent=16, of=pool(k=7, of=window(w=16)))"),
     "paper": PRESETS["paper"],
+    "long": Preset({0.3: 0.5, 0.6: 0.5}, "revive(rows=8, of=pool(k=7, of=window(w=16)))", "sparse(min_tokens=16384)"),
 }
 DENSE_NAMES = ("dense", "none")
+# Below these prompt lengths a schedule runs dense unless it says otherwise (Schedule.min_prompt_tokens), so that no
+# prompt gets a slower first token than dense (benchmarks/results/long/short*.md). H200, llama3-8b: `balanced` is
+# 3-5% slower than dense at 512 and 1K tokens (host work per layer outweighs what pruning saves) and 15% faster at
+# 2K. CPU, SmolLM2-135M: pruning pays from 128 tokens on.
+MIN_PROMPT_TOKENS: dict[str, int] = {"cuda": 2048, "cpu": 0}
 # The default of LazyLLM and the CLI: the preset that keeps accuracy, not the paper's lossy one.
 DEFAULT_PRESET = "balanced"
 SCHEDULE_FILE_FORMAT = "lazyprefill-schedule/1"
@@ -70,10 +83,19 @@ class Schedule:
     keep: dict[int, float] = field(default_factory=dict)
     scorer: Scorer = field(default_factory=Last)
     preset: str | None = field(default=None, compare=False)  # the preset it came from, refitted per model
+    sparse: Sparse | None = None  # block-sparse attention in prefill (sparse.py); None: every row sees every key
+    # A prompt shorter than this is neither pruned nor attends sparsely: there selecting costs more than it saves.
+    # None: the device's measured threshold (MIN_PROMPT_TOKENS)
+    min_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.scorer, Scorer):
             raise ValueError(f"scorer must be a Scorer such as Last(); got {self.scorer!r} ({scorer_help()})")
+        if self.sparse is not None and not isinstance(self.sparse, Sparse):
+            raise ValueError(f"sparse must be a Sparse such as Sparse(top=0.05) or None; got {self.sparse!r}")
+        n = self.min_prompt_tokens
+        if n is not None and (not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0):
+            raise ValueError(f"min_prompt_tokens={n!r} must be an int >= 0 (0: always prune) or None (by device)")
         for layer, ratio in self.keep.items():
             if not isinstance(layer, numbers.Integral) or isinstance(layer, bool):
                 raise ValueError(f"pruning layer {layer!r} must be an int layer index")
@@ -87,7 +109,13 @@ class Schedule:
 
     @property
     def is_dense(self) -> bool:
-        return not self.keep
+        return not self.keep and self.sparse is None
+
+    def min_prompt(self, device_type: str) -> int:
+        """The shortest prompt that is pruned (and attends sparsely) on a device of this type ("cuda", "cpu")."""
+        if self.min_prompt_tokens is not None:
+            return self.min_prompt_tokens
+        return MIN_PROMPT_TOKENS.get(device_type, 0)
 
     def check(self, num_layers: int, prunable: Sequence[int] | None = None) -> None:
         """Raise if a pruning layer does not exist, is the last one (nothing deeper to skip), or is not
@@ -115,14 +143,19 @@ class Schedule:
         return max(1, math.ceil(round(self.keep[layer] * n_candidates, 6)))
 
     def describe(self) -> str:
-        """'last: 9:0.7,18:0.7' -- the text `parse_schedule` reads back."""
-        if self.is_dense:
-            return "dense"
-        return f"{self.scorer.spec()}:{','.join(f'{layer}:{r:g}' for layer, r in self.keep.items())}"
+        """'last:9:0.7,18:0.7', 'last:9:0.7+sparse(top=0.1)+min=4096' -- the text `parse_schedule` reads back."""
+        text = f"{self.scorer.spec()}:{','.join(f'{layer}:{r:g}' for layer, r in self.keep.items())}" if self.keep \
+            else "dense"
+        if self.sparse is not None:
+            text += f"+{self.sparse.spec()}"
+        if self.min_prompt_tokens is not None:
+            text += f"+min={self.min_prompt_tokens}"
+        return text
 
     def to_dict(self) -> dict:
         return {"format": SCHEDULE_FILE_FORMAT, "keep": {str(k): v for k, v in self.keep.items()},
-                "scorer": self.scorer.spec()}
+                "scorer": self.scorer.spec(), "sparse": self.sparse.spec() if self.sparse else None,
+                "min_prompt_tokens": self.min_prompt_tokens}
 
     def save(self, path: str | Path, **metadata) -> Path:
         """Write a schedule file that `--schedule FILE` and `LazyLLM(schedule=FILE)` read; `metadata`
@@ -164,7 +197,8 @@ def preset(
             layer = min(prunable, key=lambda p: (abs(p - layer), p))
             ratio = round(ratio * keep.get(layer, 1.0), 6)
         keep[layer] = ratio
-    return Schedule(keep, scorer=scorer if scorer is not None else parse_scorer(spec.scorer), preset=name)
+    return Schedule(keep, scorer=scorer if scorer is not None else parse_scorer(spec.scorer), preset=name,
+                    sparse=parse_sparse(spec.sparse) if spec.sparse else None)
 
 
 def parse_schedule(
@@ -179,7 +213,9 @@ def parse_schedule(
     Accepts a Schedule, a `{layer: ratio}` dict, None / "dense" / "none" (no pruning), a preset name
     ("paper"), layer:ratio pairs ("9:0.7,19:0.7"), either of those after a scorer and a colon
     ("static:paper", "pool(k=7):9:0.7"), a scorer alone (the paper preset ranked by it), or the path of
-    a schedule file (JSON, as written by `lazyprefill tune` or `Schedule.save`).
+    a schedule file (JSON, as written by `lazyprefill tune` or `Schedule.save`). Options follow a '+': block-sparse
+    prefill attention ("paper+sparse", "dense+sparse(top=0.1)") and the shortest prompt that is pruned
+    ("balanced+min=2048").
     """
     if spec is None:
         schedule = Schedule()
@@ -190,11 +226,12 @@ def parse_schedule(
     elif isinstance(spec, Path) or (isinstance(spec, str) and spec.strip().endswith(".json")):
         schedule = load_schedule(Path(spec), num_layers)
     elif isinstance(spec, str):
-        schedule = _parse_text(spec.strip(), num_layers, presets)
+        schedule = _parse_options(spec.strip(), num_layers, presets)
     else:
         raise TypeError(f"schedule must be a str, path, dict, Schedule or None, not {type(spec).__name__}")
     if prunable is not None and schedule.preset is not None:  # fit the preset to this model's layers
-        schedule = preset(schedule.preset, num_layers, schedule.scorer, prunable, presets)
+        fitted = preset(schedule.preset, num_layers, schedule.scorer, prunable, presets)
+        schedule = replace(fitted, sparse=schedule.sparse, min_prompt_tokens=schedule.min_prompt_tokens)
     schedule.check(num_layers, prunable)
     return schedule
 
@@ -248,9 +285,38 @@ def load_schedule(path: Path, num_layers: int | None = None) -> Schedule:
             "tune a schedule for this model"
         )
     try:
-        return Schedule(layers, scorer=parse_scorer(data.get("scorer", "last")))
+        sparse = data.get("sparse")
+        return Schedule(layers, scorer=parse_scorer(data.get("scorer", "last")),
+                        sparse=parse_sparse(sparse) if sparse else None,
+                        min_prompt_tokens=data.get("min_prompt_tokens"))
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
+
+
+def _parse_options(text: str, num_layers: int, presets: Mapping[str, Preset]) -> Schedule:
+    """'paper+sparse(top=0.1)+min=4096': a schedule, then options, each after a '+' outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for at, char in enumerate(text + "+"):
+        depth += (char == "(") - (char == ")")
+        if char == "+" and depth == 0:
+            parts.append(text[start:at].strip())
+            start = at + 1
+    if depth != 0:  # unbalanced parentheses: the scorer's parser says where
+        parts = [text]
+    base, options = parts[0], parts[1:]
+    schedule = _parse_text(base, num_layers, presets) if base or not options else Schedule()
+    for option in options:
+        if option.startswith("sparse"):
+            schedule = replace(schedule, sparse=parse_sparse(option))
+        elif option.startswith("min="):
+            try:
+                schedule = replace(schedule, min_prompt_tokens=int(option[4:]))
+            except ValueError:
+                raise ValueError(f"{option!r} in schedule {text!r}: write min=N, the shortest prompt that is pruned") \
+                    from None
+        else:
+            raise ValueError(f"unknown schedule option {option!r} in {text!r}: options are sparse(...) and min=N")
+    return schedule
 
 
 def _parse_text(text: str, num_layers: int, presets: Mapping[str, Preset]) -> Schedule:

@@ -83,9 +83,11 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def bench_ttft(
-    model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[[str], None], batch: int = 1
+    model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[[str], None], batch: int = 1,
+    schedules: dict[str, Schedule] | None = None,
 ) -> list[dict]:
     """One row per method for a batch of `batch` prompts of n tokens; running out of memory is a note, not a crash.
+    `schedules`: the methods beside transformers (default: dense and every preset, `schedules_for`).
 
     Methods are timed in rounds (each method once per round, inputs rotating between rounds), so that a
     GPU whose clocks drift during the run slows every method alike.
@@ -94,7 +96,7 @@ def bench_ttft(
     device, dims = adapter.device, ModelDims.of(model)
     inputs = [random_prompts(n, adapter.vocab_size, batch, device, cfg.seed + 1000 * i) for i in range(3)]
     methods: dict[str, tuple[Callable, Schedule | None]] = {TRANSFORMERS: (transformers_prefill(model), None)}
-    for name, schedule in schedules_for(adapter.num_layers).items():
+    for name, schedule in (schedules or schedules_for(adapter.num_layers)).items():
         methods[name] = (lazy_prefill(adapter, schedule), schedule)
     rows = {name: {"length": n, "batch": batch, "method": name, "note": "", "ms": None, "times_ms": []}
             for name in methods}
@@ -121,8 +123,10 @@ def bench_ttft(
                 if not rows[name]["note"]:
                     rows[name]["times_ms"].append(time_once(fn, inputs[i % len(inputs)]))
     base = statistics.median(rows[TRANSFORMERS]["times_ms"]) if rows[TRANSFORMERS]["times_ms"] else None
-    for row in rows.values():
-        row["ideal"] = ideal_speedup(dims, row["computed"])
+    for name, row in rows.items():
+        schedule = methods[name][1]
+        sparse = schedule.sparse if schedule is not None and n >= schedule.min_prompt(device.type) else None
+        row["ideal"] = ideal_speedup(dims, row["computed"], sparse)
         row["ms"] = statistics.median(row["times_ms"]) if row["times_ms"] else None
         row["speedup"] = base / row["ms"] if base and row["ms"] else None
         row["efficiency"] = row["speedup"] / row["ideal"] if row["speedup"] else None

@@ -36,6 +36,18 @@ def passkey_correct(prediction: str, key: str) -> float:
     return float(found is not None and found.group() == key)
 
 
+def string_match_all(prediction: str, references: list[str]) -> float:
+    """RULER's `string_match_all`: the fraction of the reference items found in the prediction, ignoring case.
+
+    Ours: an item counts only as a whole word, so "form" is not found in "format", nor "1234567" in
+    "12345678" (RULER tests substrings).
+    """
+    if not references:
+        raise ValueError("string_match_all needs at least one reference item")
+    found = [re.search(rf"(?<!\w){re.escape(item)}(?!\w)", prediction, flags=re.IGNORECASE) for item in references]
+    return sum(m is not None for m in found) / len(references)
+
+
 def first_token_agree(tokens: list[int], dense_tokens: list[int]) -> float:
     return float(bool(tokens) and bool(dense_tokens) and tokens[0] == dense_tokens[0])
 

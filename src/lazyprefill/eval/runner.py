@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from ..generation import LazyLLM
 from ..schedule import DENSE_NAMES, PRESETS, Preset, Schedule, parse_schedule
 from ..scoring import Random, Static
 from . import metrics
-from .tasks import Sample
+from .tasks import LIST_SEPARATOR, RULER_TASKS, Sample
 
 # Depth-relative schedules ({fraction of depth: keep ratio}) for the speed/accuracy sweep: from one
 # late mild prune to early hard pruning: 1.2x to 4.8x ideal prefill speedup on SmolLM2-135M (30
@@ -114,13 +114,16 @@ def make_methods(
 
 # ---------------------------------------------------------------------------------------- scoring
 def task_score(sample: Sample, text: str, tokens: list[int], dense_tokens: list[int]) -> float:
-    """The task's own metric; `fidelity` scores the fraction of greedy tokens equal to dense's."""
+    """The task's own metric (RULER's families: `string_match_all` over the reference's lines); `fidelity`
+    scores the fraction of greedy tokens equal to dense's."""
     if sample.task == "code":
         return metrics.code_sim_score(text, sample.reference)
     if sample.task == "recall":
         return metrics.recall_exact(text, sample.reference)
     if sample.task == "passkey":
         return metrics.passkey_correct(text, sample.reference)
+    if sample.task in RULER_TASKS:
+        return metrics.string_match_all(text, sample.reference.split(LIST_SEPARATOR))
     return metrics.match_length(tokens, dense_tokens) / sample.max_new_tokens
 
 
@@ -147,7 +150,10 @@ class Runner:
 
     def generate(self, sample: Sample, schedule: str):
         if schedule not in self._lazy:
-            self._lazy[schedule] = LazyLLM(self.model, schedule=schedule, tokenizer=self.tokenizer)
+            parsed = parse_schedule(schedule, self.num_layers, self.prunable, self.presets)
+            if parsed.min_prompt_tokens is None:  # measure the pruning itself, not the device's choice to skip it
+                parsed = replace(parsed, min_prompt_tokens=0)
+            self._lazy[schedule] = LazyLLM(self.model, schedule=parsed, tokenizer=self.tokenizer)
         stop = ["\n"] if sample.task == "code" else None
         return self._lazy[schedule].generate(
             torch.tensor(sample.prompt_ids), max_new_tokens=sample.max_new_tokens, eos_token_id=[],
