@@ -160,7 +160,7 @@ def test_a_prompt_below_min_prompt_tokens_gets_what_dense_gives_it():
 
 # ------------------------------------------------------------------------------------ parsing
 @pytest.mark.parametrize("text", ["paper+sparse(top=0.1, local=16)+min=4096", "dense+sparse", "balanced+min=512",
-                                  "pool(k=7):9:0.5+sparse(block=256)"])
+                                  "pool(k=7):9:0.5+sparse(block=256, min_tokens=1048576)"])
 def test_options_survive_describe_and_schedule_files(text, tmp_path):
     schedule = parse_schedule(text, 32)
     assert parse_schedule(schedule.describe(), 32) == schedule

@@ -68,7 +68,7 @@ class Sparse:
 
     def spec(self) -> str:
         """'sparse(top=0.1, local=16)': the fields that differ from the defaults, as `parse_sparse` reads them."""
-        changed = [f"{f.name}={getattr(self, f.name):g}" for f in dataclasses.fields(self)
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                    if getattr(self, f.name) != f.default]
         return f"sparse({', '.join(changed)})" if changed else "sparse"
 
