@@ -38,8 +38,9 @@ class Preset:
 # candidates each time, ranked by the last token's attention.
 # `long` is for long prompts (issue 24): half the candidates go at ~30% and again at ~60% of depth, and from 16K
 # tokens on the full-attention layers from layer 2 attend block-sparsely (sparse.py), the pruned ones included. On an
-# H100 (llama3-8b, random bf16) it measured 1.76x TTFT at 8K, 2.21x at 32K and 2.77x at 64K
-# (benchmarks/results/long/); its accuracy at 16K-32K is not measured yet.
+# H100 (llama3-8b, random bf16) it measured 1.70x TTFT at 8K, 2.20x at 32K, 2.75x at 64K and 3.81x at 128K
+# (benchmarks/results/long/long-h100.md); its accuracy at 16K-32K is not measured yet, and at 2K (Gemma 3, RULER's
+# needles, results/gemma3-270m-cpu-2048-ruler) it loses retrieval as `balanced` does.
 PRESETS: dict[str, Preset] = {
     "balanced": Preset({0.67: 0.3}, "revive(rows=8, of=last)"),
     "paper": Preset({0.3: 0.7, 0.6: 0.7, 0.9: 0.7}),
@@ -62,7 +63,7 @@ GEMMA3_PRESETS: dict[str, Preset] = {
 DENSE_NAMES = ("dense", "none")
 # Below these prompt lengths a schedule runs dense unless it says otherwise (Schedule.min_prompt_tokens), so that no
 # prompt gets a slower first token than dense (benchmarks/results/long/short*.md). H200, llama3-8b: `balanced` is
-# 3-5% slower than dense at 512 and 1K tokens (host work per layer outweighs what pruning saves) and 15% faster at
+# 4-5% slower than dense at 512 and 1K tokens (host work per layer outweighs what pruning saves) and 15% faster at
 # 2K. CPU, SmolLM2-135M: pruning pays from 128 tokens on.
 MIN_PROMPT_TOKENS: dict[str, int] = {"cuda": 2048, "cpu": 0}
 # The default of LazyLLM and the CLI: the preset that keeps accuracy, not the paper's lossy one.

@@ -93,7 +93,8 @@ class Sparse:
         """q: [B, H, W, dh], k: [B, Hkv, W, dh], right-padded; counts: each sequence's rows (host ints); allowed:
         the sequences that may attend sparsely (None: all) -> the BlockMask of the pattern, or None where no
         sequence is allowed with at least `min_tokens` rows (plain causal attention is then exact and faster)."""
-        sparse = [n >= self.min_tokens and (allowed is None or a) for n, a in zip(counts, allowed or counts)]
+        allowed = [True] * len(counts) if allowed is None else allowed
+        sparse = [n >= self.min_tokens and a for n, a in zip(counts, allowed)]
         if not any(sparse):
             return None
         seen = self.blocks(q, k, counts, scaling, sparse)  # [B, H, nb, nb]
