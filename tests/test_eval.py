@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from lazyprefill.cli import app
 from lazyprefill.eval import metrics, report, tasks
-from lazyprefill.eval.runner import make_methods, sweep_schedules
-from lazyprefill.schedule import split_list
+from lazyprefill.eval.runner import Runner, make_methods, sweep_schedules
+from lazyprefill.schedule import parse_schedule, split_list
+from lazyprefill.sparse import Sparse
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -108,6 +109,14 @@ def test_methods_take_their_family_from_the_scorer():
     assert by_name["static:paper"].family == "static" and by_name["random:9:0.5"].family == "random"
 
 
+def test_baselines_keep_the_schedules_sparse_attention_and_shortest_prompt():
+    methods = make_methods(["paper+sparse(top=0.1)+min=4096"], num_layers=30)
+    static, random = (parse_schedule(m.schedule, 30) for m in methods[2:])
+    for baseline in (static, random):
+        assert baseline.sparse == Sparse(top=0.1) and baseline.min_prompt_tokens == 4096
+    assert static.scorer.name == "static" and random.scorer.name == "random"
+
+
 def test_schedule_lists_split_outside_parentheses():
     assert split_list("paper, pool(k=5, of=window(w=8)):9:0.5;18:0.5,9:0.7;19:0.7") == [
         "paper", "pool(k=5, of=window(w=8)):9:0.5,18:0.5", "9:0.7,19:0.7"]
@@ -164,7 +173,7 @@ def test_eval_cli_writes_the_report_and_dense_matches_itself(tmp_path):
         assert dense["score"] == dense["dense_score"]
         assert dense["diff_vs_dense"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 5}
     for r in data["records"]:
-        if r["method"] == "dense":  # a fresh dense run against the cached dense reference
+        if r["method"] == "dense":  # the run that made the reference
             assert r["score"] == r["reference_score"] and r["agree"] == 1.0 and r["kl"] == 0.0
     assert "balanced" in data["presets"] and "fast" in data["presets"]
     assert data["config"]["split"] == "evaluation" and data["config"]["seed"] == 0
@@ -187,3 +196,23 @@ def test_eval_resume_runs_only_the_samples_left_and_refuses_another_evaluation(t
     assert [r["ttft_s"] for r in data["records"][:2]] == [r["ttft_s"] for r in first[:2]]  # kept, not run again
     refused = CliRunner().invoke(app, [*args, "--schedules", "balanced", "--samples", "3", "--resume"])
     assert refused.exit_code == 2 and "another methods" in refused.output
+
+
+def test_a_fresh_reference_is_the_dense_run_and_a_cached_one_is_checked_by_a_rerun(tokenizer, tmp_path):
+    from lazyprefill.models import load_model
+
+    runner = Runner(load_model("smollm2")[0], tokenizer, "smollm2", cache_dir=tmp_path)
+    samples = tasks.build("passkey", tokenizer, 128, 2)
+    methods = make_methods(["paper"], runner.num_layers, baselines=[])
+    calls: list[str] = []
+    generate = runner.generate
+    runner.generate = lambda sample, schedule: calls.append(schedule) or generate(sample, schedule)
+    fresh = runner.run(samples, methods, progress=False)
+    assert calls == ["dense", "paper"] * 2  # one dense prefill per sample, not two
+    calls.clear()
+    cached = runner.run(samples, methods, progress=False)
+    assert calls == ["dense", "paper"] * 2  # the reference from disk; dense re-run against it
+    for a, b in zip(fresh, cached, strict=True):
+        assert (a["method"], a["score"], a["prediction"]) == (b["method"], b["score"], b["prediction"])
+        if a["method"] == "dense":
+            assert b["agree"] == 1.0 and b["kl"] == 0.0 and b["score"] == b["reference_score"]

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Accuracy of the embedded gemma3-270m at 16K and 32K tokens on a GPU in fp32 (issue 24): dense, the `long`
+# preset, and static and random pruning at long's work (its keep counts and its block-sparse attention).
+#
+# One process per task, all sharing one GPU and one dense-result cache; each streams its records (JSONL), so a
+# run stopped by a lease's end is finished later with the same command plus --resume (or rebuilt with
+# `lazyprefill eval --report-only --out OUT_DIR/LENGTH-TASK`). A 32K prompt's dense prefill peaks near 47 GB in
+# fp32 (head_dim 256 takes SDPA's unfused path), so run 32K with one or two tasks at a time.
+#
+# Usage: benchmarks/gemma_long_accuracy.sh OUT_DIR LENGTH SAMPLES TASKS [--resume]
+#   e.g. benchmarks/gemma_long_accuracy.sh out 16384 100 passkey,recall,code,niah_single,niah_multikey
+set -uo pipefail
+out=${1:?usage: gemma_long_accuracy.sh OUT_DIR LENGTH SAMPLES TASKS [--resume]}
+length=${2:?LENGTH}
+samples=${3:?SAMPLES}
+tasks=${4:?TASKS}
+resume=${5:-}
+mkdir -p "$out"
+gpu=(--model gemma3-270m --device cuda --dtype float32 --threads 2 --cache "$out/dense-cache")
+
+for task in ${tasks//,/ }; do
+    python3 -m lazyprefill eval "${gpu[@]}" --tasks "$task" --samples "$samples" --lengths "$length" \
+        --split evaluation --schedules long --baselines long --out "$out/$length-$task" $resume \
+        >"$out/$length-$task.log" 2>&1 &
+done
+wait
