@@ -17,6 +17,7 @@ from reference import Reference
 from test_equivalence import transformers_logits
 
 import lazyprefill as lp
+from lazyprefill import attention
 from lazyprefill.adapters import adapter_for
 from lazyprefill.attention import decode_mask, prefill_attention
 from lazyprefill.engine import Engine
@@ -56,6 +57,16 @@ def windowed_model(family: str) -> torch.nn.Module:
 
 
 FAMILIES = ["gemma3", *WINDOWED]
+
+
+@pytest.fixture(scope="module", autouse=True, params=["one call", "sliced"])
+def window_calls(request):
+    """Every test twice: windowed layers in one attention call, and sliced into calls of a few rows (what
+    prompts longer than attention.WINDOW_ROWS get), which must not change a result."""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "sliced":
+            mp.setattr(attention, "WINDOW_ROWS", 7)  # at most 2 * window: 16 to 24 rows a call here
+        yield request.param
 
 
 def max_diff(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
@@ -231,6 +242,26 @@ def test_prefill_attention_masks_the_window_by_original_position():
     torch.testing.assert_close(got, logits.softmax(-1) @ v)
     plain = prefill_attention(q, k, v, pos, window=None, longest=19, scaling=0.5)
     assert not torch.allclose(got, plain)
+
+
+@pytest.mark.parametrize("rows_per_call", [1, 3, 5, 7, 40, None])
+def test_prefill_attention_in_slices_equals_one_masked_softmax(rows_per_call):
+    """A right-padded batch of two pruned sequences (GQA): however the windowed layer is sliced into calls,
+    every real row gets the softmax over exactly the keys in its window."""
+    torch.manual_seed(1)
+    window, W = 5, 30
+    pos = torch.stack([torch.randperm(80)[:W].sort().values, torch.randperm(50)[:W].sort().values])  # [2, W]
+    valid = torch.tensor([W, 22])  # the second sequence's last 8 rows are padding
+    q = torch.randn(2, 4, W, 8)
+    k, v = torch.randn(2, 2, W, 8), torch.randn(2, 2, W, 8)
+    got = prefill_attention(q, k, v, pos, window, longest=80, scaling=0.3, rows_per_call=rows_per_call)
+    for b in range(2):
+        n, p = int(valid[b]), pos[b, : int(valid[b])]
+        allowed = (p[None, :] <= p[:, None]) & (p[None, :] > p[:, None] - window)  # [n, n]
+        kb, vb = (x[b, :, :n].repeat_interleave(2, dim=0) for x in (k, v))  # [H, n, dh]
+        logits = (q[b, :, :n] @ kb.transpose(-1, -2) * 0.3).masked_fill(~allowed, float("-inf"))
+        torch.testing.assert_close(got[b, :, :n], logits.softmax(-1) @ vb)
+    assert torch.isfinite(got).all()  # padding rows see at least themselves: no NaN to leak
 
 
 def test_decode_mask():

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+WINDOW_ROWS = 1024  # rows per call of a sliding-window layer's prefill (at least twice the window)
+
 
 def prefill_attention(
     q: torch.Tensor,
@@ -29,21 +31,36 @@ def prefill_attention(
     window: int | None,
     longest: int,
     scaling: float,
+    rows_per_call: int | None = None,
 ) -> torch.Tensor:
     """Causal attention over a right-padded, compacted batch: q: [B, H, W, dh], k/v: [B, Hkv, W, dh] -> [B, H, W, dh].
 
     pos: [B, W] original position of each row (any value in padding); window: the layer's window or
     None; longest: the longest prompt (host int), so that no mask is built when the window cannot bite.
     Rows are in original order, so causality by index is causality by position; the window is not.
+
+    A windowed layer runs in slices of `rows_per_call` rows (default: WINDOW_ROWS or twice the window),
+    each against only the keys its window can reach: positions are distinct and increasing, so the row at
+    index i sees at most `window` keys, the last of them itself, none before index i - window + 1. One
+    call over all W keys would compute (and mask away) W^2 scores, and build a [B, W, W] mask: at 32K
+    tokens that is most of Gemma 3's prefill, whose layers are five in six windowed.
     """
     gqa = q.shape[1] != k.shape[1]
     if window is None or longest <= window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
     W = pos.shape[1]
-    causal = torch.ones(W, W, dtype=torch.bool, device=pos.device).tril()  # [W, W] by index
-    in_window = pos[:, None, :] > pos[:, :, None] - window  # [B, W (rows), W (keys)]
-    mask = (causal & in_window)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    step = rows_per_call or max(WINDOW_ROWS, 2 * window)
+    out = torch.empty_like(q)
+    index = torch.arange(W, device=pos.device)
+    for start in range(0, W, step):
+        end, lo = min(W, start + step), max(0, start - window + 1)
+        causal = index[lo:end] <= index[start:end, None]  # [r, keys] by index
+        in_window = pos[:, None, lo:end] > pos[:, start:end, None] - window  # [B, r, keys]; the diagonal is in
+        mask = (causal & in_window)[:, None]
+        out[:, :, start:end] = F.scaled_dot_product_attention(
+            q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end], attn_mask=mask, scale=scaling, enable_gqa=gqa
+        )
+    return out
 
 
 def decode_mask(in_s: torch.Tensor | None, rows: torch.Tensor, T: int, window: int | None) -> torch.Tensor | None:
