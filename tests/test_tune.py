@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from types import SimpleNamespace
 
 import pytest
 from helpers import COMMON
@@ -196,7 +197,7 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
-def run_tune(tiny_dir, out, *target):
+def run_tune(tiny_dir, out, *target, tasks="fidelity"):
     return CliRunner().invoke(
         app,
         [
@@ -204,7 +205,7 @@ def run_tune(tiny_dir, out, *target):
             "--model",
             str(tiny_dir),
             "--tasks",
-            "fidelity",
+            tasks,
             "--lengths",
             "128",
             "--samples",
@@ -310,3 +311,92 @@ def test_tune_cli_refuses_bad_targets(tiny_dir, tmp_path, target, message):
     result = run_tune(tiny_dir, tmp_path / "s.json", *target)
     assert result.exit_code == 2
     assert message in " ".join(result.output.split()).replace("│ ", "").replace(" │", "")
+
+
+def test_pooled_last_is_among_the_default_candidate_scorers():
+    assert "pool(k=7, of=last)" in tune.DEFAULT_SCORERS
+    scorers = {c.scorer for c in tune.candidates(tune.SearchSpace(), DIMS, 512)}
+    assert "pool(k=7, of=last(heads=mean))" in scorers and len(scorers) == len(tune.DEFAULT_SCORERS)
+
+
+class FakeLog:
+    """Stands in for `tune.Search`: remembers which tasks each evaluation was asked to run on."""
+
+    def __init__(self, tasks: tuple[str, ...], calls: list) -> None:
+        self.tasks, self.calls = tasks, calls
+        self.samples = [SimpleNamespace(task=t) for t in tasks]
+
+    def only(self, tasks):
+        return FakeLog(tuple(t for t in self.tasks if t in tasks), self.calls)
+
+    def evaluate(self, c, target, stop_early=True):
+        self.calls.append((self.tasks, stop_early))
+        loss = FakeEval(target).loss(c)
+        stats = {t: {"score": 1 - loss, "dense": 1.0, "n": 8, "loss": loss, "loss_bound": loss} for t in self.tasks}
+        return tune.Outcome(c, "passed" if loss <= target.max_loss else "failed", "", stats, c.ideal)
+
+
+def test_a_fold_chooses_without_the_held_out_task_and_scores_the_choice_only_on_it():
+    tasks = ("code", "recall", "passkey")
+    cands, target = tune.candidates(SPACE, DIMS, 512), tune.Target(max_loss=0.1)
+    for task in tasks:
+        searched, scored = [], []
+        fold = tune.hold_out(task, cands, FakeLog(tasks, searched), FakeLog(tasks, scored), target)
+        assert fold.searched == tuple(t for t in tasks if t != task)
+        assert searched and all(calls == (fold.searched, True) for calls in searched)  # never saw `task`
+        assert set(fold.chosen.tasks) == set(fold.searched)
+        assert scored == [((task,), False)]  # every evaluation sample of `task`, no early stop
+        assert set(fold.scored.tasks) == {task} and fold.meets_target is True
+        everywhere = tune.choose(tune.search(cands, FakeEval(target), target), target)
+        assert fold.chosen.candidate.name == everywhere.candidate.name  # the fake's loss is the same on every task
+
+
+def test_a_fold_with_no_passing_candidate_says_so():
+    fold = tune.hold_out("code", tune.candidates(SPACE, DIMS, 512), FakeLog(("code", "recall"), []),
+                         FakeLog(("code", "recall"), []), tune.Target(max_loss=0.0))
+    assert fold.chosen is None and fold.scored is None and fold.meets_target is None
+    assert fold.to_dict()["status"] == "no candidate met the target"
+
+
+def test_holdout_needs_two_tasks():
+    with pytest.raises(ValueError, match="at least two --tasks"):
+        tune.TuneConfig(tasks=("passkey",), holdout=True)
+    tune.TuneConfig(tasks=("passkey",))  # one task is fine without it
+
+
+def test_tune_holdout_chooses_without_each_task_and_reports_on_it(tiny_dir, tmp_path):
+    out = tmp_path / "schedule.json"
+    result = run_tune(tiny_dir, out, "--target-speedup", "1.2", "--holdout", tasks="code,fidelity")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "| held out | chosen on |" in result.output and tune.HOLDOUT_NOTE in text
+
+    work = tmp_path / "schedule-tune"
+    data = json.loads((work / "holdout-schedule.json").read_text())
+    assert data["note"] == tune.HOLDOUT_NOTE and [r["held_out"] for r in data["rows"]] == ["code", "fidelity"]
+    for row in data["rows"]:
+        assert row["searched_tasks"] == [t for t in ("code", "fidelity") if t != row["held_out"]]
+        assert set(row["calibration"]["tasks"]) == set(row["searched_tasks"])  # the choice never saw it
+        scores = row["held_out_scores"]
+        assert scores["n"] == 3 and scores["loss_bound"] >= scores["loss"] - 1e-12
+        assert row["status"] == "evaluated" and row["meets_target"] is True and row["ideal_speedup"] >= 1.2
+    held = [json.loads(line) for line in (work / "holdout-records.jsonl").read_text().splitlines()]
+    assert {(r["method"], r["task"]) for r in held if r["method"] != "dense"} == {
+        (r["schedule"], r["held_out"]) for r in data["rows"]
+    }  # each choice ran on its held-out task's evaluation samples only
+    table = [line for line in (work / "holdout-schedule.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 2  # the header, then one row per held-out task
+    assert set(json.loads(out.read_text())["scores"]) == {"code", "fidelity"}  # the final choice: every task
+
+    # --report-only rebuilds the folds from the two logs, running nothing
+    logs = [(work / name).read_text() for name in ("records.jsonl", "holdout-records.jsonl")]
+    replay = run_tune(tiny_dir, out, "--target-speedup", "1.2", "--holdout", "--report-only", tasks="code,fidelity")
+    assert replay.exit_code == 0, replay.output
+    assert [(work / name).read_text() for name in ("records.jsonl", "holdout-records.jsonl")] == logs
+    assert json.loads((work / "holdout-schedule.json").read_text())["rows"] == data["rows"]
+
+
+def test_tune_holdout_refuses_a_single_task(tiny_dir, tmp_path):
+    result = run_tune(tiny_dir, tmp_path / "s.json", "--target-loss", "0.05", "--holdout")
+    assert result.exit_code == 2
+    assert "at least two --tasks" in " ".join(result.output.split()).replace("│ ", "").replace(" │", "")

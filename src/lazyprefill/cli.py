@@ -530,7 +530,7 @@ def tune_command(
         None,
         "--scorers",
         help='Scorers to try, comma-separated ("last, pool(k=7, of=window(w=16))") (default: '
-        "last, pool over window, protect around it).",
+        "last, pooled last, pool over window, protect around it).",
     ),
     fractions: str = typer.Option(
         "0.1,0.2,0.34,0.5,0.67", "--fractions", help="Depth fractions a pruning layer may sit at."
@@ -546,7 +546,15 @@ def tune_command(
         None, "--seed", help="Builds the calibration prompts (default: the calibration split's)."
     ),
     eval_samples: int = typer.Option(
-        100, "--eval-samples", help="Calibration prompts found among this many evaluation samples per task are dropped."
+        100,
+        "--eval-samples",
+        help="Evaluation samples per task: calibration prompts found among them are dropped; --holdout scores on them.",
+    ),
+    holdout: bool = typer.Option(
+        False,
+        "--holdout",
+        help="Leave one family out: also choose with each task left out and score that choice on the task's "
+        "evaluation split; writes WORK_DIR/holdout-OUT.json and .md.",
     ),
     work_dir: Path | None = typer.Option(
         None,
@@ -593,6 +601,7 @@ def tune_command(
             dtype=dtype,
             threads=threads,
             run=not report_only,
+            holdout=holdout,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -605,6 +614,10 @@ def tune_command(
     log = tune.write_log(result, cfg, cfg.work_dir / f"tune-{out.stem}.json")
     png = tune.plot(result, cfg.work_dir / f"front-{out.stem}.png", f"lazyprefill tune: {model}, {lengths} tokens")
     console.print(f"wrote {log} and {png}")
+    if result.holdout:
+        paths = tune.write_holdout(result, cfg, cfg.work_dir / f"holdout-{out.stem}.json")
+        typer.echo(paths[1].read_text())
+        console.print(f"wrote {paths[0]} and {paths[1]}")
     if result.chosen is None:
         console.print(
             f"[red]no candidate meets the target[/red] ({cfg.target}); the front above is what the "
@@ -614,6 +627,8 @@ def tune_command(
     num_layers = len(result.chosen.candidate.computed)
     tune.save_schedule(result, cfg, num_layers, out)
     console.print(f"chose [bold]{result.chosen.candidate.name}[/bold] ({result.chosen.ideal:.2f}x ideal); wrote {out}")
+    if result.holdout:
+        console.print("its calibration scores saw every task: quote accuracy from the held-out rows above")
 
 
 # ------------------------------------------------------------------------ serve

@@ -15,16 +15,24 @@ Two rules keep the search small, both from one assumption (for one scorer, pruni
 
 Every record goes to `work_dir/records.jsonl` (the eval runner's format) and is reused on a rerun, so
 a stopped search resumes and a second target on the same calibration costs only the new candidates.
+
+Leave one family out (`holdout`, MEASURE.md): a split of samples does not show what a choice costs on a
+family it never saw (a preset chosen on passkey, recall and code lost held-out key-value retrieval). Each
+task in turn is left out: the same search chooses on the other tasks' calibration records (reused, so a
+fold runs only the candidates its own cuts need) and the choice is scored on the left-out task's
+evaluation split against dense (`work_dir/holdout-records.jsonl`). Accuracy claims come from those rows.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .adapters import adapter_for
 from .eval import report
@@ -34,9 +42,21 @@ from .flops import ModelDims, ideal_speedup
 from .schedule import Schedule
 from .scoring import parse_scorer
 
+if TYPE_CHECKING:
+    import torch
+
 RULES = ("bound", "mean")
-DEFAULT_SCORERS = ("last", "pool(k=7, of=window(w=16))", "protect(sink=4, recent=16, of=pool(k=7, of=window(w=16)))")
+DEFAULT_SCORERS = (
+    "last",
+    "pool(k=7, of=last)",
+    "pool(k=7, of=window(w=16))",
+    "protect(sink=4, recent=16, of=pool(k=7, of=window(w=16)))",
+)
 DENSE = Method("dense", "dense", "dense", "")
+HOLDOUT_NOTE = (
+    "Quote accuracy from the held-out rows: each was scored on a task its schedule's search never saw. "
+    "The schedule written to --out was chosen on every task, so its calibration scores are not held out."
+)
 
 
 @dataclass(frozen=True)
@@ -151,17 +171,12 @@ def calibration_samples(
     lengths: tuple[int, ...],
     n: int,
     seed: int,
-    eval_seed: int,
-    eval_samples: int,
+    evaluation: list[eval_tasks.Sample],
 ) -> tuple[list[eval_tasks.Sample], int]:
-    """The calibration prompts, less any that the evaluation split (`eval_seed`, `eval_samples`) also has.
+    """The calibration prompts, less any that the `evaluation` split also has.
 
     Returns (samples, how many were dropped as shared)."""
-    if seed == eval_seed:
-        raise ValueError(f"the calibration seed {seed} is the evaluation seed: choose another --seed")
-    held_out = {
-        tuple(s.prompt_ids) for s in eval_tasks.build_all(task_names, tokenizer, lengths, eval_samples, eval_seed)
-    }
+    held_out = {tuple(s.prompt_ids) for s in evaluation}
     samples = eval_tasks.build_all(task_names, tokenizer, lengths, n, seed)
     kept = [s for s in samples if tuple(s.prompt_ids) not in held_out]
     return kept, len(samples) - len(kept)
@@ -266,6 +281,7 @@ class TuneConfig:
     dtype: str = "float32"
     threads: int | None = None
     run: bool = True  # False: rebuild the outcomes from work_dir's records, run nothing
+    holdout: bool = False  # also leave each task out in turn (the module docstring)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in eval_tasks.TASKS]
@@ -275,6 +291,15 @@ class TuneConfig:
             raise ValueError(f"samples {self.samples}: use at least 2 per task (more give tighter bounds)")
         if not self.lengths:
             raise ValueError("give at least one prompt length (--lengths 512)")
+        if self.seed == self.eval_seed:
+            raise ValueError(f"the calibration seed {self.seed} is the evaluation seed: choose another --seed")
+        if self.holdout and len(self.tasks) < 2:
+            raise ValueError(
+                f"--holdout leaves each task out in turn and chooses on the others: give at least two --tasks "
+                f"(got {', '.join(self.tasks)}), e.g. code,recall,passkey"
+            )
+        if self.holdout and self.eval_samples < 2:
+            raise ValueError(f"--eval-samples {self.eval_samples}: --holdout needs at least 2 per task for a bound")
 
 
 @dataclass
@@ -284,6 +309,7 @@ class TuneResult:
     front: list[Outcome]
     calibration: dict
     dense: dict[str, float]  # task -> dense mean score on the calibration samples
+    holdout: list[Holdout] = field(default_factory=list)  # one fold per task, with `TuneConfig.holdout`
 
 
 class NotRun(Exception):
@@ -325,6 +351,26 @@ class Search:
                     f"{log_path} has no dense record of {key}: run the search first (without --report-only)"
                 )
 
+    def only(self, tasks: Collection[str]) -> Search:
+        """This search on the samples of `tasks` alone, sharing its log, records and references: a fold of
+        leave one family out reuses every record that a search over more tasks made."""
+        view = copy.copy(self)
+        view.samples = [s for s in self.samples if s.task in tasks]
+        view.references = {k: v for k, v in self.references.items() if k[0] in tasks}
+        return view
+
+    def dense_means(self, tasks: Sequence[str], split: str) -> dict[str, float]:
+        """Dense's mean score per task; refused when it is 0, where a relative loss is undefined."""
+        means = {t: statistics.fmean(v for k, v in self.references.items() if k[0] == t) for t in tasks}
+        for task, mean in means.items():
+            if mean == 0:
+                lengths = sorted({s.length for s in self.samples})
+                raise ValueError(
+                    f"dense scores 0 on {task} ({split} split) at {lengths} tokens: a relative loss is undefined; "
+                    "drop the task or use lengths where the model does it"
+                )
+        return means
+
     def record(self, sample: eval_tasks.Sample, method: Method) -> dict:
         key = (method.name, _key(vars(sample)))
         if key not in self.done:
@@ -342,8 +388,9 @@ class Search:
         for s in self.samples:
             self.record(s, DENSE)
 
-    def evaluate(self, cand: Candidate, target: Target) -> Outcome:
-        """All samples (stopping early when a loss target is out of reach), then the per-task statistics."""
+    def evaluate(self, cand: Candidate, target: Target, stop_early: bool = True) -> Outcome:
+        """All samples (stopping early when a loss target is out of reach, unless `stop_early` is False: a
+        reported score must not depend on when it was stopped), then the per-task statistics."""
         method = Method(cand.name, "lazy", cand.name, cand.name)
         records: list[dict] = []
         for i, sample in enumerate(self.samples):
@@ -357,7 +404,8 @@ class Search:
                 return Outcome(
                     cand, "not run", f"the log holds {len(records)} of {len(self.samples)} samples", stats, ideal
                 )
-            why = cannot_pass(records, self.references, target.max_loss) if target.max_loss is not None else ""
+            can_stop = stop_early and target.max_loss is not None
+            why = cannot_pass(records, self.references, target.max_loss) if can_stop else ""
             if why and i + 1 < len(self.samples):
                 stats, ideal = task_losses(records, self.references)
                 return Outcome(cand, "stopped", why, stats, ideal)
@@ -431,30 +479,69 @@ def choose(outcomes: list[Outcome], target: Target) -> Outcome | None:
     return min(done, key=lambda o: (o.worst_loss, -o.ideal)) if done else None
 
 
+# ----------------------------------------------------------------------------- leave one family out
+@dataclass
+class Holdout:
+    """One fold: the schedule chosen on the calibration samples of every task but `task`, scored on
+    `task`'s evaluation samples against dense; neither the choice nor its statistics saw `task`."""
+
+    task: str
+    searched: tuple[str, ...]
+    chosen: Outcome | None  # on the calibration samples of `searched`; None: no candidate met the target
+    scored: Outcome | None  # the chosen schedule on `task`'s evaluation samples
+    meets_target: bool | None  # None: nothing chosen, or its evaluation is not in the log (report only)
+
+    def to_dict(self) -> dict:
+        scored = self.scored
+        return {
+            "held_out": self.task,
+            "searched_tasks": list(self.searched),
+            "schedule": None if self.chosen is None else self.chosen.candidate.name,
+            "status": "no candidate met the target" if scored is None else scored.status,
+            "ideal_speedup": None if scored is None else scored.ideal,
+            "held_out_scores": None if scored is None else scored.tasks.get(self.task),
+            "meets_target": self.meets_target,
+            "calibration": None if self.chosen is None else self.chosen.to_dict(),
+        }
+
+
+def meets(outcome: Outcome, target: Target) -> bool | None:
+    """Whether a complete outcome meets the target (its losses, or its ideal speedup); None if incomplete."""
+    if not outcome.complete:
+        return None
+    if target.max_loss is not None:
+        return not passes(outcome.tasks, target)
+    return outcome.ideal >= target.min_speedup
+
+
+def hold_out(
+    task: str,
+    space: list[Candidate],
+    calibration: Search,
+    evaluation: Search,
+    target: Target,
+    on_resolved: Callable[[int], None] = lambda _: None,
+) -> Holdout:
+    """Choose as `tune` does on every calibration task but `task`, then score the choice on `task`'s
+    evaluation samples, every one of them (no early stop: the row is a report, not a cut)."""
+    searched = tuple(dict.fromkeys(s.task for s in calibration.samples if s.task != task))
+    fold = calibration.only(searched)
+    chosen = choose(search(space, lambda c: fold.evaluate(c, target), target, on_resolved), target)
+    if chosen is None:
+        return Holdout(task, searched, None, None, None)
+    scored = evaluation.only((task,)).evaluate(chosen.candidate, target, stop_early=False)
+    return Holdout(task, searched, chosen, scored, meets(scored, target))
+
+
+# ------------------------------------------------------------------------------------------- tune
 def tune(cfg: TuneConfig, progress: bool = True) -> TuneResult:
-    """Build the calibration split, search, and return every outcome with the chosen one and the front."""
-    import torch
+    """Build the calibration split, search, and return every outcome with the chosen one and the front;
+    with `cfg.holdout`, also one leave-one-family-out fold per task."""
     from tqdm.auto import tqdm
 
-    from .models import load_model
-
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
-    runner = (
-        Runner(
-            model,
-            tokenizer,
-            f"{cfg.model}|{cfg.dtype}|{cfg.device}",
-            cfg.cache_dir if cfg.cache_dir is not None else cfg.work_dir / "dense-cache",
-        )
-        if cfg.run
-        else None
-    )
-    samples, shared = calibration_samples(
-        cfg.tasks, tokenizer, cfg.lengths, cfg.samples, cfg.seed, cfg.eval_seed, cfg.eval_samples
-    )
+    model, tokenizer, runner = _load(cfg)
+    evaluation = eval_tasks.build_all(cfg.tasks, tokenizer, cfg.lengths, cfg.eval_samples, cfg.eval_seed)
+    samples, shared = calibration_samples(cfg.tasks, tokenizer, cfg.lengths, cfg.samples, cfg.seed, evaluation)
     calibration = {
         "tasks": list(cfg.tasks),
         "lengths": list(cfg.lengths),
@@ -465,6 +552,41 @@ def tune(cfg: TuneConfig, progress: bool = True) -> TuneResult:
         "evaluation_split": {"seed": cfg.eval_seed, "samples_per_task": cfg.eval_samples},
     }
     _check_log(cfg, calibration)
+    space = _space(cfg, model)
+    folds = cfg.tasks if cfg.holdout else ()
+    with tqdm(total=len(space) * (1 + len(folds)), desc="tune", unit="cand", disable=not progress) as bar:
+
+        def open_log(split: str, samples: list[eval_tasks.Sample], name: str) -> tuple[Search, dict[str, float]]:
+            log = Search(runner, samples, cfg.work_dir / name, progress=bar.set_postfix_str, run=cfg.run)
+            dense = log.dense_means(cfg.tasks, split)
+            log.run_dense()
+            return log, dense
+
+        log, dense = open_log("calibration", samples, "records.jsonl")
+        held = open_log("evaluation", evaluation, "holdout-records.jsonl")[0] if folds else None
+        outcomes = search(space, lambda c: log.evaluate(c, cfg.target), cfg.target, on_resolved=bar.update)
+        holdout = [hold_out(task, space, log, held, cfg.target, bar.update) for task in folds]
+    return TuneResult(outcomes, choose(outcomes, cfg.target), pareto_front(outcomes), calibration, dense, holdout)
+
+
+def _load(cfg: TuneConfig) -> tuple[torch.nn.Module, Any, Runner | None]:
+    """(model, tokenizer, runner); no runner when the search runs nothing (`run=False`)."""
+    import torch
+
+    from .models import load_model
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.run:
+        return model, tokenizer, None
+    cache = cfg.cache_dir if cfg.cache_dir is not None else cfg.work_dir / "dense-cache"
+    return model, tokenizer, Runner(model, tokenizer, f"{cfg.model}|{cfg.dtype}|{cfg.device}", cache)
+
+
+def _space(cfg: TuneConfig, model: torch.nn.Module) -> list[Candidate]:
+    """The candidates of `cfg.space` for this model, refused when none can prune or reach a speedup target."""
     prunable = adapter_for(model).prunable_layers()
     if prunable is not None and not prunable:
         raise ValueError(f"{cfg.model} has no layer that can prune (README, 'Models'): there is nothing to tune")
@@ -474,18 +596,7 @@ def tune(cfg: TuneConfig, progress: bool = True) -> TuneResult:
             f"--target-speedup {cfg.target.min_speedup}: the fastest schedule of the search space "
             f"gives {space[-1].ideal:.2f}x ideal; lower the target or add lower --ratios / more --max-layers"
         )
-    with tqdm(total=len(space), desc="tune", unit="cand", disable=not progress) as bar:
-        log = Search(runner, samples, cfg.work_dir / "records.jsonl", progress=bar.set_postfix_str, run=cfg.run)
-        dense = {t: statistics.fmean(v for k, v in log.references.items() if k[0] == t) for t in cfg.tasks}
-        for task, mean in dense.items():
-            if mean == 0:
-                raise ValueError(
-                    f"dense scores 0 on {task} at {cfg.lengths} tokens: a relative loss is undefined; "
-                    "drop the task or use lengths where the model does it"
-                )
-        log.run_dense()
-        outcomes = search(space, lambda c: log.evaluate(c, cfg.target), cfg.target, on_resolved=bar.update)
-    return TuneResult(outcomes, choose(outcomes, cfg.target), pareto_front(outcomes), calibration, dense)
+    return space
 
 
 def _check_log(cfg: TuneConfig, calibration: dict) -> None:
@@ -528,6 +639,55 @@ def write_log(result: TuneResult, cfg: TuneConfig, path: Path) -> Path:
     }
     path.write_text(json.dumps(data, indent=1))
     return path
+
+
+def write_holdout(result: TuneResult, cfg: TuneConfig, path: Path) -> tuple[Path, Path]:
+    """The leave-one-family-out folds as JSON at `path` and as a markdown table beside it (.md)."""
+    data = {
+        "note": HOLDOUT_NOTE,
+        "target": asdict(cfg.target),
+        "space": asdict(cfg.space),
+        "calibration": result.calibration,
+        "final_schedule": result.chosen.candidate.name if result.chosen else None,
+        "rows": [h.to_dict() for h in result.holdout],
+    }
+    path.write_text(json.dumps(data, indent=1))
+    md = path.with_suffix(".md")
+    md.write_text(holdout_markdown(result.holdout, cfg) + "\n")
+    return path, md
+
+
+def describe_target(target: Target) -> str:
+    """The target in words, for a table that must say what its rows were chosen for."""
+    if target.max_loss is None:
+        return f"ideal speedup >= {target.min_speedup:g}x"
+    return f"relative loss <= {target.max_loss:.1%} ({'95% bound' if target.rule == 'bound' else 'mean'})"
+
+
+def holdout_markdown(rows: list[Holdout], cfg: TuneConfig) -> str:
+    """One line per held-out task: the schedule chosen without it and what it scores on it against dense."""
+    lines = [
+        f"Leave one family out: each schedule was chosen on the other tasks' calibration split for "
+        f"{describe_target(cfg.target)}, then scored on the held-out task's evaluation split "
+        f"(seed {cfg.eval_seed}, {cfg.eval_samples} samples per task and length). {HOLDOUT_NOTE}",
+        "",
+        "| held out | chosen on | schedule | ideal speedup | score | dense "
+        "| rel. loss (95% bound) | n | meets target |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for h in rows:
+        chosen_on = ", ".join(h.searched)
+        s = h.scored.tasks.get(h.task) if h.scored is not None else None
+        if s is None:
+            why = "no candidate met the target" if h.chosen is None else f"{h.chosen.candidate.name}: not run"
+            lines.append(f"| {h.task} | {chosen_on} | {why} | - | - | - | - | - | - |")
+            continue
+        meets_text = {True: "yes", False: "**no**", None: f"- ({h.scored.status})"}[h.meets_target]
+        lines.append(
+            f"| {h.task} | {chosen_on} | `{h.chosen.candidate.name}` | {h.scored.ideal:.2f}x | {s['score']:.3f} | "
+            f"{s['dense']:.3f} | {s['loss'] + 0.0:.1%} ({s['loss_bound'] + 0.0:.1%}) | {s['n']} | {meets_text} |"
+        )
+    return "\n".join(lines)
 
 
 def plot(result: TuneResult, path: Path, title: str) -> Path:
