@@ -25,6 +25,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from .adapters import LlamaAdapter
@@ -258,6 +259,59 @@ class Engine:
         for slots, dropped in self._unsettled:
             self.cache.settle(slots, self._prompt_lengths[slots].tolist(), dropped)
         self._unsettled = []
+
+    # ------------------------------------------------------------ continuing a prompt already in the cache
+    def extend(self, slot: int, tokens: torch.Tensor) -> tuple[torch.Tensor, StepStats]:
+        """Prefill `tokens` [m] after what `slot` already holds (a follow-up question over a document prefilled
+        once) -> the last token's logits [1, vocab] and the chunk's stats. The slot must have settled.
+
+        The new rows run every layer, as a decoding step's q does, and at layer l attend causally to every
+        earlier token whose K/V exists there: with nothing deferred (dense, or a prompt below min_prompt_tokens)
+        this is the fresh prefill of the whole sequence, split in two. Deferred tokens are not revived by the
+        chunk: each decoding step after it selects and revives from the Aux Cache as after any prefill. So no
+        (token, layer) is computed twice and the held prefix is never computed again.
+        """
+        if self.trace:
+            raise ValueError("a traced engine records one generation from its prefill: extend an untraced one")
+        a, c, L = self.a, self.cache, self.a.num_layers
+        start, m = int(c.length[slot]), tokens.shape[0]
+        end = start + m
+        if end > self.capacity:
+            raise ValueError(f"{start} tokens held + {m} new = {end} exceed the engine's room of {self.capacity}")
+        c.ensure_clean(end)
+        pos = torch.arange(start, end, device=a.device)  # [m]
+        seq = torch.full_like(pos, slot)
+        keys = torch.arange(end, device=a.device)  # [T]
+        held = c.depth_device[slot, :end].clone()  # [T] prefix depths (positions from `start` on: -1, written below)
+        held[start:] = L - 1
+        causal = keys <= pos[:, None]  # [m, T]
+        h = a.embed(tokens)  # [m, d]
+        cos, sin = a.rope(pos)
+        for l in range(L):
+            q, k, v = a.qkv(l, h, cos, sin)  # q: [m, H, dh], k/v: [m, Hkv, dh]
+            c.write_kv(l, seq, pos, k, v)
+            window = a.window(l)
+            seen = causal & (held >= l)  # [m, T]
+            if window is not None:
+                seen &= keys > pos[:, None] - window
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], c.k[l, slot, :, :end][None], c.v[l, slot, :, :end][None],
+                attn_mask=seen[None, None], scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads,
+            )  # [1, H, m, dh]
+            h = a.finish(l, h, o[0].transpose(0, 1))
+        c.depth_device[slot, start:end] = L - 1
+        c.length[slot] = end
+        visible = [int(n) for n in (held[:start, None] >= torch.arange(L, device=a.device)).sum(0).tolist()]
+        return a.logits(h[-1:]), StepStats([m] * L, [n + m for n in visible], [0] * L)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget `slot`'s tokens from position `length` on (a continuation and its answer), keeping the prompt
+        before it with everything computed for it since, revived tokens included: a K/V row depends only on the
+        tokens before it."""
+        if not 0 < length <= self.cache.length[slot]:
+            raise ValueError(f"can keep 1 to {int(self.cache.length[slot])} tokens of slot {slot}, not {length}")
+        self.cache.depth_device[slot, length:] = -1
+        self.cache.length[slot] = length
 
     def _prefill_scores(
         self, layer: int, qp: torch.Tensor, kp: torch.Tensor, rows: Packing, pos: torch.Tensor, span: int,

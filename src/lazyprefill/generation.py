@@ -246,6 +246,38 @@ class LazyLLM:
         (and in `on_token`) the caller's grad mode is untouched.
         """
         prompts, batched = self._prompts(input_ids, attention_mask, max_new_tokens)
+        engine = self.engine_for(len(prompts), max(p.shape[0] for p in prompts) + max_new_tokens)
+        return (yield from self._generation(
+            engine, engine.prefill, prompts, batched, max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, stop_strings=stop_strings,
+            return_logits=return_logits,
+        ))
+
+    def session(self, prompt, room: int = 1024) -> Session:
+        """Prefill `prompt` once (a long document) and answer any number of continuations of it, each prefilled
+        from where the prompt ends: `session.generate(question_ids)`. `room`: tokens a continuation and its
+        answer may take together. The session keeps its own cache, apart from `generate`'s."""
+        return Session(self, prompt, room)
+
+    def _generation(
+        self,
+        engine: Engine,
+        prefill: Callable[[list[torch.Tensor]], tuple[torch.Tensor, list[StepStats]]],
+        prompts: list[torch.Tensor],
+        batched: bool,
+        max_new_tokens: int,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        return_logits: bool = False,
+    ) -> Generator[int | tuple[int, int], None, GenerationOutput | list[GenerationOutput]]:
+        """`stream` on `engine` once its input is checked: `prefill(prompts)` -> (logits [B, vocab], stats) is the
+        first step (a whole prefill, or a continuation of a prompt the engine holds), then the decoding loop."""
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, seed)
         stops = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ())
         if stops and self.tokenizer is None:
@@ -254,13 +286,12 @@ class LazyLLM:
         device, warpers = self.adapter.device, sampling.warpers()
         generators = sampling.generators(len(prompts), device) or [None] * len(prompts)
         requests = [Request(b, p, g) for b, (p, g) in enumerate(zip(prompts, generators))]
-        engine = self.engine_for(len(prompts), max(p.shape[0] for p in prompts) + max_new_tokens)
 
         captured = engine.graphs_captured
         with torch.inference_mode():
             synchronize(device)
             start = time.perf_counter()
-            logits, stats = engine.prefill(prompts)  # logits: [B, vocab]
+            logits, stats = prefill(prompts)  # logits: [B, vocab]
             tokens = _choose(logits, warpers, requests)  # [B]
             chosen = tokens.tolist()
             synchronize(device)
@@ -378,6 +409,86 @@ class LazyLLM:
     def _hit_stop(self, new: list[int], stop_strings: tuple[str, ...]) -> bool:
         text = self.tokenizer.decode(new[-32:], skip_special_tokens=True)
         return any(s in text for s in stop_strings)
+
+
+class Session:
+    """One prompt prefilled once and continued many times: several questions about one document, or a chat's
+    turns (`LazyLLM.session`).
+
+    The prompt is prefilled under the LazyLLM's schedule into a cache of the session's own. Each `generate`
+    prefills only its continuation (Engine.extend), decodes, and then forgets the continuation and its answer,
+    keeping what decoding revived of the prompt (a K/V row depends only on the tokens before it). Dense, an
+    answer is the fresh prefill's of prompt + continuation, up to rounding; pruned, the continuation sees at
+    each layer the prompt tokens computed there, and its decoding steps revive from the Aux Cache as usual.
+    """
+
+    def __init__(self, lazy: LazyLLM, prompt, room: int) -> None:
+        if not _is_int(room) or room < 2:
+            raise ValueError(f"room must be an int of at least 2 (a continuation token, an answer token), got {room!r}")
+        if _sequences(prompt, None)[1]:
+            raise ValueError("a session holds one prompt: give a list of ids or an [n] tensor, not a batch")
+        self.lazy, self.prompt = lazy, lazy._prompts(prompt, None, room)[0][0]  # prompt: [n] on the model's device
+        self.engine = Engine(lazy.adapter, lazy.schedule, self.prompt.shape[0] + room, decode=lazy.decode, batch=1)
+        device = lazy.adapter.device
+        with torch.inference_mode():
+            synchronize(device)
+            start = time.perf_counter()
+            self.engine.prefill([self.prompt])
+            synchronize(device)
+            self.prefill_s = time.perf_counter() - start  # the prompt's own TTFT, paid once
+            self.engine.settle()
+
+    @property
+    def room(self) -> int:
+        """Tokens a continuation and its answer may still take together."""
+        return self.engine.capacity - self.prompt.shape[0]
+
+    def add(self, input_ids) -> None:
+        """Append ids to the held prompt without generating (a chat's answer and next turn), computed once."""
+        ids = self._continuation(input_ids, 1)
+        self.engine.truncate(0, self.prompt.shape[0])
+        with torch.inference_mode():
+            self.engine.extend(0, ids)
+        self.prompt = torch.cat([self.prompt, ids])
+
+    def generate(self, input_ids, max_new_tokens: int = 64, *, on_token: Callable[[int], None] | None = None,
+                 **options) -> GenerationOutput:
+        """The answer to prompt + `input_ids` (LazyLLM.generate's options). Its `ttft_s` is the continuation's
+        alone, its `sequences` the whole: prompt, continuation, answer."""
+        run = self.stream(input_ids, max_new_tokens, **options)
+        while True:
+            try:
+                token = next(run)
+            except StopIteration as done:
+                return done.value
+            if on_token is not None:
+                on_token(token)
+
+    def stream(self, input_ids, max_new_tokens: int = 64, **options) -> Generator[int, None, GenerationOutput]:
+        """Yield the answer's ids as they come (LazyLLM.stream's options); returns `generate`'s result."""
+        ids = self._continuation(input_ids, max_new_tokens)
+        self.engine.truncate(0, self.prompt.shape[0])
+
+        def extend(_: list[torch.Tensor]) -> tuple[torch.Tensor, list[StepStats]]:
+            logits, stats = self.engine.extend(0, ids)
+            return logits, [stats]
+
+        whole = torch.cat([self.prompt, ids])
+        return (yield from self.lazy._generation(self.engine, extend, [whole], False, max_new_tokens, **options))
+
+    def _continuation(self, input_ids, max_new_tokens: int) -> torch.Tensor:
+        """The checked ids [m] on the model's device, refused when they and the answer overflow the session."""
+        if _sequences(input_ids, None)[1]:
+            raise ValueError("a session continues with one sequence: give a list of ids or an [n] tensor")
+        rows = self.lazy._prompts(input_ids, None, max_new_tokens)[0]
+        need = rows[0].shape[0] + max_new_tokens
+        if need > self.room:
+            raise ValueError(
+                f"the continuation ({rows[0].shape[0]} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceed the "
+                f"session's room of {self.room} tokens after its prompt: open it with a larger room= "
+                "(LazyLLM.session(prompt, room=...))"
+            )
+        return rows[0]
 
 
 def eos_ids(model: nn.Module, eos_token_id: int | Sequence[int] | None = None) -> set[int]:
