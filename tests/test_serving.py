@@ -295,3 +295,69 @@ def test_a_request_whose_engine_cannot_be_built_fails_alone(monkeypatch):
         scheduler.close()
     assert out1.finish == "error" and "out of memory" in out1.events[-1].error
     assert out2.finish == "length" and len(out2.tokens) == 6
+
+
+# ------------------------------------------------------------------------------------ prefix reuse
+def reuse_scheduler(schedule: str, **config) -> Scheduler:
+    config = {"max_batch": 2, "max_prompt_tokens": 120, "max_new_tokens": 12, "min_reuse_tokens": 8, **config}
+    return Scheduler(tiny_model("gemma3"), TOKENIZER, ServeConfig(schedule=schedule, **config), eos=set())
+
+
+def run(scheduler: Scheduler, prompt: torch.Tensor, new: int = 6) -> tuple[ServeRequest, Collector]:
+    r, out = request(prompt, new)
+    scheduler.submit(r)
+    wait([out])
+    return r, out
+
+
+def test_dense_questions_about_one_document_reuse_its_prefill_and_get_fresh_answers():
+    """Two questions about one document, then a chat's next turn (the first answer and a new question appended):
+    each later request is prefilled only from where it parts from a cached sequence, and gets the tokens of
+    LazyLLM.generate on its whole prompt (Gemma 3's window bites across the parts)."""
+    observed: dict[str, float] = {}
+    scheduler = reuse_scheduler("dense")
+    scheduler.observe = lambda name, value: observed.__setitem__(name, observed.get(name, 0) + value)
+    document, questions = prompt_ids(60, seed=1), [prompt_ids(7, seed=2), prompt_ids(9, seed=3)]
+    lazy = lp.LazyLLM(tiny_model("gemma3"), None)
+    try:
+        first, out = run(scheduler, torch.cat([document, questions[0]]))
+        assert first.reused == 0
+        second, out2 = run(scheduler, torch.cat([document, questions[1]]))
+        assert second.reused == 60 and second.prefill.computed == [9] * 6
+        assert out2.tokens == lazy.generate(torch.cat([document, questions[1]]), 6, eos_token_id=[]).new_tokens
+        turn = torch.cat([document, questions[0], torch.tensor(out.tokens), prompt_ids(5, seed=4)])
+        third, out3 = run(scheduler, turn)
+        assert third.reused == 60 + 7 + 5  # the first answer's last token was never fed back
+        assert out3.tokens == lazy.generate(turn, 6, eos_token_id=[]).new_tokens
+        assert observed["prefix_hits"] == 2 and observed["prefix_tokens_reused"] == 60 + 72
+    finally:
+        scheduler.close()
+
+
+def test_a_pruned_schedule_reuses_only_when_the_server_allows_it():
+    document, question = prompt_ids(60, seed=1), prompt_ids(7, seed=2)
+    for allowed in (False, True):
+        scheduler = reuse_scheduler("0:0.5,2:0.5+min=0", reuse_pruned=allowed)
+        try:
+            run(scheduler, torch.cat([document, prompt_ids(5, seed=9)]))
+            again, _ = run(scheduler, torch.cat([document, question]))
+            assert again.reused == (60 if allowed else 0)
+            assert again.prefill.computed == ([7] * 6 if allowed else [67, 34, 34, 17, 17, 17])
+        finally:
+            scheduler.close()
+
+
+def test_cached_prefixes_are_evicted_least_recently_used_within_the_budget():
+    model = tiny_model("gemma3")
+    one = slot_bytes(lp.LazyLLM(model).adapter, 120 + 12)
+    # two slots, and room beside them for about two cached 50-token sequences
+    scheduler = reuse_scheduler("dense", kv_budget_gb=(2 * one + 2.5 * 56 * one / 133) / 2**30)
+    documents = [prompt_ids(50, seed=10 + i) for i in range(3)]
+    try:
+        for doc in documents:
+            run(scheduler, doc, new=2)
+        assert len(scheduler.prefixes.entries) == 2  # the first document's went
+        assert run(scheduler, torch.cat([documents[0], prompt_ids(3)]), new=2)[0].reused == 0
+        assert run(scheduler, torch.cat([documents[2], prompt_ids(3)]), new=2)[0].reused == 50
+    finally:
+        scheduler.close()

@@ -48,7 +48,7 @@ from .schedule import Schedule
 from .scoring import ScoreInput, select
 from .sparse import sparse_attention
 
-__all__ = ["DECODE_ATTENTION", "DecodeOptions", "Engine", "PendingStats", "StepStats", "StepTrace"]
+__all__ = ["DECODE_ATTENTION", "DecodeOptions", "Engine", "Held", "PendingStats", "StepStats", "StepTrace"]
 
 # Decoding calls SDPA only for bursts of revived rows, with the kernel choice scoped to the call
 # (decoding._sdpa_attention). `bench` uses this order for transformers
@@ -89,6 +89,23 @@ class DecodeOptions:
             if not (isinstance(value, bool) or value is None):
                 raise ValueError(f"DecodeOptions.{f.name} must be True, False or None (the default: by device), "
                                  f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class Held:
+    """A sequence's tokens as computed so far, copied out of its slot (Engine.hold): k, v: [L, Hkv, n, dh], aux:
+    [n, d], depth: [n] (int32, on the device), pruned: whether its prompt was pruned or attended sparsely (not a
+    dense schedule, and at least Schedule.min_prompt_tokens long)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    aux: torch.Tensor
+    depth: torch.Tensor
+    pruned: bool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.aux, self.depth))
 
 
 class Engine:
@@ -271,6 +288,16 @@ class Engine:
         chunk: each decoding step after it selects and revives from the Aux Cache as after any prefill. So no
         (token, layer) is computed twice and the held prefix is never computed again.
         """
+        run = self.extend_layers(slot, tokens)
+        while True:
+            try:
+                next(run)
+            except StopIteration as done:
+                return done.value
+
+    def extend_layers(self, slot: int, tokens: torch.Tensor) -> Generator[int, None, tuple[torch.Tensor, StepStats]]:
+        """`extend`, one layer at a time (as `prefill_layers`, for a server's bounded prefill chunks); the slot
+        holds the new tokens only once the last layer has run."""
         if self.trace:
             raise ValueError("a traced engine records one generation from its prefill: extend an untraced one")
         a, c, L = self.a, self.cache, self.a.num_layers
@@ -282,7 +309,7 @@ class Engine:
         pos = torch.arange(start, end, device=a.device)  # [m]
         seq = torch.full_like(pos, slot)
         keys = torch.arange(end, device=a.device)  # [T]
-        held = c.depth_device[slot, :end].clone()  # [T] prefix depths (positions from `start` on: -1, written below)
+        held = c.depth_device[slot, :end].clone()  # [T] the prefix's depths, then the new rows' (every layer)
         held[start:] = L - 1
         causal = keys <= pos[:, None]  # [m, T]
         h = a.embed(tokens)  # [m, d]
@@ -299,10 +326,37 @@ class Engine:
                 attn_mask=seen[None, None], scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads,
             )  # [1, H, m, dh]
             h = a.finish(l, h, o[0].transpose(0, 1))
+            yield m
         c.depth_device[slot, start:end] = L - 1
         c.length[slot] = end
         visible = [int(n) for n in (held[:start, None] >= torch.arange(L, device=a.device)).sum(0).tolist()]
         return a.logits(h[-1:]), StepStats([m] * L, [n + m for n in visible], [0] * L)
+
+    def hold(self, slot: int, length: int) -> Held:
+        """A copy of `slot`'s first `length` tokens as computed so far (K/V, Aux Cache, depth), kept apart from
+        the slots: a server's cached prefix, which `resume` puts back into any slot of an engine of the same
+        schedule."""
+        c = self.cache
+        return Held(c.k[:, slot, :, :length].clone(), c.v[:, slot, :, :length].clone(),
+                    c.aux[slot, :length].clone(), c.depth_device[slot, :length].clone(),
+                    bool(self._pruned[slot]) and not self.schedule.is_dense)
+
+    def resume(self, slot: int, held: Held, length: int) -> None:
+        """Make `slot` hold the first `length` tokens of `held`, settled, ready for `extend`: a K/V row depends
+        only on the tokens before it, so any prefix of a held sequence is a valid prompt state."""
+        c = self.cache
+        c.ensure_clean(length)
+        c.k[:, slot, :, :length] = held.k[:, :, :length]
+        c.v[:, slot, :, :length] = held.v[:, :, :length]
+        c.aux[slot, :length] = held.aux[:length]
+        c.depth_device[slot] = -1
+        c.depth_device[slot, :length] = held.depth[:length]
+        c.length[slot] = length
+        depth = held.depth[:length].cpu().numpy()
+        self._prompt_lengths[slot] = length  # later tokens run every layer, as `plan_step` counts them
+        self._prefill_sizes[slot] = [(depth >= l).sum() for l in range(self.a.num_layers)]
+        self._pruned[slot] = held.pruned
+        self._unsettled = [(s, d) for s, d in self._unsettled if slot not in s]
 
     def truncate(self, slot: int, length: int) -> None:
         """Forget `slot`'s tokens from position `length` on (a continuation and its answer), keeping the prompt

@@ -92,11 +92,16 @@ class Metrics:
                                registry=r)
         self.requests = Counter("lazyprefill_requests", "Requests ended, by finish reason or HTTP status",
                                 ["outcome"], registry=r)
+        self.prefix_hits = Counter("lazyprefill_prefix_hits", "Requests prefilled from a cached prefix", registry=r)
+        self.prefix_reused = Counter("lazyprefill_prefix_tokens_reused", "Prompt tokens taken from cached prefixes",
+                                     registry=r)
+        self.prefix_bytes = Gauge("lazyprefill_prefix_cache_bytes", "Memory of the cached prefixes", registry=r)
         self._recent: deque[float] = deque()  # perf_counter() of the tokens of the last 10 s
         self.sinks: dict[str, Callable[[float], None]] = {
             "ttft": self.ttft.observe, "inter_token": self.inter_token.observe, "queue": self.queue.set,
             "running": self.running.set, "tokens": self._tokens, "prefill_rows_saved": self.saved.inc,
-            "revived_rows": self.revived.inc,
+            "revived_rows": self.revived.inc, "prefix_hits": self.prefix_hits.inc,
+            "prefix_tokens_reused": self.prefix_reused.inc, "prefix_cache_bytes": self.prefix_bytes.set,
         }
 
     def observe(self, name: str, value: float) -> None:

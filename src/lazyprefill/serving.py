@@ -6,6 +6,8 @@ loop, and every other thread only submits requests and reads what they produce. 
   2. run one bounded chunk of the oldest admitted request's prefill (`Engine.prefill_layers`, stopped once the
      chunk's rows x layers reach `prefill_chunk`), so that a long prompt delays the others by one chunk at most;
   3. run one decoding step for every decoding request of each engine, sample, stream, stop and free slots.
+A finished request's tokens stay cached (PrefixCache): a later prompt that begins with them (a new question about
+the same document, a chat's next turn) is prefilled from where the shared part ends (Engine.resume, extend_layers).
 A request alone and the same request among others get the same tokens (greedy): every sequence of an engine is
 pruned, scored and sampled on its own (SPEC.md, invariant 6).
 
@@ -19,15 +21,16 @@ import ctypes.util
 import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from .adapters import LlamaAdapter, adapter_for
-from .engine import DecodeOptions, Engine, StepStats
+from .engine import DecodeOptions, Engine, Held, StepStats
 from .generation import SamplingParams, eos_ids
 from .schedule import DEFAULT_PRESET, Schedule, parse_schedule
 
@@ -42,7 +45,11 @@ class ServeConfig:
     one more engine per extra schedule in use). max_queue: requests that may wait for a slot once every slot is
     taken; more are refused (the server answers 429). prefill_chunk: token x layer rows of prefill between two
     decoding steps. max_schedules: engines kept at once (one per schedule requested); an idle one is dropped for
-    another schedule.
+    another schedule. min_reuse_tokens: the shortest cached prefix a request reuses (0: no reuse); cached prefixes
+    take what kv_budget_gb leaves beside the engines' slots (without a budget: as much as max_batch slots). Reuse
+    is exact where nothing is pruned (a dense schedule, or prompts below its min_prompt_tokens); `reuse_pruned`
+    also lets a pruned prompt continue a pruned prefix (Engine.extend_layers), whose answer may differ from a fresh
+    prefill's.
     """
 
     schedule: str = DEFAULT_PRESET
@@ -53,6 +60,8 @@ class ServeConfig:
     max_queue: int = 64
     prefill_chunk: int = 65536
     max_schedules: int = 2
+    min_reuse_tokens: int = 32
+    reuse_pruned: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_new_tokens", "max_queue", "prefill_chunk", "max_schedules"):
@@ -64,6 +73,8 @@ class ServeConfig:
             raise ValueError(f"max_prompt_tokens must be an int >= 1 or None, got {self.max_prompt_tokens!r}")
         if self.kv_budget_gb is not None and not self.kv_budget_gb > 0:
             raise ValueError(f"kv_budget_gb must be > 0 or None, got {self.kv_budget_gb!r}")
+        if not isinstance(self.min_reuse_tokens, int) or self.min_reuse_tokens < 0:
+            raise ValueError(f"min_reuse_tokens must be an int >= 0 (0: no reuse), got {self.min_reuse_tokens!r}")
 
 
 class Refused(ValueError):
@@ -101,6 +112,7 @@ class ServeRequest:
     first_token_s: float | None = None  # arrival -> first token
     last_token_at: float = 0.0  # perf_counter() of the newest token
     prefill: StepStats | None = None
+    reused: int = 0  # prompt tokens taken from a cached prefix, not prefilled
     revived: int = 0
     slot: int | None = None
     generator: torch.Generator | None = None
@@ -128,12 +140,64 @@ class Pool:
 
     engine: Engine
     free: list[int]
+    schedule: str
     decoding: dict[int, ServeRequest] = field(default_factory=dict)  # slot -> request
     prefilling: deque[tuple[ServeRequest, Generator]] = field(default_factory=deque)
 
     @property
     def busy(self) -> bool:
         return bool(self.decoding or self.prefilling)
+
+
+class PrefixCache:
+    """Sequences the server has computed, per schedule, least recently used first: each finished request's prompt
+    and answer (Engine.hold), so that a prompt beginning with one is prefilled only from where they part.
+
+    A cached sequence that another one begins with is dropped (the longer one serves both), and the least recently
+    used go once the cache passes its budget. Touched by the scheduler's thread alone.
+    """
+
+    def __init__(self, min_tokens: int) -> None:
+        self.min_tokens = min_tokens
+        self.entries: OrderedDict[int, tuple[str, np.ndarray, Held]] = OrderedDict()  # id -> (schedule, ids, held)
+        self.nbytes = 0
+        self._next = 0
+
+    def match(self, schedule: str, prompt: list[int], pruned: bool) -> tuple[Held, int] | None:
+        """The cached sequence sharing the longest beginning with `prompt` (at least min_tokens, and one token short
+        of the whole prompt, whose last token must run for its logits) and how many tokens they share; `pruned`:
+        whether a sequence whose prompt was pruned may serve."""
+        ids = np.asarray(prompt)
+        best, shared = None, 0
+        for key, (spec, cached, held) in self.entries.items():
+            n = min(len(cached), len(ids) - 1)
+            if spec != schedule or (held.pruned and not pruned) or n < max(self.min_tokens, shared + 1):
+                continue
+            differ = np.flatnonzero(cached[:n] != ids[:n])
+            common = int(differ[0]) if differ.size else n
+            if common >= max(self.min_tokens, shared + 1):
+                best, shared = key, common
+        if best is None:
+            return None
+        self.entries.move_to_end(best)
+        return self.entries[best][2], shared
+
+    def store(self, schedule: str, ids: list[int], held: Held, budget: float) -> None:
+        """Cache a sequence within `budget` bytes (dropping those it covers, then the least recently used)."""
+        new = np.asarray(ids)
+        for key, (spec, cached, old) in list(self.entries.items()):
+            if spec != schedule or len(cached) > len(new) or not np.array_equal(cached, new[: len(cached)]):
+                continue
+            del self.entries[key]
+            self.nbytes -= old.nbytes
+        if held.nbytes > budget or len(new) < self.min_tokens:
+            return
+        self.entries[self._next] = (schedule, new, held)
+        self._next += 1
+        self.nbytes += held.nbytes
+        while self.nbytes > budget:
+            _, _, old = self.entries.popitem(last=False)[1]
+            self.nbytes -= old.nbytes
 
 
 class Scheduler:
@@ -166,6 +230,7 @@ class Scheduler:
                              "max_prompt_tokens / max_new_tokens")
         self.parse(config.schedule)  # a default the model cannot run fails here, not at the first request
         self.pools: dict[str, Pool] = {}
+        self.prefixes = PrefixCache(config.min_reuse_tokens)
         self.waiting: deque[ServeRequest] = deque()
         self._lock = threading.Condition()
         self._closed = False
@@ -288,12 +353,29 @@ class Scheduler:
             ids = torch.tensor(request.prompt, dtype=torch.long, device=self.adapter.device)
             if request.sampling.do_sample:
                 request.generator = request.sampling.generators(1, self.adapter.device)[0]
-            run = pool.engine.prefill_layers([ids], [slot], ids=[0])  # each request is sequence 0 of its own
+            hit = self._reusable(pool, request)
+            if hit is None:
+                run = pool.engine.prefill_layers([ids], [slot], ids=[0])  # each request is sequence 0 of its own
+            else:
+                held, request.reused = hit
+                pool.engine.resume(slot, held, request.reused)
+                run = _extend(pool.engine, slot, ids[request.reused:])
+                self.observe("prefix_hits", 1)
+                self.observe("prefix_tokens_reused", request.reused)
         except Exception:
             pool.free.append(slot)
             raise
         request.slot = slot
         pool.prefilling.append((request, run))
+
+    def _reusable(self, pool: Pool, request: ServeRequest) -> tuple[Held, int] | None:
+        """A cached prefix for the request's prompt, where reusing it gives what a fresh prefill gives (nothing
+        pruned, fresh or cached) or the server allows pruned reuse."""
+        engine = pool.engine
+        exact = engine.schedule.is_dense or len(request.prompt) < engine.min_prompt
+        if not self.config.min_reuse_tokens or not (exact or self.config.reuse_pruned):
+            return None
+        return self.prefixes.match(pool.schedule, request.prompt, pruned=not exact)
 
     def _pool_for(self, spec: str) -> Pool | None:
         """The engine of a schedule, built when there is room for its slots (dropping an idle one if needed)."""
@@ -312,7 +394,7 @@ class Scheduler:
             return None
         engine = Engine(self.adapter, self.parse(key), self.capacity, decode=self.decode_options, batch=batch)
         engine.cache.reserve()  # the pool's memory is taken once, here, not as its slots fill
-        pool = self.pools[key] = Pool(engine, list(range(batch))[::-1])
+        pool = self.pools[key] = Pool(engine, list(range(batch))[::-1], key)
         return pool
 
     def _drop_cancelled(self) -> None:
@@ -398,8 +480,21 @@ class Scheduler:
 
     def _finish(self, pool: Pool, request: ServeRequest, reason: str) -> None:
         pool.decoding.pop(request.slot, None)
+        if reason in ("stop", "length") and self.config.min_reuse_tokens:
+            self._keep(pool, request)
         pool.free.append(request.slot)
         request.emit(Event(finish_reason=reason))
+
+    def _keep(self, pool: Pool, request: ServeRequest) -> None:
+        """Cache what a finished request computed (its prompt and every answer token fed back) for later prompts,
+        within what the K/V budget leaves beside the engines' slots."""
+        n = int(pool.engine.cache.length[request.slot])
+        slots = sum(p.engine.cache.batch for p in self.pools.values())
+        budget = (self.config.max_batch * self.slot_bytes if self.config.kv_budget_gb is None
+                  else self.config.kv_budget_gb * 2**30 - slots * self.slot_bytes)
+        ids = (request.prompt + request.new_tokens)[:n]
+        self.prefixes.store(pool.schedule, ids, pool.engine.hold(request.slot, n), budget)
+        self.observe("prefix_cache_bytes", self.prefixes.nbytes)
 
     def _fail_all(self, message: str) -> None:
         """A step raised: its engines' state is unknown, so every running request fails and the engines go (new
@@ -412,6 +507,12 @@ class Scheduler:
             for request, run in pool.prefilling:
                 run.close()
                 request.emit(Event(finish_reason="error", error=message))
+
+
+def _extend(engine: Engine, slot: int, ids: torch.Tensor) -> Generator[int, None, tuple[torch.Tensor, list]]:
+    """Engine.extend_layers in prefill_layers' form: its stats as a list of one."""
+    logits, stats = yield from engine.extend_layers(slot, ids)
+    return logits, [stats]
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
