@@ -651,6 +651,14 @@ def serve_command(
         "(default: --max-batch slots per schedule in use)."
     ),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Waiting requests beyond this are refused (429)."),
+    min_reuse_tokens: int = typer.Option(
+        32, "--min-reuse-tokens", min=0, help="Shortest cached prefix a prompt reuses instead of prefilling it (0: "
+        "never); cached prefixes share --kv-budget-gb with the slots."
+    ),
+    reuse_pruned: bool = typer.Option(
+        False, "--reuse-pruned", help="Also continue cached prefixes under pruning (otherwise only where nothing is "
+        "pruned, which is exact); a continued pruned prefix can answer otherwise than a fresh prefill."
+    ),
 ) -> None:
     """Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics),
     with continuous batching: requests join the running batch between decoding steps."""
@@ -672,7 +680,8 @@ def serve_command(
     try:
         config = ServeConfig(schedule=schedule or DEFAULT_PRESET, max_batch=max_batch,
                              max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                             kv_budget_gb=kv_budget_gb, max_queue=max_queue)
+                             kv_budget_gb=kv_budget_gb, max_queue=max_queue, min_reuse_tokens=min_reuse_tokens,
+                             reuse_pruned=reuse_pruned)
         scheduler = Scheduler(lm, tokenizer, config)
     except ValueError as err:
         fail(str(err))

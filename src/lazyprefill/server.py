@@ -299,7 +299,8 @@ class Reply:
     def usage(self) -> dict:
         done = len(self.request.new_tokens)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
-                "total_tokens": self.prompt_tokens + done}
+                "total_tokens": self.prompt_tokens + done,
+                "prompt_tokens_details": {"cached_tokens": self.request.reused}}  # OpenAI's: a reused prefix
 
     def figures(self) -> dict:
         """lazyprefill's own: the schedule, time to first token, prefill work (share of dense), rows revived."""

@@ -195,6 +195,10 @@ class PrefixCache:
         self.entries[self._next] = (schedule, new, held)
         self._next += 1
         self.nbytes += held.nbytes
+        self.evict(budget)
+
+    def evict(self, budget: float) -> None:
+        """Drop the least recently used sequences until the rest fit in `budget` bytes."""
         while self.nbytes > budget:
             _, _, old = self.entries.popitem(last=False)[1]
             self.nbytes -= old.nbytes
@@ -395,6 +399,8 @@ class Scheduler:
         engine = Engine(self.adapter, self.parse(key), self.capacity, decode=self.decode_options, batch=batch)
         engine.cache.reserve()  # the pool's memory is taken once, here, not as its slots fill
         pool = self.pools[key] = Pool(engine, list(range(batch))[::-1], key)
+        self.prefixes.evict(self._prefix_budget())  # its slots come out of the cached prefixes' share
+        self.observe("prefix_cache_bytes", self.prefixes.nbytes)
         return pool
 
     def _drop_cancelled(self) -> None:
@@ -489,12 +495,17 @@ class Scheduler:
         """Cache what a finished request computed (its prompt and every answer token fed back) for later prompts,
         within what the K/V budget leaves beside the engines' slots."""
         n = int(pool.engine.cache.length[request.slot])
-        slots = sum(p.engine.cache.batch for p in self.pools.values())
-        budget = (self.config.max_batch * self.slot_bytes if self.config.kv_budget_gb is None
-                  else self.config.kv_budget_gb * 2**30 - slots * self.slot_bytes)
         ids = (request.prompt + request.new_tokens)[:n]
-        self.prefixes.store(pool.schedule, ids, pool.engine.hold(request.slot, n), budget)
+        self.prefixes.store(pool.schedule, ids, pool.engine.hold(request.slot, n), self._prefix_budget())
         self.observe("prefix_cache_bytes", self.prefixes.nbytes)
+
+    def _prefix_budget(self) -> float:
+        """Bytes the cached prefixes may take: what kv_budget_gb leaves beside the engines' slots (without a budget,
+        as much as max_batch slots)."""
+        if self.config.kv_budget_gb is None:
+            return self.config.max_batch * self.slot_bytes
+        slots = sum(p.engine.cache.batch for p in self.pools.values())
+        return self.config.kv_budget_gb * 2**30 - slots * self.slot_bytes
 
     def _fail_all(self, message: str) -> None:
         """A step raised: its engines' state is unknown, so every running request fails and the engines go (new
