@@ -9,6 +9,7 @@ norm or a bias would be caught.
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import transformers as tf
@@ -92,6 +93,18 @@ def word_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
+
+
+def flat(output: str) -> str:
+    """The message without the line breaks and box borders of typer's rich error panel."""
+    return re.sub(r"[\s│╭╮╰╯─]+", " ", output)
+
+
+def assert_clean_error(result, message: str) -> None:
+    """A CLI result that failed as the CLI promises: exit code 2, `message` in its panel, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert message in flat(result.output), flat(result.output)
+    assert "Traceback" not in result.output
 
 
 def save_tiny_model(path, family: str = "llama_gqa_rope3", num_layers: int = 6):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
+from helpers import flat
 from typer.testing import CliRunner
 
 from lazyprefill.cli import app
@@ -27,11 +27,6 @@ def doc(tmp_path):
 
 def generate(*args: str):
     return runner.invoke(app, ["generate", "--model", "smollm2", *args])
-
-
-def flat(output: str) -> str:
-    """The message without the line breaks and box borders of typer's rich error panel."""
-    return re.sub(r"[\s│╭╮╰╯─]+", " ", output)
 
 
 def test_json_reports_the_answer_and_per_layer_work(doc):

@@ -6,11 +6,9 @@ here downloads or loads a real checkpoint.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import transformers as tf
-from helpers import save_tiny_model
+from helpers import assert_clean_error, flat, save_tiny_model
 from typer.testing import CliRunner
 
 import lazyprefill.engine
@@ -18,17 +16,6 @@ from lazyprefill.cli import app
 
 runner = CliRunner()
 WORDS = " ".join(f"w{i % 300 + 2}" for i in range(40))  # 40 tokens of the word tokenizer
-
-
-def flat(output: str) -> str:
-    """The message without the line breaks and box borders of typer's rich error panel."""
-    return re.sub(r"[\s│╭╮╰╯─]+", " ", output)
-
-
-def assert_clean_error(result, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert message in flat(result.output), flat(result.output)
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")

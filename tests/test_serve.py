@@ -1,6 +1,7 @@
 """`lazyprefill serve` end to end: the command starts a server with the embedded SmolLM2 on a free port, and the
 real `openai` client talks to it (plain and streamed chat and completions, concurrent requests, a client that
-leaves mid-stream, every bad input), then /metrics is parsed."""
+leaves mid-stream, every bad input, schedules by registered name and paths refused, bodies over the limit), then
+/metrics is parsed. The command's own errors for --schedule-file run without a server."""
 
 from __future__ import annotations
 
@@ -16,10 +17,22 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import assert_clean_error, flat, save_tiny_model
 from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from lazyprefill.cli import app
+from lazyprefill.schedule import FileRefused, Schedule, parse_schedule
 
 DOC = (Path(__file__).parents[1] / "examples" / "python_license.txt").read_text()
 MAX_BATCH, MAX_QUEUE, MAX_PROMPT, MAX_NEW = 3, 2, 700, 64
+MAX_BODY = 2**20  # --max-request-bytes: room for every request here, and quick to send past
+TUNED = Schedule({9: 0.5, 19: 0.5}, min_prompt_tokens=0)  # registered as "tuned" (--schedule-file tuned=FILE)
+
+
+@pytest.fixture(scope="module")
+def tuned_file(tmp_path_factory) -> Path:
+    return TUNED.save(tmp_path_factory.mktemp("schedules") / "tuned.json")
 
 
 def free_port() -> int:
@@ -29,12 +42,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tuned_file):
     """`lazyprefill serve` in a subprocess; yields its base URL, stops it at the end."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "lazyprefill", "serve", "--port", str(port), "--max-batch", str(MAX_BATCH),
-           "--max-queue", str(MAX_QUEUE), "--max-prompt-tokens", str(MAX_PROMPT), "--max-new-tokens", str(MAX_NEW)]
+           "--max-queue", str(MAX_QUEUE), "--max-prompt-tokens", str(MAX_PROMPT), "--max-new-tokens", str(MAX_NEW),
+           "--schedule-file", f"tuned={tuned_file}", "--max-request-bytes", str(MAX_BODY)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600  # the first run fetches and converts the embedded model
@@ -102,6 +116,78 @@ def test_completions_and_a_per_request_schedule(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True,
                                                                             extra_body={"schedule": "dense"}))
     assert streamed == dense.choices[0].text
+
+
+def test_a_registered_schedule_answers_as_the_same_schedule_given_as_a_spec(client):
+    kw = dict(model="smollm2", prompt=DOC[:1500], max_tokens=8, temperature=0)
+    named = client.completions.create(**kw, extra_body={"schedule": "tuned"})
+    spec = client.completions.create(**kw, extra_body={"schedule": TUNED.describe()})
+    assert named.choices[0].text == spec.choices[0].text and named.usage == spec.usage
+    figures = named.model_extra["lazyprefill"]
+    assert figures["schedule"] == TUNED.describe() == spec.model_extra["lazyprefill"]["schedule"]
+    assert figures["prefill_work"] == spec.model_extra["lazyprefill"]["prefill_work"] < 1
+
+
+def test_a_path_schedule_gets_one_answer_whether_or_not_the_file_exists(client, tuned_file, tmp_path):
+    """The server opens no path a request gives, so its answer tells nothing of the server's files: a valid schedule
+    file, the registered one, a missing one, one that is no schedule and a folder all get the same 400."""
+    real = TUNED.save(tmp_path / "real.json")
+    (tmp_path / "other.json").write_text("{}")
+    paths = [str(real), str(tuned_file), str(tmp_path / "missing.json"), str(tmp_path / "other.json"), str(tmp_path),
+             "tuned.json", "./tuned", "~/schedule", "..\\schedule", "/etc/passwd"]
+    answers = []
+    for path in paths:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="smollm2", prompt="hi", max_tokens=1, extra_body={"schedule": path})
+        answers.append((err.value.status_code, err.value.body))
+    assert answers == [answers[0]] * len(paths)
+    assert answers[0][1]["param"] == "schedule" and "--schedule-file NAME=FILE" in answers[0][1]["message"]
+
+
+def test_an_unknown_schedule_name_lists_the_registered_ones(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smollm2", prompt="hi", max_tokens=1, extra_body={"schedule": "tune"})
+    assert "registered on this server: tuned" in err.value.message and ".json" not in err.value.message
+
+
+def test_without_files_parse_schedule_refuses_a_path_before_touching_the_disk(tmp_path, monkeypatch):
+    real = TUNED.save(tmp_path / "real.json")
+    assert parse_schedule(str(real), 30) == TUNED  # files allowed: the CLI's and the API's way
+
+    def touched(*_args, **_kwargs):
+        raise AssertionError("parse_schedule(files=False) touched the disk")
+
+    for name in ("is_file", "exists", "read_text", "read_bytes", "open", "stat"):
+        monkeypatch.setattr(Path, name, touched)
+    for spec in (str(real), real, str(tmp_path / "missing.json"), "./x", "~/x", "a\\b"):
+        with pytest.raises(FileRefused):
+            parse_schedule(spec, 30, files=False)
+    assert parse_schedule(TUNED.describe(), 30, files=False) == TUNED
+
+
+def padded(size: int) -> bytes:
+    """A valid completions request of exactly `size` bytes (JSON allows trailing whitespace)."""
+    body = json.dumps({"model": "smollm2", "prompt": "hi", "max_tokens": 1, "temperature": 0}).encode()
+    return body + b" " * (size - len(body))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_gets_413_before_it_is_parsed_and_the_server_goes_on(server, client, chunked):
+    def post(body: bytes) -> httpx.Response:
+        content = (body[at:at + 2**16] for at in range(0, len(body), 2**16)) if chunked else body
+        reply = httpx.post(f"{server}/v1/completions", content=content, timeout=60,
+                           headers={"content-type": "application/json"})
+        assert ("content-length" in reply.request.headers) != chunked
+        return reply
+
+    before = metric_samples(server, "lazyprefill_requests_total").get(("outcome", "413"), 0)
+    assert post(padded(MAX_BODY)).status_code == 200
+    over = post(padded(MAX_BODY + 1))
+    assert over.status_code == 413 and over.json()["error"]["type"] == "invalid_request_error"
+    assert str(MAX_BODY) in over.json()["error"]["message"]
+    assert post(b"[" * (MAX_BODY + 1)).status_code == 413  # not JSON: parsed, it would get a 400
+    assert metric_samples(server, "lazyprefill_requests_total")[("outcome", "413")] == before + 2
+    assert ask(client, 200, new=2).choices[0].message.content is not None
 
 
 def test_concurrent_requests_get_what_they_get_alone(server, client):
@@ -211,3 +297,33 @@ def test_metrics_parse(server, client):
     assert metric_samples(server, "lazyprefill_ttft_seconds_count")[()] >= 1
     assert metric_samples(server, "lazyprefill_generated_tokens_total")[()] >= 4
     assert metric_samples(server, "lazyprefill_prefill_rows_saved_total")[()] > 0
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("pairs, message", [
+    (["tuned"], "'tuned' is not NAME=FILE"),
+    (["tuned="], "'tuned=' is not NAME=FILE"),
+    (["paper={file}"], "schedule name 'paper' already means a schedule"),
+    (["static={file}"], "schedule name 'static' already means a schedule"),
+    (["dense={file}"], "schedule name 'dense' already means a schedule"),
+    (["my/tuned={file}"], "schedule name 'my/tuned' must be letters, digits"),
+    (["tuned={file}", "tuned={file}"], "schedule name 'tuned' is given twice"),
+    (["tuned={missing}"], "missing.json' does not exist"),
+    (["tuned={other}"], "other.json' is not a lazyprefill schedule"),
+])
+def test_bad_schedule_files_are_clean_errors_before_the_model_loads(tuned_file, tmp_path, pairs, message):
+    (tmp_path / "other.json").write_text('{"keep": {"9": 0.5}}')
+    where = {"file": tuned_file, "missing": tmp_path / "missing.json", "other": tmp_path / "other.json"}
+    args = [arg for pair in pairs for arg in ("--schedule-file", pair.format(**where))]
+    result = runner.invoke(app, ["serve", "--model", str(tmp_path / "no-model"), *args])
+    assert_clean_error(result, message)  # the model, which does not exist, is not reached
+    assert "--schedule-file" in flat(result.output)
+
+
+def test_a_schedule_file_the_model_cannot_run_names_its_option(tuned_file, tmp_path):
+    tiny = save_tiny_model(tmp_path / "tiny", num_layers=6)
+    result = runner.invoke(app, ["serve", "--model", str(tiny), "--schedule-file", f"tuned={tuned_file}"])
+    assert_clean_error(result, "pruning layer 9 is out of range")
+    assert "--schedule-file tuned" in flat(result.output)

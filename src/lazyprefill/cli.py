@@ -5,6 +5,7 @@ Every bad input ends in a one-line message that says what to pass instead, exit 
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import typer
 
 if TYPE_CHECKING:
     from .generation import GenerationOutput
-    from .schedule import Schedule
+    from .schedule import Preset, Schedule
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="LazyLLM dynamic token pruning for Hugging Face LLMs."
@@ -65,18 +66,55 @@ def check_device(device: str, dtype: str) -> None:
         fail(f"device {device!r} is not supported: use cpu or cuda", "--device")
 
 
+def every_family_presets() -> dict[str, Preset]:
+    """Every model family's presets by name: what a schedule may mean before the model is known."""
+    from .adapters import ADAPTERS
+
+    return {name: p for adapter in ADAPTERS.values() for name, p in adapter.presets.items()}
+
+
 def check_schedule_syntax(schedule: str | None) -> None:
     """Refuse a schedule that cannot be parsed; its layers are checked once the model is known."""
-    from .adapters import ADAPTERS
     from .schedule import parse_schedule
 
     if schedule is None:
         return
-    every_family = {name: p for adapter in ADAPTERS.values() for name, p in adapter.presets.items()}
     try:
-        parse_schedule(schedule, num_layers=1 << 20, presets=every_family)
+        parse_schedule(schedule, num_layers=1 << 20, presets=every_family_presets())
     except ValueError as err:
         fail(str(err), "--schedule")
+
+
+def schedule_files(pairs: list[str]) -> dict[str, Path]:
+    """`serve --schedule-file NAME=FILE` pairs as {NAME: FILE}, each file read and checked before the model loads
+    (its layers once it has). A NAME must not already mean a schedule, or it would hide one."""
+    from .schedule import load_schedule, parse_schedule
+
+    files: dict[str, Path] = {}
+    presets = every_family_presets()
+    for pair in pairs:
+        name, sep, file = pair.partition("=")
+        if not sep or not file:
+            fail(f"{pair!r} is not NAME=FILE: give the name requests use, '=', and a schedule file "
+                 "(mine=schedule.json)", "--schedule-file")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            fail(f"schedule name {name!r} must be letters, digits, '_' or '-'", "--schedule-file")
+        if name in files:
+            fail(f"schedule name {name!r} is given twice", "--schedule-file")
+        try:
+            parse_schedule(name, num_layers=1 << 20, presets=presets, files=False)
+        except ValueError:
+            pass
+        else:
+            fail(f"schedule name {name!r} already means a schedule (a preset, 'dense' or a scorer): choose another",
+                 "--schedule-file")
+        path = Path(file).expanduser()
+        try:
+            load_schedule(path)
+        except (ValueError, OSError) as err:  # OSError: a file that cannot be read
+            fail(str(err), "--schedule-file")
+        files[name] = path
+    return files
 
 
 def load(model: str, device: str, dtype: str) -> tuple:
@@ -111,8 +149,8 @@ def load(model: str, device: str, dtype: str) -> tuple:
     return lm, tokenizer
 
 
-def model_schedule(schedule: str | None, model) -> Schedule:
-    """The checked Schedule: the user's, or the default preset (whose failure is the model's, not --schedule's),
+def model_schedule(schedule: str | Path | None, model, option: str = "--schedule") -> Schedule:
+    """The checked Schedule: the user's (given as `option`), or the default preset (whose failure is the model's),
     with the model family's presets placed on the layers it can prune at."""
     from .adapters import adapter_for
     from .schedule import DEFAULT_PRESET, parse_schedule
@@ -123,7 +161,7 @@ def model_schedule(schedule: str | None, model) -> Schedule:
             DEFAULT_PRESET if schedule is None else schedule, a.num_layers, a.prunable_layers(), a.presets
         )
     except ValueError as err:
-        fail(str(err), "--schedule" if schedule is not None else "--model")
+        fail(str(err), option if schedule is not None else "--model")
 
 
 # ---------------------------------------------------------------------- inspect
@@ -638,6 +676,10 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: any free one)."),
     schedule: str | None = typer.Option(None, "--schedule", "-s", help="Default schedule: " + SCHEDULE_HELP),
+    schedule_file: list[str] | None = typer.Option(
+        None, "--schedule-file", metavar="NAME=FILE", help="A schedule file that requests ask for by NAME (they may "
+        "not give a path); read at start. Repeatable."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Requests decoding together under one schedule."),
@@ -659,6 +701,10 @@ def serve_command(
         False, "--reuse-pruned", help="Also continue cached prefixes under pruning (otherwise only where nothing is "
         "pruned, which is exact); a continued pruned prefix can answer otherwise than a fresh prefill."
     ),
+    max_request_bytes: int = typer.Option(
+        16 * 2**20, "--max-request-bytes", min=1, help="Larger request bodies are refused (413) before they are "
+        "parsed (16 MiB; a 128K-token prompt is about 1 MB)."
+    ),
 ) -> None:
     """Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics),
     with continuous batching: requests join the running batch between decoding steps."""
@@ -675,19 +721,22 @@ def serve_command(
 
     check_device(device, dtype)
     check_schedule_syntax(schedule)
+    files = schedule_files(schedule_file or [])
     lm, tokenizer = load(model, device, dtype)
     model_schedule(schedule, lm)  # refuses a schedule this model cannot run, before the server starts
+    named = {name: model_schedule(file, lm, f"--schedule-file {name}") for name, file in files.items()}
     try:
         config = ServeConfig(schedule=schedule or DEFAULT_PRESET, max_batch=max_batch,
                              max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                              kv_budget_gb=kv_budget_gb, max_queue=max_queue, min_reuse_tokens=min_reuse_tokens,
-                             reuse_pruned=reuse_pruned)
+                             reuse_pruned=reuse_pruned, schedules=named)
         scheduler = Scheduler(lm, tokenizer, config)
     except ValueError as err:
         fail(str(err))
-    Console(stderr=True).print(f"serving {model} ({config.schedule}) on http://{host}:{port}/v1")
+    registered = f"; registered: {', '.join(named)}" if named else ""
+    Console(stderr=True).print(f"serving {model} ({config.schedule}{registered}) on http://{host}:{port}/v1")
     try:
-        uvicorn.run(create_app(scheduler, model), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(scheduler, model, max_request_bytes), host=host, port=port, log_level="warning")
     finally:
         scheduler.close()
 

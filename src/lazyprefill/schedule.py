@@ -71,6 +71,19 @@ DEFAULT_PRESET = "balanced"
 SCHEDULE_FILE_FORMAT = "lazyprefill-schedule/1"
 
 
+class FileRefused(ValueError):
+    """A schedule that looks like a file's path, given where files are not read (`parse_schedule(files=False)`).
+    Raised before anything touches the disk, with one message for every path, so that it says nothing of what
+    exists there."""
+
+
+def looks_like_path(text: str) -> bool:
+    """Whether a schedule string reads as a file's path (a separator, a leading '.' or '~', or .json at the end);
+    no spec that `parse_schedule` reads without files does."""
+    text = text.strip()
+    return "/" in text or "\\" in text or text.startswith((".", "~")) or text.endswith(".json")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Keep ratios per pruning layer, plus the scorer that chooses the kept tokens.
@@ -207,9 +220,13 @@ def parse_schedule(
     num_layers: int,
     prunable: Sequence[int] | None = None,
     presets: Mapping[str, Preset] = PRESETS,
+    *,
+    files: bool = True,
 ) -> Schedule:
     """Turn what a user wrote into a checked Schedule; `prunable`: the layers the model can prune at (None: all),
-    `presets`: the model family's presets (its adapter's `presets`).
+    `presets`: the model family's presets (its adapter's `presets`); `files=False`: a path (`looks_like_path`)
+    raises FileRefused instead of being opened, for text from someone who may not read this machine's files (a
+    server's client).
 
     Accepts a Schedule, a `{layer: ratio}` dict, None / "dense" / "none" (no pruning), a preset name
     ("paper"), layer:ratio pairs ("9:0.7,19:0.7"), either of those after a scorer and a colon
@@ -224,10 +241,12 @@ def parse_schedule(
         schedule = spec
     elif isinstance(spec, dict):
         schedule = Schedule(dict(spec))
+    elif not files and (isinstance(spec, Path) or (isinstance(spec, str) and looks_like_path(spec))):
+        raise FileRefused("a schedule file's path is not accepted here: give a preset or layer:ratio pairs")
     elif isinstance(spec, Path) or (isinstance(spec, str) and spec.strip().endswith(".json")):
         schedule = load_schedule(Path(spec), num_layers)
     elif isinstance(spec, str):
-        schedule = _parse_options(spec.strip(), num_layers, presets)
+        schedule = _parse_options(spec.strip(), num_layers, presets, files)
     else:
         raise TypeError(f"schedule must be a str, path, dict, Schedule or None, not {type(spec).__name__}")
     if prunable is not None and schedule.preset is not None:  # fit the preset to this model's layers
@@ -294,7 +313,7 @@ def load_schedule(path: Path, num_layers: int | None = None) -> Schedule:
         raise ValueError(f"{where}: {err}") from None
 
 
-def _parse_options(text: str, num_layers: int, presets: Mapping[str, Preset]) -> Schedule:
+def _parse_options(text: str, num_layers: int, presets: Mapping[str, Preset], files: bool) -> Schedule:
     """'paper+sparse(top=0.1)+min=4096': a schedule, then options, each after a '+' outside parentheses."""
     parts, depth, start = [], 0, 0
     for at, char in enumerate(text + "+"):
@@ -305,7 +324,7 @@ def _parse_options(text: str, num_layers: int, presets: Mapping[str, Preset]) ->
     if depth != 0:  # unbalanced parentheses: the scorer's parser says where
         parts = [text]
     base, options = parts[0], parts[1:]
-    schedule = _parse_text(base, num_layers, presets) if base or not options else Schedule()
+    schedule = _parse_text(base, num_layers, presets, files) if base or not options else Schedule()
     for option in options:
         if option.startswith("sparse"):
             schedule = replace(schedule, sparse=parse_sparse(option))
@@ -320,7 +339,8 @@ def _parse_options(text: str, num_layers: int, presets: Mapping[str, Preset]) ->
     return schedule
 
 
-def _parse_text(text: str, num_layers: int, presets: Mapping[str, Preset]) -> Schedule:
+def _parse_text(text: str, num_layers: int, presets: Mapping[str, Preset], files: bool) -> Schedule:
+    """A schedule without options; `files`: whether the error for unknown text may suggest a schedule file."""
     if text == "":
         raise ValueError("the schedule is empty: use 'dense' for no pruning, or a preset such as 'paper'")
     if text in DENSE_NAMES:
@@ -339,9 +359,9 @@ def _parse_text(text: str, num_layers: int, presets: Mapping[str, Preset]) -> Sc
             index, value = int(layer), float(ratio)
         except ValueError:
             raise ValueError(
-                f"unknown schedule {text!r}: use a preset ({', '.join(presets)}), 'dense', layer:ratio pairs "
+                f"unknown schedule {text!r}: use a preset ({', '.join(presets)}), 'dense' or layer:ratio pairs "
                 "such as '9:0.7,19:0.7', either optionally after a scorer and a colon ('static:paper', "
-                f"'pool(k=7):9:0.7'), or a schedule file (.json). Scorers: {scorer_help()}"
+                f"'pool(k=7):9:0.7'){', or a schedule file (.json)' if files else ''}. Scorers: {scorer_help()}"
             ) from None
         if index in keep:
             raise ValueError(f"layer {index} appears twice in the schedule {text!r}: give each layer one keep ratio")

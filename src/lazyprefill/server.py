@@ -3,6 +3,8 @@
 FastAPI parses and validates, the scheduler's thread runs the model, and each request's events cross from that
 thread to the event loop through an asyncio queue. Errors have OpenAI's body ({"error": {"message", "type",
 "param", "code"}}); a client that leaves a stream cancels its request, which frees its slot at the next step.
+A body over the server's limit is refused (413) before anything parses it (BodyLimit), and a request's schedule
+never names a file on the server (Scheduler.parse).
 Prometheus metrics live in a registry of the app's own, so that several apps can run in one process (tests).
 """
 
@@ -24,12 +26,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
 
 from .generation import SamplingParams
 from .serving import Event, Refused, Scheduler, ServeRequest
 
 RETRY_AFTER_S = 1
+# The largest request body by default: a 128K-token prompt is about 0.5 MB of text, or 0.9 MB as token ids.
+MAX_REQUEST_BYTES = 16 * 2**20
 
 
 class Message(BaseModel):
@@ -57,7 +64,7 @@ class Sampling(BaseModel):
     n: Literal[1] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    schedule: str | None = None  # lazyprefill's: any string `lazyprefill generate --schedule` takes
+    schedule: str | None = None  # lazyprefill's: a preset, a spec or a registered name, never a path
 
 
 class ChatRequest(Sampling):
@@ -127,10 +134,61 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
-    """The OpenAI-compatible app over a running scheduler (the caller closes it): routes only; `Endpoints` answers."""
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before the app parses or tokenizes any of it, at
+    once by its Content-Length, or, for a body without one (chunked), as soon as more than `limit` bytes have come,
+    so that the server never holds much more than `limit` of a body. A body within the limit reaches the app as one
+    message, and then `receive` as it was (where a plain request's handler hears the client leave)."""
+
+    def __init__(self, app: ASGIApp, limit: int, refused: Callable[[], None]) -> None:
+        self.app, self.limit, self.refused = app, limit, refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        body = None if length.isdigit() and int(length) > self.limit else await self.read(receive)
+        if body is None:
+            self.refused()
+            message = f"the request body is larger than this server's limit of {self.limit} bytes"
+            await JSONResponse(error_body(message, 413), 413)(scope, receive, send)
+            return
+        if body["type"] == "http.disconnect":  # the client left while sending: nobody to answer
+            return
+        given = False
+
+        async def replay() -> ASGIMessage:
+            nonlocal given
+            if given:
+                return await receive()
+            given = True
+            return body
+
+        await self.app(scope, replay, send)
+
+    async def read(self, receive: Receive) -> ASGIMessage | None:
+        """The whole body as one message (or the client's leaving, as it came), or None once it passes the limit."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return None
+            if not message.get("more_body", False):
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+
+def create_app(scheduler: Scheduler, model_name: str, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+    """The OpenAI-compatible app over a running scheduler (the caller closes it): routes only; `Endpoints` answers.
+    A request body over `max_request_bytes` gets 413 (BodyLimit)."""
     app = FastAPI(title="lazyprefill", docs_url=None, redoc_url=None)
     api = Endpoints(scheduler, model_name, Metrics(CollectorRegistry()))
+    app.add_middleware(BodyLimit, limit=max_request_bytes, refused=api.metrics.requests.labels("413").inc)
     app.exception_handler(StarletteHTTPException)(api.http_error)
     app.exception_handler(RequestValidationError)(api.invalid)
 

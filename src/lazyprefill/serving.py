@@ -22,7 +22,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,12 @@ from torch import nn
 from .adapters import LlamaAdapter, adapter_for
 from .engine import DecodeOptions, Engine, Held, StepStats
 from .generation import SamplingParams, eos_ids
-from .schedule import DEFAULT_PRESET, Schedule, parse_schedule
+from .schedule import DEFAULT_PRESET, FileRefused, Schedule, parse_schedule
+
+# A request's schedule that looks like a path, whether or not it exists: one message, so that a client learns
+# nothing of the server's files.
+PATH_REFUSED = ("a request's schedule cannot be a file path: give a preset, layer:ratio pairs or the name of a "
+                "schedule file registered when the server started (lazyprefill serve --schedule-file NAME=FILE)")
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,9 @@ class ServeConfig:
     take what kv_budget_gb leaves beside the engines' slots (without a budget: as much as max_batch slots). Reuse
     is exact where nothing is pruned (a dense schedule, or prompts below its min_prompt_tokens); `reuse_pruned`
     also lets a pruned prompt continue a pruned prefix (Engine.extend_layers), whose answer may differ from a fresh
-    prefill's.
+    prefill's. `schedule` is the server's default, the operator's: any spec or a file's path. `schedules`: those
+    that requests may name, read at start (a request may not give a path: Scheduler.parse); a name here wins over
+    a preset or spec that reads the same, so `lazyprefill serve` refuses such names.
     """
 
     schedule: str = DEFAULT_PRESET
@@ -62,6 +69,7 @@ class ServeConfig:
     max_schedules: int = 2
     min_reuse_tokens: int = 32
     reuse_pruned: bool = False
+    schedules: Mapping[str, Schedule] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_new_tokens", "max_queue", "prefill_chunk", "max_schedules"):
@@ -232,7 +240,8 @@ class Scheduler:
             raise ValueError(f"kv_budget_gb={config.kv_budget_gb} holds no slot: one slot of {self.capacity} "
                              f"positions needs {self.slot_bytes / 2**30:.3f} GB; raise the budget or lower "
                              "max_prompt_tokens / max_new_tokens")
-        self.parse(config.schedule)  # a default the model cannot run fails here, not at the first request
+        # the operator's default, which may be a file; one the model cannot run fails here, not at the first request
+        self.default = parse_schedule(config.schedule, a.num_layers, a.prunable_layers(), a.presets)
         self.pools: dict[str, Pool] = {}
         self.prefixes = PrefixCache(config.min_reuse_tokens)
         self.waiting: deque[ServeRequest] = deque()
@@ -244,13 +253,21 @@ class Scheduler:
 
     # ------------------------------------------------------------------ any thread
     def parse(self, spec: str | None) -> Schedule:
-        """A schedule string as `generate --schedule` takes it (None: the server's), or Refused."""
+        """A request's schedule (None or "": the server's default), or Refused: a registered name, or a spec that
+        parse_schedule reads without opening a file, since a client cannot reach the server's disk."""
+        if not spec:
+            return self.default
+        if spec in self.config.schedules:
+            return self.config.schedules[spec]
         a = self.adapter
         try:
-            return parse_schedule(spec or self.config.schedule, a.num_layers, prunable=a.prunable_layers(),
-                                  presets=a.presets)
+            return parse_schedule(spec, a.num_layers, a.prunable_layers(), a.presets, files=False)
+        except FileRefused:
+            raise Refused(PATH_REFUSED, param="schedule") from None
         except ValueError as err:
-            raise Refused(f"bad schedule {spec!r}: {err}", param="schedule") from None
+            names = ", ".join(self.config.schedules) or "none"
+            raise Refused(f"bad schedule {spec!r}: {err} (schedules registered on this server: {names})",
+                          param="schedule") from None
 
     def submit(self, request: ServeRequest) -> None:
         """Queue a request, or raise Refused: too long (400) or the queue is full (429)."""
@@ -396,7 +413,7 @@ class Scheduler:
         batch = min(self.config.max_batch, self.slots_budget - in_use)
         if batch < 1:
             return None
-        engine = Engine(self.adapter, self.parse(key), self.capacity, decode=self.decode_options, batch=batch)
+        engine = Engine(self.adapter, self.parse(spec), self.capacity, decode=self.decode_options, batch=batch)
         engine.cache.reserve()  # the pool's memory is taken once, here, not as its slots fill
         pool = self.pools[key] = Pool(engine, list(range(batch))[::-1], key)
         self.prefixes.evict(self._prefix_budget())  # its slots come out of the cached prefixes' share
