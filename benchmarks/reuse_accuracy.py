@@ -1,0 +1,95 @@
+"""Accuracy of a continued (reused) prefill against a fresh one, on the eval's tasks (issue 25).
+
+Each sample's prompt is split into a document (all but its last `--question-tokens` tokens) and a question (the
+rest). A session prefills the document once under the schedule and first answers another sample's question (so the
+document's Aux Cache and revivals are those a real earlier question left), then this sample's: the score of that
+answer is set beside the fresh prefill of the whole prompt under the same schedule, and beside dense. The scores
+and paired differences go to JSON and a markdown table.
+
+    PYTHONPATH=src python3 benchmarks/reuse_accuracy.py --model smollm2 --tasks passkey,recall,code --length 512 \\
+        --samples 30 --schedules balanced,paper --out results/smollm2-cpu-512-reuse
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import lazyprefill as lp
+from lazyprefill.eval import metrics, tasks
+from lazyprefill.eval.runner import task_score
+from lazyprefill.models import load_model
+
+
+def answer(out: lp.GenerationOutput, sample: tasks.Sample, dense: list[int]) -> float:
+    return task_score(sample, out.text, out.new_tokens, dense)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--tasks", default="passkey,recall,code")
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--samples", type=int, default=30)
+    p.add_argument("--question-tokens", type=int, default=24)
+    p.add_argument("--schedules", default="balanced")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, device=args.device)
+    schedules = args.schedules.split(",")
+    dense = lp.LazyLLM(model, None, tokenizer=tok)
+    lazies = {s: lp.LazyLLM(model, f"{s}+min=0", tokenizer=tok) for s in schedules}
+    samples = tasks.build_all(args.tasks.split(","), tok, [args.length], args.samples, seed=0)
+    k, records = args.question_tokens, []
+    for i, sample in enumerate(tqdm(samples, desc="reuse accuracy")):
+        ids = torch.tensor(sample.prompt_ids)
+        same = [s for s in samples if s.task == sample.task and s is not sample]
+        other = same[i % len(same)]  # another question first, as a real earlier request's
+        opts = {"max_new_tokens": sample.max_new_tokens, "eos_token_id": [],
+                "stop_strings": ["\n"] if sample.task == "code" else None}
+        ref = dense.generate(ids, **opts)
+        row = {"task": sample.task, "index": sample.index, "dense": answer(ref, sample, ref.new_tokens)}
+        for name, lazy in lazies.items():
+            row[f"{name} fresh"] = answer(lazy.generate(ids, **opts), sample, ref.new_tokens)
+            session = lazy.session(ids[:-k], room=k + sample.max_new_tokens + 1)
+            session.generate(torch.tensor(other.prompt_ids[-k:]), **opts)
+            row[f"{name} reused"] = answer(session.generate(ids[-k:], **opts), sample, ref.new_tokens)
+        records.append(row)
+    methods = [m for m in records[0] if m not in ("task", "index")]
+    table: dict[str, dict] = {}
+    for task in dict.fromkeys(r["task"] for r in records):
+        rows = [r for r in records if r["task"] == task]
+        table[task] = {}
+        for m in methods:
+            base = m.replace(" reused", " fresh") if m.endswith(" reused") else "dense"
+            table[task][m] = {
+                "score": metrics.mean_ci([r[m] for r in rows]).to_dict(),
+                "diff_vs_dense": metrics.paired_diff_ci([r[m] for r in rows], [r["dense"] for r in rows]).to_dict(),
+                "diff_vs_fresh": metrics.paired_diff_ci([r[m] for r in rows], [r[base] for r in rows]).to_dict(),
+            }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "reuse.json").write_text(json.dumps({"command": " ".join(sys.argv), "summary": table,
+                                                     "records": records}, indent=1))
+    lines = ["| task | method | score | n | diff vs dense [95% CI] | reused vs fresh [95% CI] |",
+             "|---|---|---:|---:|---|---|"]
+    for task, by in table.items():
+        for m, s in by.items():
+            d, f = s["diff_vs_dense"], s["diff_vs_fresh"]
+            vs_fresh = f"{f['mean']:+.3f} [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}]" if m.endswith(" reused") else ""
+            lines.append(f"| {task} | {m} | {s['score']['mean']:.3f} | {s['score']['n']} | "
+                         f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {vs_fresh} |")
+    (args.out / "reuse.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
