@@ -6,12 +6,14 @@ leaves mid-stream, every bad input, schedules by registered name and paths refus
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -41,14 +43,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tuned_file):
-    """`lazyprefill serve` in a subprocess; yields its base URL, stops it at the end."""
+@contextlib.contextmanager
+def serving(*options: str) -> Iterator[str]:
+    """`lazyprefill serve` with these options in a subprocess on a free port; yields its base URL, stops it after."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lazyprefill", "serve", "--port", str(port), "--max-batch", str(MAX_BATCH),
-           "--max-queue", str(MAX_QUEUE), "--max-prompt-tokens", str(MAX_PROMPT), "--max-new-tokens", str(MAX_NEW),
-           "--schedule-file", f"tuned={tuned_file}", "--max-request-bytes", str(MAX_BODY)]
+    cmd = [sys.executable, "-m", "lazyprefill", "serve", "--port", str(port), *options]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600  # the first run fetches and converts the embedded model
@@ -60,9 +60,19 @@ def server(tuned_file):
                 break
         except httpx.HTTPError:
             time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tuned_file):
+    with serving("--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--max-prompt-tokens", str(MAX_PROMPT),
+                 "--max-new-tokens", str(MAX_NEW), "--schedule-file", f"tuned={tuned_file}", "--max-request-bytes",
+                 str(MAX_BODY)) as url:
+        yield url
 
 
 @pytest.fixture

@@ -3,15 +3,9 @@ chat's second turn, eviction under a small K/V budget, and dense reuse equal to 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
-import httpx
 import openai
 import pytest
-from test_serve import DOC, free_port, metric_samples
+from test_serve import DOC, metric_samples, serving
 
 MAX_BATCH, MAX_PROMPT, MAX_NEW = 2, 700, 16
 SLOT = (MAX_PROMPT + MAX_NEW + 1) * ((2 * 30 * 3 * 64 + 576) * 4 + 4)  # serving.slot_bytes for SmolLM2-135M, fp32
@@ -22,25 +16,9 @@ BUDGET_GB = (MAX_BATCH + 2) * SLOT / 2**30  # the slots, and beside them room fo
 def server():
     """A dense server with reuse on and room for two cached prompts beside the slots of one engine (the tests run in
     this order: a second engine takes that room)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "lazyprefill", "serve", "--port", str(port), "--schedule", "dense", "--max-batch",
-           str(MAX_BATCH), "--max-prompt-tokens", str(MAX_PROMPT), "--max-new-tokens", str(MAX_NEW),
-           "--kv-budget-gb", f"{BUDGET_GB:.6f}"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"lazyprefill serve exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving("--schedule", "dense", "--max-batch", str(MAX_BATCH), "--max-prompt-tokens", str(MAX_PROMPT),
+                 "--max-new-tokens", str(MAX_NEW), "--kv-budget-gb", f"{BUDGET_GB:.6f}") as url:
+        yield url
 
 
 def chat(server: str, messages: list[dict], schedule: str | None = None) -> openai.types.chat.ChatCompletion:

@@ -342,6 +342,7 @@ def test_a_pruned_schedule_reuses_only_when_the_server_allows_it():
             run(scheduler, torch.cat([document, prompt_ids(5, seed=9)]))
             again, _ = run(scheduler, torch.cat([document, question]))
             assert again.reused == (60 if allowed else 0)
+            assert bool(scheduler.prefixes.entries) == allowed  # nothing copied that no request could reuse
             assert again.prefill.computed == ([7] * 6 if allowed else [67, 34, 34, 17, 17, 17])
         finally:
             scheduler.close()

@@ -338,8 +338,11 @@ class Engine:
         schedule."""
         c = self.cache
         return Held(c.k[:, slot, :, :length].clone(), c.v[:, slot, :, :length].clone(),
-                    c.aux[slot, :length].clone(), c.depth_device[slot, :length].clone(),
-                    bool(self._pruned[slot]) and not self.schedule.is_dense)
+                    c.aux[slot, :length].clone(), c.depth_device[slot, :length].clone(), self.prunes(slot))
+
+    def prunes(self, slot: int) -> bool:
+        """Whether `slot`'s prompt was pruned or attended sparsely (so continuing it is not a fresh prefill)."""
+        return bool(self._pruned[slot]) and not self.schedule.is_dense
 
     def resume(self, slot: int, held: Held, length: int) -> None:
         """Make `slot` hold the first `length` tokens of `held`, settled, ready for `extend`: a K/V row depends

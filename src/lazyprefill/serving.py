@@ -509,8 +509,10 @@ class Scheduler:
         request.emit(Event(finish_reason=reason))
 
     def _keep(self, pool: Pool, request: ServeRequest) -> None:
-        """Cache what a finished request computed (its prompt and every answer token fed back) for later prompts,
-        within what the K/V budget leaves beside the engines' slots."""
+        """Cache what a finished request computed (its prompt and every answer token fed back) for later prompts
+        that may reuse it, within what the K/V budget leaves beside the engines' slots."""
+        if pool.engine.prunes(request.slot) and not self.config.reuse_pruned:
+            return  # no request could reuse it: do not copy it
         n = int(pool.engine.cache.length[request.slot])
         ids = (request.prompt + request.new_tokens)[:n]
         self.prefixes.store(pool.schedule, ids, pool.engine.hold(request.slot, n), self._prefix_budget())
