@@ -201,7 +201,7 @@ class Runner:
             "kl": metrics.kl_divergence(ref.logits0, out.logits[0]),
             "match": metrics.match_length(out.new_tokens, ref.tokens),
             "ttft_s": out.ttft_s,
-            "ideal_speedup": ideal_speedup(self.dims, computed, self.schedule(method.schedule).sparse),
+            "ideal_speedup": ideal_speedup(self.dims, computed, self._lazy[method.schedule].schedule.sparse),
             "prefill_computed": computed,
             "prediction": out.text,
             "reference": sample.reference if sample.task != "fidelity" else ref.text,
