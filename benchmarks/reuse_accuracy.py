@@ -1,13 +1,14 @@
 """Accuracy of a continued (reused) prefill against a fresh one, on the eval's tasks (issue 25).
 
 Each sample's prompt is split into a document (all but its last `--question-tokens` tokens) and a question (the
-rest). A session prefills the document once under the schedule and first answers another sample's question (so the
-document's Aux Cache and revivals are those a real earlier question left), then this sample's: the score of that
-answer is set beside the fresh prefill of the whole prompt under the same schedule, and beside dense. The scores
+rest). A session prefills the document once under the schedule and first answers `--questions` - 1 other samples'
+questions (so the document's Aux Cache and revivals are those real earlier questions left), then this sample's: the
+score of that last answer is set beside the fresh prefill of the whole prompt under the same schedule, and beside
+dense. The scores
 and paired differences go to JSON and a markdown table.
 
     PYTHONPATH=src python3 benchmarks/reuse_accuracy.py --model smollm2 --tasks passkey,recall,code --length 512 \\
-        --samples 30 --schedules balanced,paper --out results/smollm2-cpu-512-reuse
+        --samples 30 --questions 2 --schedules balanced,paper --out results/smollm2-cpu-512-reuse
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--samples", type=int, default=30)
     p.add_argument("--question-tokens", type=int, default=24)
+    p.add_argument("--questions", type=int, default=2, help="questions per document, the scored one last")
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--schedules", default="balanced")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -44,7 +47,9 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, device=args.device)
+    if args.questions < 1:
+        p.error(f"--questions={args.questions} must be at least 1 (the scored question)")
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     schedules = args.schedules.split(",")
     dense = lp.LazyLLM(model, None, tokenizer=tok)
     lazies = {s: lp.LazyLLM(model, f"{s}+min=0", tokenizer=tok) for s in schedules}
@@ -53,7 +58,7 @@ def main() -> None:
     for i, sample in enumerate(tqdm(samples, desc="reuse accuracy")):
         ids = torch.tensor(sample.prompt_ids)
         same = [s for s in samples if s.task == sample.task and s is not sample]
-        other = same[i % len(same)]  # another question first, as a real earlier request's
+        others = [same[(i + j) % len(same)] for j in range(args.questions - 1)]  # earlier requests' questions
         opts = {"max_new_tokens": sample.max_new_tokens, "eos_token_id": [],
                 "stop_strings": ["\n"] if sample.task == "code" else None}
         ref = dense.generate(ids, **opts)
@@ -61,7 +66,8 @@ def main() -> None:
         for name, lazy in lazies.items():
             row[f"{name} fresh"] = answer(lazy.generate(ids, **opts), sample, ref.new_tokens)
             session = lazy.session(ids[:-k], room=k + sample.max_new_tokens + 1)
-            session.generate(torch.tensor(other.prompt_ids[-k:]), **opts)
+            for other in others:
+                session.generate(torch.tensor(other.prompt_ids[-k:]), **opts)
             row[f"{name} reused"] = answer(session.generate(ids[-k:], **opts), sample, ref.new_tokens)
         records.append(row)
     methods = [m for m in records[0] if m not in ("task", "index")]
