@@ -15,6 +15,12 @@ tokens, then 512 tokens; transformers-static adds its compilation, about 1-2 min
 5 min; 8K x8 about 7 min; 32K x8 (llama3-8b; llama2-7b's 140 GB of K/V is recorded as "does not fit" at once)
 more than 10 min: split it by --methods (e.g. transformers,transformers-static / dense,paper,aggressive). A first
 smoke chunk checks the GPU path (compilation included) in 1-2 min: --models tiny --lengths 1024 --batch-sizes 1,2.
+
+Under torchrun every method runs tensor-parallel over the job's ranks (lazyprefill.parallel; a shape's random
+weights are drawn whole with the same seed on every rank, then split), and rank 0 alone prints and writes:
+
+    torchrun --nproc-per-node 2 benchmarks/answers.py --models llama3-8b --lengths 32768 --batch-sizes 1 \
+        --out $OUT --stem answers-llama3-8b-32k-tp2
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lazyprefill import answers
+from lazyprefill import answers, parallel
 from lazyprefill.engine import DecodeOptions
 from lazyprefill.schedule import split_list
 
@@ -70,6 +76,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     stem = args.stem or "-".join(["answers", *args.models])
+    tp = 1
+    if parallel.launched():  # under torchrun: join the job before any model is built (each rank takes its GPU)
+        parallel.init()
+        tp = torch.distributed.get_world_size()
+    main_rank = parallel.is_main()
     if args.merge:
         result = answers.merge([json.loads(path.read_text()) for path in args.merge])
     else:
@@ -77,16 +88,24 @@ def main(argv: list[str] | None = None) -> dict:
             models=args.models, lengths=args.lengths, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
             methods=args.methods, device=args.device, dtype=args.dtype, warmup_tokens=args.warmup_tokens,
             steady_skip=args.steady_skip, copy_mb=args.copy_mb, memory_limit_gb=args.memory_limit_gb,
-            decode=DecodeOptions(burst_kernel=args.burst_kernel, compile=args.compile),
+            decode=DecodeOptions(burst_kernel=args.burst_kernel, compile=args.compile), tp=tp,
         )
         total = len(cfg.models) * len(cfg.lengths) * len(cfg.batch_sizes) * len(cfg.selected)
-        with tqdm(total=total, desc="answers") as bar:
+
+        def checkpoint(partial: dict) -> None:
+            if main_rank:
+                answers.write_json(partial, args.out, stem)
+
+        with tqdm(total=total, desc="answers", disable=not main_rank) as bar:
             def progress(label: str) -> None:
                 bar.set_postfix_str(label)
                 bar.update(1)
 
-            command = shlex.join(["python", "benchmarks/answers.py", *(sys.argv[1:] if argv is None else argv)])
-            result = answers.run(cfg, progress, lambda partial: answers.write_json(partial, args.out, stem), command)
+            launcher = ["torchrun", f"--nproc-per-node={tp}"] if tp > 1 else ["python"]
+            command = shlex.join([*launcher, "benchmarks/answers.py", *(sys.argv[1:] if argv is None else argv)])
+            result = answers.run(cfg, progress, checkpoint, command)
+    if not main_rank:
+        return result
     paths = answers.write(result, args.out, stem)
     print(answers.markdown(result))
     print(json.dumps({k: str(v) for k, v in paths.items()}))

@@ -172,9 +172,9 @@ def converts(fake, monkeypatch):
     real = models._from_pretrained
     calls = []
 
-    def from_gguf(where, gguf_file, device, dtype):
+    def from_gguf(where, gguf_file, device, dtype, tp=1):
         if gguf_file is None:
-            return real(where, gguf_file, device, dtype)
+            return real(where, gguf_file, device, dtype, tp)
         calls.append(gguf_file)
         model = copy.deepcopy(tiny_model("llama_mha", num_layers=2))
         model.config.quantization_config = {"quant_method": "gguf"}

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .parallel import TensorParallel
 from .schedule import GEMMA3_PRESETS, PRESETS, Preset
+from .scoring import Heads, reduce_heads
 
 
 class LlamaAdapter:
@@ -28,8 +30,10 @@ class LlamaAdapter:
         cfg = model.config
         self.config = cfg
         self.num_layers: int = cfg.num_hidden_layers
-        self.num_heads: int = cfg.num_attention_heads
-        self.num_kv_heads: int = cfg.num_key_value_heads
+        # split over ranks (parallel.py): this rank's heads, by which the engine lays out q, K/V and its cache
+        self.tp: TensorParallel | None = TensorParallel.of(self.layers[0].self_attn.q_proj.weight)
+        self.num_heads: int = self._local(cfg.num_attention_heads, "num_attention_heads")
+        self.num_kv_heads: int = self._local(cfg.num_key_value_heads, "num_key_value_heads")
         self.head_dim: int = self.layers[0].self_attn.head_dim
         self.hidden_size: int = cfg.hidden_size
         self.vocab_size: int = self.base.embed_tokens.num_embeddings
@@ -37,6 +41,22 @@ class LlamaAdapter:
         self.scaling: float = self.layers[0].self_attn.scaling
         self.windows: list[int | None] = _windows(cfg)
         self._apply_rope = sys.modules[type(self.base).__module__].apply_rotary_pos_emb
+
+    def _local(self, count: int, what: str) -> int:
+        return count if self.tp is None else self.tp.local(count, what)
+
+    def reduce_heads(self, probs: torch.Tensor, heads: Heads) -> torch.Tensor:
+        """probs: [B, H, w, W] this rank's heads -> [B, w, W] the mean or max over every head of the model: under
+        tensor parallelism one all-reduce, so that every rank scores (and selects) alike."""
+        if self.tp is None:
+            return reduce_heads(probs, heads)
+        return self.tp.reduce_heads(probs, heads, self.config.num_attention_heads)
+
+    def check_same(self, what: str, *tensors: torch.Tensor) -> None:
+        """Raise parallel.RanksDiverged unless these integer tensors (selections, depths) are equal on every rank;
+        nothing in one process."""
+        if self.tp is not None:
+            self.tp.check_same(what, *tensors)
 
     @property
     def device(self) -> torch.device:
@@ -186,6 +206,15 @@ def adapter_for(model: nn.Module) -> LlamaAdapter:
         raise ValueError(
             f"unsupported architecture {model_type!r}: lazyprefill supports "
             f"{', '.join(sorted(ADAPTERS))} (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, Gemma 3 text)"
+        )
+    # layers placed on several GPUs (accelerate's device_map); "cpu" and "disk" entries are offloaded weights that
+    # accelerate brings to the execution device, not a split
+    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} - {"cpu", "disk"}
+    if len(devices) > 1:
+        raise ValueError(
+            f"this model is split over devices {sorted(devices)} (device_map): lazyprefill keeps its K/V cache and "
+            "selection state on one device, so split a model larger than one GPU by heads instead, under torchrun: "
+            "lazyprefill generate --tp N, or lazyprefill.parallel.load (README, Tensor parallelism)"
         )
     return ADAPTERS[model_type](model)
 

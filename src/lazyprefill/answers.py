@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .adapters import adapter_for
 from .bench import (
@@ -86,8 +87,11 @@ class AnswerConfig:
     copy_mb: int = 1024  # size of the copy that measures bandwidth
     memory_limit_gb: float | None = None  # fit check against this instead of the device's free memory
     decode: DecodeOptions = field(default_factory=DecodeOptions)  # how our decoding steps run
+    tp: int = 1  # tensor-parallel ranks (the torchrun job's size): bytes, floors and memory are one rank's
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"tp={self.tp!r}: the number of tensor-parallel ranks must be an int >= 1")
         if not self.models or not self.lengths or not self.batch_sizes or not self.new_tokens:
             raise ValueError("give at least one model, prompt length, batch size and new-token count")
         if min(self.lengths) < 2 or min(self.batch_sizes) < 1:
@@ -115,8 +119,10 @@ class AnswerConfig:
 
 # ------------------------------------------------------------------------------- bytes and memory
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter, tied ones (embedding = LM head) counted once: what a decoding step reads."""
-    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    """Bytes of every parameter this rank holds (its shard of a split one), tied ones (embedding = LM head) counted
+    once: what a decoding step reads."""
+    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in local}
     return sum(unique.values())
 
 
@@ -403,7 +409,7 @@ def run(cfg: AnswerConfig, progress: Callable[[str], None] | None = None,
     result: dict = {"kind": "answers", "machine": machine_info(device), "command": command or shlex.join(sys.argv),
                     "config": asdict(cfg), "models": {}, "cases": []}
     for name in cfg.models:
-        model = load_bench_model(name, cfg.device, DTYPES[cfg.dtype], cfg.seed)
+        model = load_bench_model(name, cfg.device, DTYPES[cfg.dtype], cfg.seed, cfg.tp)
         dims = ModelDims.of(model)
         result["models"][name] = {
             "random_weights": name in SHAPES, "dims": asdict(dims),

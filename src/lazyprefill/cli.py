@@ -5,8 +5,10 @@ Every bad input ends in a one-line message that says what to pass instead, exit 
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -117,8 +119,19 @@ def schedule_files(pairs: list[str]) -> dict[str, Path]:
     return files
 
 
-def load(model: str, device: str, dtype: str) -> tuple:
-    """(model, tokenizer), or a clear error when `model` is not a causal LM that lazyprefill runs."""
+def join_ranks(tp: int) -> None:
+    """--tp N: run this command again under torchrun with N processes, unless this is one of them (then check N)."""
+    from . import parallel
+
+    if tp > 1 and not parallel.launched():
+        parallel.relaunch(tp, sys.argv[1:])
+    if parallel.launched() and int(os.environ["WORLD_SIZE"]) != tp:
+        fail(f"torchrun started {os.environ['WORLD_SIZE']} processes: pass --tp {os.environ['WORLD_SIZE']}", "--tp")
+
+
+def load(model: str, device: str, dtype: str, tp: int = 1) -> tuple:
+    """(model, tokenizer), or a clear error when `model` is not a causal LM that lazyprefill runs; with `tp` > 1,
+    this rank's share of it (inside the torchrun job that `--tp` starts)."""
     from .generation import LazyLLM
     from .models import EMBEDDED, load_model
 
@@ -132,7 +145,7 @@ def load(model: str, device: str, dtype: str) -> tuple:
             "--model",
         )
     try:
-        lm, tokenizer = load_model(model, device=device, dtype=dtype)
+        lm, tokenizer = load_model(model, device=device, dtype=dtype, tp=tp)
     except LOAD_ERRORS as err:  # what transformers raises for a folder or name that is not a model it can load
         if model in EMBEDDED:  # the embedded model's own message says how to fetch or clear it
             fail(f"could not load {model!r}: {err}", "--model")
@@ -235,6 +248,10 @@ def generate_command(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    tp: int = typer.Option(
+        1, "--tp", min=1, help="Tensor-parallel ranks: N processes under torchrun (started here unless this already "
+        "runs under it), each with 1/N of the heads and MLP; rank 0 prints."
+    ),
 ) -> None:
     """Answer a question about a document with LazyLLM, and time the first token (TTFT).
 
@@ -243,6 +260,7 @@ def generate_command(
     """
     from rich.console import Console
 
+    from . import parallel
     from .bench import time_methods
     from .generation import LazyLLM
     from .models import chat_prompt
@@ -255,7 +273,8 @@ def generate_command(
     check_device(device, dtype)
     check_schedule_syntax(schedule)
     repeats = repeats or (3 if compare else 1)
-    lm, tokenizer = load(model, device, dtype)
+    join_ranks(tp)
+    lm, tokenizer = load(model, device, dtype, tp)
     sched = model_schedule(schedule, lm)
     prompts = [chat_prompt(tokenizer, document, question) for document in documents]
     methods = {"lazy": LazyLLM(lm, sched, tokenizer=tokenizer)}
@@ -284,6 +303,8 @@ def generate_command(
         outputs,
         ttfts,
     )
+    if not parallel.is_main():
+        return
     if json_out:
         print_json(run)
     else:
@@ -705,6 +726,10 @@ def serve_command(
         16 * 2**20, "--max-request-bytes", min=1, help="Larger request bodies are refused (413) before they are "
         "parsed (16 MiB; a 128K-token prompt is about 1 MB)."
     ),
+    tp: int = typer.Option(
+        1, "--tp", min=1, help="Tensor-parallel ranks: N processes under torchrun (started here unless this already "
+        "runs under it), each with 1/N of the heads and MLP; rank 0 serves HTTP and the others step with it."
+    ),
 ) -> None:
     """Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics),
     with continuous batching: requests join the running batch between decoding steps."""
@@ -717,20 +742,28 @@ def serve_command(
         fail(f"serving needs FastAPI and uvicorn ({err.name} is missing): pip install 'lazyprefill[serve]'")
     from rich.console import Console
 
+    from . import mirror, parallel
+    from .adapters import adapter_for
     from .schedule import DEFAULT_PRESET
 
     check_device(device, dtype)
     check_schedule_syntax(schedule)
     files = schedule_files(schedule_file or [])
-    lm, tokenizer = load(model, device, dtype)
+    join_ranks(tp)
+    lm, tokenizer = load(model, device, dtype, tp)
     model_schedule(schedule, lm)  # refuses a schedule this model cannot run, before the server starts
     named = {name: model_schedule(file, lm, f"--schedule-file {name}") for name, file in files.items()}
+    group = mirror.control_group() if tp > 1 else None
+    if not parallel.is_main():
+        mirror.Follower(adapter_for(lm), group).run()
+        return
+    leader = mirror.Leader(group) if group is not None else None
     try:
         config = ServeConfig(schedule=schedule or DEFAULT_PRESET, max_batch=max_batch,
                              max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                              kv_budget_gb=kv_budget_gb, max_queue=max_queue, min_reuse_tokens=min_reuse_tokens,
                              reuse_pruned=reuse_pruned, schedules=named)
-        scheduler = Scheduler(lm, tokenizer, config)
+        scheduler = Scheduler(lm, tokenizer, config, make_engine=None if leader is None else leader.engine)
     except ValueError as err:
         fail(str(err))
     registered = f"; registered: {', '.join(named)}" if named else ""
@@ -739,6 +772,8 @@ def serve_command(
         uvicorn.run(create_app(scheduler, model, max_request_bytes), host=host, port=port, log_level="warning")
     finally:
         scheduler.close()
+        if leader is not None:
+            leader.stop()
 
 
 # ---------------------------------------------------------------------- lm-eval

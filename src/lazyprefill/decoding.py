@@ -145,7 +145,7 @@ class SegmentRunner:
             return
         q_last = q.view(b, R, H, dh)[self.batch[:b], (count - 1).clamp(0, R - 1)]  # [b, H, dh]: q is each last row
         x = ScoreInput(q_last[:, :, None], t[:, None], c.k[seg.last, sel, :, :T], keys, in_s, a.scaling, seg.last, T,
-                       seq=self.ids[sel])
+                       seq=self.ids[sel], reduce_heads=a.reduce_heads)
         scores = scorer.score(x)  # [b, T]
         recorder.scores(seg.last, keys, in_s, scores)
         is_q, keep, bounded = keys == t[:, None], self.keep[index, sel], None

@@ -272,9 +272,13 @@ class Engine:
 
     def settle(self) -> None:
         """Make the slots prefilled since the last call ready for decoding (after TTFT has been measured):
-        their depth. Never waits for the device."""
+        their depth. Never waits for the device in one process; under tensor parallelism it checks that every rank
+        dropped the same tokens at the same layers (one all-reduce and a wait)."""
         for slots, dropped in self._unsettled:
             self.cache.settle(slots, self._prompt_lengths[slots].tolist(), dropped)
+        if self._unsettled:  # only these slots: one never used holds whatever its memory held
+            settled = sorted({slot for slots, _ in self._unsettled for slot in slots})
+            self.a.check_same("the tokens each prefill dropped, and where", self.cache.depth_device[settled])
         self._unsettled = []
 
     # ------------------------------------------------------------ continuing a prompt already in the cache
@@ -386,7 +390,8 @@ class Engine:
         q = qp.gather(2, slots[:, None, :, None].expand(-1, qp.shape[1], -1, qp.shape[3]))  # [B, H, w, dh]
         pos_p = rows.pad(pos)  # [B, width]
         q_pos = pos_p.gather(1, slots).masked_fill(~present, -1)
-        x = ScoreInput(q, q_pos, kp, pos_p, rows.valid, self.a.scaling, layer, span, seq=seqs)
+        x = ScoreInput(q, q_pos, kp, pos_p, rows.valid, self.a.scaling, layer, span, seq=seqs,
+                       reduce_heads=self.a.reduce_heads)
         return self.schedule.scorer.score(x)
 
     # --------------------------------------------------------------- decoding
@@ -426,6 +431,10 @@ class Engine:
                     counts[index] = self.runner.counts[index].tolist()  # a wait per pruning layer
                 self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys, self.graphs), plan.keys)
         self.recorder.end()
+        if self.a.tp is not None:  # every rank took this step with the same tokens and selected alike (a wait)
+            stepped = self.runner.seqs
+            self.a.check_same("a decoding step's tokens and selections", tokens, c.depth_device[stepped],
+                              self.runner.in_s[stepped])
         return self.a.logits(self.runner.q_hidden()), PendingStats(self.segments, list(seqs), counts)
 
     def _run(self, index: int, R: int, keys: int) -> None:

@@ -12,8 +12,9 @@ from .sparse import Sparse
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The sizes that set a Llama-family layer's FLOPs; `windows`: each layer's sliding window in positions
-    (None: full attention), empty when every layer attends to the whole prompt."""
+    """The sizes that set a Llama-family layer's FLOPs (one rank's heads and MLP columns under tensor parallelism);
+    `windows`: each layer's sliding window in positions (None: full attention), empty when every layer attends to
+    the whole prompt."""
 
     layers: int
     hidden: int
@@ -35,8 +36,8 @@ class ModelDims:
     def of(cls, model: nn.Module) -> ModelDims:
         a = adapter_for(model)
         windows = tuple(a.windows) if any(w is not None for w in a.windows) else ()
-        return cls(a.num_layers, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
-                   model.config.intermediate_size, a.vocab_size, windows)
+        ffn = model.config.intermediate_size // (1 if a.tp is None else a.tp.size)  # one rank's, as its heads are
+        return cls(a.num_layers, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, ffn, a.vocab_size, windows)
 
     @property
     def linear_flops(self) -> int:

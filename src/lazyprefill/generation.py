@@ -279,6 +279,9 @@ class LazyLLM:
         """`stream` on `engine` once its input is checked: `prefill(prompts)` -> (logits [B, vocab], stats) is the
         first step (a whole prefill, or a continuation of a prompt the engine holds), then the decoding loop."""
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, seed)
+        if do_sample and seed is None and self.adapter.tp is not None:
+            raise ValueError("a tensor-parallel model samples on every rank, and every rank must draw the same tokens: "
+                             "pass the same seed on every rank")
         stops = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ())
         if stops and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: pass LazyLLM(model, tokenizer=tok)")

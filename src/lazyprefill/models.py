@@ -122,9 +122,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(
-    name_or_path: str, device: str = "cpu", dtype: str | torch.dtype = "float32", quiet: bool = False
+    name_or_path: str, device: str = "cpu", dtype: str | torch.dtype = "float32", quiet: bool = False, tp: int = 1
 ) -> tuple:
-    """Return `(model, tokenizer)` ready for `LazyLLM`: SDPA attention, eval mode, on `device` in `dtype`.
+    """Return `(model, tokenizer)` ready for `LazyLLM`: SDPA attention, eval mode, on `device` in `dtype`; with
+    `tp` > 1, this rank's share of it in a torchrun job of `tp` processes (parallel.load).
 
     Repeated calls with the same arguments return the same objects (loaded once per process).
     `quiet=True` hides the progress spinners; messages also go to the `lazyprefill.models` logger.
@@ -132,7 +133,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine: use device='cpu'")
-    key = (name_or_path, str(device), torch_dtype)
+    key = (name_or_path, str(device), torch_dtype, tp)
     if key not in _LOADED:
         if name_or_path in EMBEDDED:
             where, gguf_file = str(converted_embedded(name_or_path, quiet)), None
@@ -141,7 +142,7 @@ def load_model(
         else:
             where, gguf_file = name_or_path, None
         with _status(f"Loading {name_or_path} ({torch_dtype}, {device})...", quiet):
-            _LOADED[key] = _load_checked(name_or_path, where, gguf_file, device, torch_dtype)
+            _LOADED[key] = _load_checked(name_or_path, where, gguf_file, device, torch_dtype, tp)
     return _LOADED[key]
 
 
@@ -266,12 +267,12 @@ def _assemble(name: str, wheels: list[Path], folder: Path) -> None:
     partial.replace(target)
 
 
-def _load_checked(name: str, where: str, gguf_file: str | None, device: str, dtype: torch.dtype) -> tuple:
+def _load_checked(name: str, where: str, gguf_file: str | None, device: str, dtype: torch.dtype, tp: int = 1) -> tuple:
     """`_from_pretrained`, with a damaged embedded checkpoint named together with the command that clears it."""
     from safetensors import SafetensorError
 
     try:
-        return _from_pretrained(where, gguf_file, device, dtype)
+        return _from_pretrained(where, gguf_file, device, dtype, tp)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         if name not in EMBEDDED:
             raise
@@ -281,7 +282,7 @@ def _load_checked(name: str, where: str, gguf_file: str | None, device: str, dty
         ) from err
 
 
-def _from_pretrained(where: str, gguf_file: str | None, device: str, dtype: torch.dtype) -> tuple:
+def _from_pretrained(where: str, gguf_file: str | None, device: str, dtype: torch.dtype, tp: int = 1) -> tuple:
     if gguf_file is not None:
         missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
         if missing:
@@ -297,7 +298,12 @@ def _from_pretrained(where: str, gguf_file: str | None, device: str, dtype: torc
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         if gguf_file is not None:  # GGUF tokenizers are BPE, where this clean-up only warns and is skipped
             tokenizer.clean_up_tokenization_spaces = False
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **extra)
+    if tp > 1:
+        from .parallel import load
+
+        model = load(where, tp, dtype=dtype, attn_implementation="sdpa", **extra)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **extra)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -23,6 +24,11 @@ import torch.nn.functional as F
 from .packing import Packing, upload
 
 Heads = Literal["mean", "max"]
+
+
+def reduce_heads(probs: torch.Tensor, heads: Heads) -> torch.Tensor:
+    """probs: [B, H, w, W] -> [B, w, W], the mean or the max over query heads."""
+    return probs.mean(dim=1) if heads == "mean" else probs.amax(dim=1)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,9 @@ class ScoreInput:
     layer: int
     span: int  # every position is below it (known on the host: no device round trip)
     seq: torch.Tensor | None = None  # [B] each row's sequence id: its index in its generate batch (None: 0..B-1)
+    # probs [B, H, w, W] -> [B, w, W] over every head of the model: the adapter's, which under tensor parallelism
+    # reduces this rank's heads and then across ranks (LlamaAdapter.reduce_heads)
+    reduce_heads: Callable[[torch.Tensor, Heads], torch.Tensor] = reduce_heads
 
 
 class Scorer:
@@ -100,11 +109,6 @@ def attention_probs(x: ScoreInput) -> torch.Tensor:
     return torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
 
 
-def reduce_heads(probs: torch.Tensor, heads: Heads) -> torch.Tensor:
-    """probs: [B, H, w, W] -> [B, w, W], the mean or the max over query heads."""
-    return probs.mean(dim=1) if heads == "mean" else probs.amax(dim=1)
-
-
 def _check_heads(heads: str) -> None:
     if heads not in ("mean", "max"):
         raise ValueError(f"heads={heads!r}: use heads=mean (the paper) or heads=max")
@@ -122,7 +126,7 @@ class Last(Scorer):
         _check_heads(self.heads)
 
     def score(self, x: ScoreInput) -> torch.Tensor:
-        return reduce_heads(attention_probs(x)[:, :, -1:], self.heads)[:, 0]
+        return x.reduce_heads(attention_probs(x)[:, :, -1:], self.heads)[:, 0]
 
 
 @register
@@ -146,7 +150,7 @@ class Window(Scorer):
         return self.w
 
     def score(self, x: ScoreInput) -> torch.Tensor:
-        rows = reduce_heads(attention_probs(x), self.heads)  # [B, w, W]
+        rows = x.reduce_heads(attention_probs(x), self.heads)  # [B, w, W]
         present = (x.q_pos >= 0).sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
         return rows.sum(dim=1) / present
 

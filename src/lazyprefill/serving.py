@@ -34,6 +34,15 @@ from .engine import DecodeOptions, Engine, Held, StepStats
 from .generation import SamplingParams, eos_ids
 from .schedule import DEFAULT_PRESET, FileRefused, Schedule, parse_schedule
 
+# (adapter, schedule, capacity, decode options, slots) -> an engine for a schedule's pool: `new_engine`, or under
+# tensor parallelism one whose calls the other ranks repeat (mirror.Leader.engine)
+EngineFactory = Callable[[LlamaAdapter, Schedule, int, DecodeOptions, int], Engine]
+
+
+def new_engine(adapter: LlamaAdapter, schedule: Schedule, capacity: int, decode: DecodeOptions, batch: int) -> Engine:
+    return Engine(adapter, schedule, capacity, decode=decode, batch=batch)
+
+
 # A request's schedule that looks like a path, whether or not it exists: one message, so that a client learns
 # nothing of the server's files.
 PATH_REFUSED = ("a request's schedule cannot be a file path: give a preset, layer:ratio pairs or the name of a "
@@ -220,8 +229,9 @@ class Scheduler:
 
     def __init__(self, model: nn.Module, tokenizer, config: ServeConfig = ServeConfig(),
                  decode: DecodeOptions | None = None, eos: set[int] | None = None,
-                 observe: Callable[[str, float], None] | None = None) -> None:
+                 observe: Callable[[str, float], None] | None = None, make_engine: EngineFactory | None = None) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.make_engine = make_engine or new_engine
         self.adapter = adapter_for(model)
         self.decode_options = decode or DecodeOptions()
         self.eos = eos if eos is not None else eos_ids(model)
@@ -413,7 +423,7 @@ class Scheduler:
         batch = min(self.config.max_batch, self.slots_budget - in_use)
         if batch < 1:
             return None
-        engine = Engine(self.adapter, self.parse(spec), self.capacity, decode=self.decode_options, batch=batch)
+        engine = self.make_engine(self.adapter, self.parse(spec), self.capacity, self.decode_options, batch)
         engine.cache.reserve()  # the pool's memory is taken once, here, not as its slots fill
         pool = self.pools[key] = Pool(engine, list(range(batch))[::-1], key)
         self.prefixes.evict(self._prefix_budget())  # its slots come out of the cached prefixes' share

@@ -27,11 +27,18 @@ def random_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> 
     return model.eval()
 
 
-def load_bench_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A named shape (random weights), the embedded `smollm2`, or a local model path."""
+def load_bench_model(name: str, device: str, dtype: torch.dtype, seed: int = 0, tp: int = 1) -> nn.Module:
+    """A named shape (random weights), the embedded `smollm2`, or a local model path; with `tp` > 1, this rank's
+    share of it in a torchrun job of `tp` processes (a shape's weights are drawn whole on every rank with the same
+    seed, then split: parallel.shard)."""
     if name in SHAPES:
-        return random_model(name, device, dtype, seed)
+        model = random_model(name, device, dtype, seed)
+        if tp == 1:
+            return model
+        from ..parallel import shard
+
+        return shard(model)
     from ..models import load_model
 
-    model, _ = load_model(name, device=device, dtype=dtype)
+    model, _ = load_model(name, device=device, dtype=dtype, tp=tp)
     return model
