@@ -25,6 +25,7 @@ import lazyprefill as lp
 from lazyprefill.eval import metrics, tasks
 from lazyprefill.eval.runner import task_score
 from lazyprefill.models import load_model
+from lazyprefill.schedule import split_list
 
 
 def answer(out: lp.GenerationOutput, sample: tasks.Sample, dense: list[int]) -> float:
@@ -40,7 +41,7 @@ def main() -> None:
     p.add_argument("--question-tokens", type=int, default=24)
     p.add_argument("--questions", type=int, default=2, help="questions per document, the scored one last")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--schedules", default="balanced")
+    p.add_argument("--schedules", default="balanced", help="comma-separated specs (';' joins layer:ratio pairs)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
@@ -50,7 +51,7 @@ def main() -> None:
     if args.questions < 1:
         p.error(f"--questions={args.questions} must be at least 1 (the scored question)")
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-    schedules = args.schedules.split(",")
+    schedules = split_list(args.schedules)
     dense = lp.LazyLLM(model, None, tokenizer=tok)
     lazies = {s: lp.LazyLLM(model, f"{s}+min=0", tokenizer=tok) for s in schedules}
     samples = tasks.build_all(args.tasks.split(","), tok, [args.length], args.samples, seed=0)

@@ -60,13 +60,15 @@ def test_a_stream_stopped_early_leaves_the_session_whole():
 
 
 @pytest.mark.parametrize("schedule", ["0:0.5,2:0.5+min=0", "static:0:0.5,2:0.5+min=0"])
-def test_pruned_continuations_compute_only_their_rows_and_resume_deferred_tokens(schedule):
+def test_pruned_continuations_compute_each_token_and_layer_once(schedule):
     """Each (token, layer) at most once per question: the held prompt's K/V is never rewritten where it exists,
-    only extended deeper by revivals; the continuation and the answer are written once each."""
+    only extended deeper by revivals (the continuation's own, for a reselecting scorer); the continuation and the
+    answer are written once each."""
     model = tiny_model("llama_gqa_rope3")
     document = prompt_ids(60, seed=8)
     session = lp.LazyLLM(model, schedule).session(document, room=40)
     n, L = document.shape[0], 6
+    resumed = 0
     for question in QUESTIONS:
         cache = session.engine.cache
         before = cache.depth[0, :n].copy()
@@ -83,8 +85,26 @@ def test_pruned_continuations_compute_only_their_rows_and_resume_deferred_tokens
         assert torch.equal(cache.k[:, 0, :, :n].transpose(1, 2)[kept], k_before.transpose(1, 2)[kept])
         total = n + question.shape[0] + len(out.new_tokens) - 1  # the last answer token is never fed back
         assert writes[:, n:total].all() and not writes[:, total:].any()
-        assert out.stats.prefill_computed == [question.shape[0]] * L
         assert (cache.depth[0, :n] >= before).all()  # deferred tokens only ever go deeper
+        resumed += sum(out.stats.prefill_computed) - question.shape[0] * L  # held tokens' rows the chunk computed
+    if schedule.startswith("static"):
+        assert resumed == 0  # prefill-only pruning never revives
+    else:
+        assert resumed > 0, "the questions revived tokens that their document's own last token had dropped"
+
+
+def test_a_one_token_continuation_is_a_decoding_step():
+    """A pruned continuation treats the held prompt as a decoding step treats its context: scored by the new
+    rows, kept as many as the step keeps, revived from the Aux Cache where they stopped. One token of it is that
+    step: the same logits and the same depths after it."""
+    model = tiny_model("llama_gqa_rope3")
+    document, token = prompt_ids(60, seed=8), prompt_ids(1, seed=9)
+    extended, stepped = (lp.LazyLLM(model, "0:0.5,2:0.5+min=0").session(document, room=4) for _ in range(2))
+    logits, stats = extended.engine.extend(0, token)
+    want, (step,) = stepped.engine.decode(token, [0])
+    assert (logits - want).abs().max().item() <= ATOL
+    assert np.array_equal(extended.engine.cache.depth[0, :61], stepped.engine.cache.depth[0, :61])
+    assert stats.computed == step.computed and sum(stats.revived) > 0
 
 
 def test_session_refuses_what_does_not_fit():

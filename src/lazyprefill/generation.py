@@ -421,8 +421,8 @@ class Session:
     The prompt is prefilled under the LazyLLM's schedule into a cache of the session's own. Each `generate`
     prefills only its continuation (Engine.extend), decodes, and then forgets the continuation and its answer,
     keeping what decoding revived of the prompt (a K/V row depends only on the tokens before it). Dense, an
-    answer is the fresh prefill's of prompt + continuation, up to rounding; pruned, the continuation sees at
-    each layer the prompt tokens computed there, and its decoding steps revive from the Aux Cache as usual.
+    answer is the fresh prefill's of prompt + continuation, up to rounding; pruned, the continuation chooses the
+    prompt tokens it attends to as a decoding step does, reviving them from the Aux Cache (Engine.extend).
     """
 
     def __init__(self, lazy: LazyLLM, prompt, room: int) -> None:
