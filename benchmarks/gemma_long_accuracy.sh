@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy of the embedded gemma3-270m at 16K and 32K tokens on a GPU in fp32 (issue 24): dense, the `long`
-# preset, and static and random pruning at long's work (its keep counts and its block-sparse attention).
+# preset, and static and random pruning at long's work (its keep counts; Gemma 3's `long` attends densely since the
+# 16K run in results/gemma3-270m-gpu-16384-parts).
 #
 # One process per task, all sharing one GPU and one dense-result cache; each streams its records (JSONL), so a
 # run stopped by a lease's end is finished later with the same command plus --resume (or rebuilt with
