@@ -5,11 +5,14 @@
 #
 # One process per task, all sharing one GPU and one dense-result cache; each streams its records (JSONL), so a
 # run stopped by a lease's end is finished later with the same command plus --resume (or rebuilt with
-# `lazyprefill eval --report-only --out OUT_DIR/LENGTH-TASK`). A 32K prompt's dense prefill peaks near 47 GB in
-# fp32 (head_dim 256 takes SDPA's unfused path), so run 32K with one or two tasks at a time.
+# `lazyprefill eval --report-only --out OUT_DIR/LENGTH-TASK`). A 32K prompt's dense prefill peaks near 44 GB in
+# fp32 (head_dim 256 takes SDPA's unfused path; a 16K one near 12 GB), so run 32K with one or two tasks at a time.
+# The prompt and its answer must fit Gemma 3's 32,768 positions: use 32512 for "32K".
+# On the lent GPU, OUT_DIR must lie outside $OUT, which is emptied before every command (e.g. /root/keep), and the
+# processes started with setsid, so that they outlive the call that starts them (benchmarks/NOTES.md).
 #
 # Usage: benchmarks/gemma_long_accuracy.sh OUT_DIR LENGTH SAMPLES TASKS [--resume]
-#   e.g. benchmarks/gemma_long_accuracy.sh out 16384 100 passkey,recall,code,niah_single,niah_multikey
+#   e.g. benchmarks/gemma_long_accuracy.sh /root/keep 16384 100 passkey,recall,code,niah_single,niah_multikey
 set -uo pipefail
 out=${1:?usage: gemma_long_accuracy.sh OUT_DIR LENGTH SAMPLES TASKS [--resume]}
 length=${2:?LENGTH}
