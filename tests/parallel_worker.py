@@ -68,12 +68,12 @@ def main(case: str, out: Path) -> None:
     cases = CASES if dist.get_world_size() == 2 else CASES_TP4
     families = {family for family, _ in cases}
     models = {f: parallel.shard(tiny_model(f, NUM_LAYERS.get(f, 4)), timeout=TIMEOUT) for f in sorted(families)}
-    family = cases[0][0]
+    first = models[cases[0][0]]
     if case == "generate":
         result = {f"{family} {schedule}": run(family, schedule, models[family]) for family, schedule in cases}
-        result["diverged"] = diverged(models[family], rank)
+        result["diverged"] = diverged(first, rank)
     elif case == "fail":
-        lazy = lp.LazyLLM(models[family], "1:0.5")
+        lazy = lp.LazyLLM(first, "1:0.5")
         finish = lazy.adapter.finish
 
         def failing(layer: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:

@@ -276,7 +276,7 @@ class Engine:
         dropped the same tokens at the same layers (one all-reduce and a wait)."""
         for slots, dropped in self._unsettled:
             self.cache.settle(slots, self._prompt_lengths[slots].tolist(), dropped)
-        if self._unsettled:  # only these slots: one never used holds whatever its memory held
+        if self._unsettled and self.a.tp is not None:  # only these slots: an unused one holds whatever its memory held
             settled = sorted({slot for slots, _ in self._unsettled for slot in slots})
             self.a.check_same("the tokens each prefill dropped, and where", self.cache.depth_device[settled])
         self._unsettled = []
@@ -323,10 +323,11 @@ class Engine:
         computed, resumed, candidates = [], [], []  # per layer; candidates on the device until the end
         revived = 0  # rows resumed from the Aux Cache at this layer
         h = a.embed(tokens)  # [R, d]
+        cos, sin = a.rope(pos)
+        seq = torch.full_like(pos, slot)
         for l in range(L):
-            cos, sin = a.rope(pos)
             q, k, v = a.qkv(l, h, cos, sin)  # q: [R, H, dh], k/v: [R, Hkv, dh]
-            c.write_kv(l, torch.full_like(pos, slot), pos, k, v)
+            c.write_kv(l, seq, pos, k, v)
             window = a.window(l)
             visible = chosen & (held >= l)  # [T]
             seen = (keys <= pos[:, None]) & visible  # [R, T]
@@ -342,24 +343,26 @@ class Engine:
             candidates.append(visible.sum())
             yield pos.shape[0]
             revived = 0
-            if reselect and l in self.schedule.keep:
-                h, pos, revived = self._reselect(l, slot, q[-m:], h, pos, held, chosen, start)
+            if reselect and l in self.schedule.keep:  # the rows change: resumed ones join or stop
+                h, pos, revived = self._reselect(l, slot, q[-m:], h, pos, keys, held, chosen, start)
+                cos, sin = a.rope(pos)
+                seq = torch.full_like(pos, slot)
         c.depth_device[slot, :end] = held
         c.length[slot] = end
         a.check_same("the tokens a continuation revived, and where they stopped", held)  # under tensor parallelism
         return a.logits(h[-1:]), StepStats(computed, torch.stack(candidates).tolist(), resumed)
 
     def _reselect(
-        self, layer: int, slot: int, q: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, held: torch.Tensor,
-        chosen: torch.Tensor, start: int,
+        self, layer: int, slot: int, q: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+        held: torch.Tensor, chosen: torch.Tensor, start: int,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """A continuation's selection at a pruning layer: the new rows' last queries (q: [m, H, dh]) rank the held
         tokens that reached `layer`; the kept ones that stopped there resume from the Aux Cache, and resumed rows
         not kept stop here (their hidden state goes to the Aux Cache). Updates `held` and `chosen` ([T]) in place
-        and returns the rows that go on (h: [R', d], pos: [R'], resumed rows first) and how many resume here."""
+        and returns the rows that go on (h: [R', d], pos: [R'], resumed rows first) and how many resume here.
+        keys: [T] the positions 0..T-1."""
         a, c, m = self.a, self.cache, q.shape[0]
         end = held.shape[0]
-        keys = torch.arange(end, device=a.device)
         w = min(self.schedule.scorer.query_rows, m)
         visible = chosen & (held >= layer)  # [T]
         x = ScoreInput(q[-w:].transpose(0, 1)[None], pos[-w:][None], c.k[layer, slot, :, :end][None], keys[None],

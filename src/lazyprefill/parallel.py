@@ -12,9 +12,9 @@ replicated. A model gets it in one of two ways, and the engine treats both alike
   seed, as the benchmarks' shapes are), split in place with torch's `parallelize_module` (its LM head replicated).
 Why transformers' plan rather than a split of our own: checked first on the CPU with gloo (a tiny Llama saved with
 save_pretrained, TP=2), the engine calls its sharded projections directly as it calls plain ones: q_proj returns
-this rank's heads ([n, H/tp * dh]) and o_proj and down_proj the all-reduced sum, and logits came within 2e-6 of
-one process. Its price is host time per call: a DTensor projection took 14.5 us against 2.5 us for the plain
-matmul there (an all-reduce over gloo took 1.1 ms either way).
+this rank's heads ([n, H/tp * dh]) and o_proj and down_proj the all-reduced sum (tests/test_parallel.py: the tokens
+of one process, logits within 1e-5). Its price is host time per call (a DTensor projection dispatches more than a
+plain matmul), not measured on a GPU yet.
 
 What the engine adds (adapters.py calls it), so that every rank selects the same tokens (SPEC.md):
 - scores need every head: each rank reduces its own heads and one all-reduce per pruning layer gives every rank the
