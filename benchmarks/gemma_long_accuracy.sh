@@ -5,8 +5,10 @@
 #
 # One process per task, all sharing one GPU and one dense-result cache; each streams its records (JSONL), so a
 # run stopped by a lease's end is finished later with the same command plus --resume (or rebuilt with
-# `lazyprefill eval --report-only --out OUT_DIR/LENGTH-TASK`). A 32K prompt's dense prefill peaks near 44 GB in
-# fp32 (head_dim 256 takes SDPA's unfused path; a 16K one near 12 GB), so run 32K with one or two tasks at a time.
+# `lazyprefill eval --report-only --out OUT_DIR/LENGTH-TASK`). A 32K prompt's prefill peaks near 4 GB in fp32 since
+# attention.sdpa sends its full-attention layers to the memory-efficient kernel (44 GB on SDPA's math path before),
+# but 15 evaluation processes started at once still ran an H100 out of memory in their first minutes (10 of them
+# died): start at most 6 at a time.
 # The prompt and its answer must fit Gemma 3's 32,768 positions: use 32512 for "32K".
 # On the lent GPU, OUT_DIR must lie outside $OUT, which is emptied before every command (e.g. /root/keep), and the
 # processes started with setsid, so that they outlive the call that starts them (benchmarks/NOTES.md).

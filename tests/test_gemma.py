@@ -264,6 +264,23 @@ def test_prefill_attention_in_slices_equals_one_masked_softmax(rows_per_call):
     assert torch.isfinite(got).all()  # padding rows see at least themselves: no NaN to leak
 
 
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_grouped_sdpa_equals_the_softmax_over_each_heads_group(fused, monkeypatch):
+    """Both paths of attention.sdpa (K/V grouped into a fused kernel, or repeated per query head where none takes
+    them: fp32 or a mask on CUDA) give each query head the softmax over its own K/V head's keys."""
+    monkeypatch.setattr(attention, "fused_gqa", lambda q, masked: fused)
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 6, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    got = attention.sdpa(q, k, v, is_causal=True, scale=0.4)
+    kh, vh = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)  # heads 0-2 read K/V head 0
+    logits = (q @ kh.transpose(-1, -2) * 0.4).masked_fill(~causal, float("-inf"))
+    torch.testing.assert_close(got, logits.softmax(-1) @ vh)
+    masked = attention.sdpa(q, k, v, attn_mask=causal[None, None], scale=0.4)
+    torch.testing.assert_close(masked, got)
+
+
 def test_decode_mask():
     in_s = torch.tensor([[True, False, True, True, True, True]])  # [1, T]
     assert decode_mask(None, torch.tensor([[5]]), 6, None) is None

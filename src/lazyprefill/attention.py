@@ -45,9 +45,8 @@ def prefill_attention(
     call over all W keys would compute (and mask away) W^2 scores, and build a [B, W, W] mask: at 32K
     tokens that is most of Gemma 3's prefill, whose layers are five in six windowed.
     """
-    gqa = q.shape[1] != k.shape[1]
     if window is None or longest <= window:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=True, scale=scaling)
     W = pos.shape[1]
     step = rows_per_call or max(WINDOW_ROWS, 2 * window)
     out = torch.empty_like(q)
@@ -57,10 +56,31 @@ def prefill_attention(
         causal = index[lo:end] <= index[start:end, None]  # [r, keys] by index
         in_window = pos[:, None, lo:end] > pos[:, start:end, None] - window  # [B, r, keys]; the diagonal is in
         mask = (causal & in_window)[:, None]
-        out[:, :, start:end] = F.scaled_dot_product_attention(
-            q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end], attn_mask=mask, scale=scaling, enable_gqa=gqa
-        )
+        out[:, :, start:end] = sdpa(q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end], attn_mask=mask, scale=scaling)
     return out
+
+
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs
+) -> torch.Tensor:
+    """SDPA with grouped K/V (GQA): q: [B, H, W, dh], k/v: [B, Hkv, n, dh] -> [B, H, W, dh].
+
+    Where no fused kernel takes grouped K/V (flash takes no fp32 and no mask, the memory-efficient kernel no GQA),
+    SDPA falls back to its math path, which holds every [B, H, W, n] logit: 43.6 GB for Gemma 3 270M's prefill
+    at 32K in fp32 on an H100. There K/V are repeated per query head instead (n x dh per head), so that the
+    memory-efficient kernel runs.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and not fused_gqa(q, attn_mask is not None):
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        group = 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=group > 1, **kwargs)
+
+
+def fused_gqa(q: torch.Tensor, masked: bool) -> bool:
+    """Whether a fused SDPA kernel takes grouped K/V for q's device and dtype: on CUDA only flash attention, in
+    16-bit types and without a mask; on the CPU its fused kernel, always."""
+    return not q.is_cuda or (q.dtype in (torch.float16, torch.bfloat16) and not masked)
 
 
 def decode_mask(in_s: torch.Tensor | None, rows: torch.Tensor, T: int, window: int | None) -> torch.Tensor | None:

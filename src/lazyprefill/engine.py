@@ -25,11 +25,10 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from .adapters import LlamaAdapter
-from .attention import prefill_attention
+from .attention import prefill_attention, sdpa
 from .cache import LazyCache
 from .decoding import Graphs, SegmentRunner, eager
 from .env import triton_runs_on
@@ -333,10 +332,8 @@ class Engine:
             seen = (keys <= pos[:, None]) & visible  # [R, T]
             if window is not None:
                 seen &= keys > pos[:, None] - window
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], c.k[l, slot, :, :end][None], c.v[l, slot, :, :end][None],
-                attn_mask=seen[None, None], scale=a.scaling, enable_gqa=a.num_heads != a.num_kv_heads,
-            )  # [1, H, R, dh]
+            o = sdpa(q.transpose(0, 1)[None], c.k[l, slot, :, :end][None], c.v[l, slot, :, :end][None],
+                     attn_mask=seen[None, None], scale=a.scaling)  # [1, H, R, dh]
             h = a.finish(l, h, o[0].transpose(0, 1))
             computed.append(pos.shape[0])
             resumed.append(revived)
