@@ -65,6 +65,7 @@ def main() -> None:
                         "dense and the presets)")
     p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
     p.add_argument("--json", help="write the decoding timings here")
+    p.add_argument("--kernel-table", help="write every kernel of a profiled step, per method side by side, here")
     args = p.parse_args()
     if args.split_setting:
         use_split_setting(args.split_setting)
@@ -76,7 +77,7 @@ def main() -> None:
     options = DecodeOptions(graphs=None if args.graphs == "auto" else False,
                             split_kernel=None if args.attention == "auto" else False,
                             burst_kernel=args.burst_kernel, compile=args.compile)
-    rows = []
+    rows, kernels = [], {}
     with torch.inference_mode():
         for name, step in decoders(model, adapter, prompts, args.warmup_steps + args.decode_steps + args.profile_steps,
                                    options, args.methods):
@@ -96,15 +97,39 @@ def main() -> None:
             label = (f"decode after {args.batch} x {args.length} {name} "
                      f"(graphs {args.graphs}, attention {args.attention})")
             summarize(prof, label, sum(ms) / len(ms) * args.profile_steps, args.profile_steps)
+            kernels[name] = per_step_kernels(prof, args.profile_steps)
             del step  # its cache goes before the next method's is allocated
     print(f"\n{'method':<14} {'graphs':<6} {'median ms/token':>16} {'mean':>8} {'revived/step':>13}")
     for r in rows:
         print(f"{r['method']:<14} {r['graphs']:<6} {r['median_ms']:>16.2f} {r['mean_ms']:>8.2f} "
               f"{r['revived_per_step']:>13.1f}")
+    if args.kernel_table:
+        Path(args.kernel_table).write_text(kernel_table(kernels, " ".join(sys.argv)))
     if args.json:
         info = {"model": args.model, "length": args.length, "batch": args.batch, "device": torch.cuda.get_device_name(),
                 "torch": torch.__version__, "command": " ".join(sys.argv)}
         Path(args.json).write_text(json.dumps({**info, "decode": rows}, indent=1))
+
+
+def per_step_kernels(prof, steps: int) -> dict[str, tuple[float, float]]:
+    """Kernel name -> (launches, device microseconds) per step."""
+    return {e.key: (e.count / steps, e.self_device_time_total / steps) for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0}
+
+
+def kernel_table(kernels: dict[str, dict[str, tuple[float, float]]], command: str) -> str:
+    """Every kernel's launches and time per step, one column per method, the costliest first: what a method adds
+    to another's step, kernel by kernel."""
+    methods = list(kernels)
+    names = sorted({k for t in kernels.values() for k in t}, key=lambda k: -max(t.get(k, (0, 0))[1]
+                                                                                  for t in kernels.values()))
+    lines = [f"# {command}", f"{'kernel (per step: launches, us)':<70} " + " ".join(f"{m[:24]:>24}" for m in methods)]
+    for k in names:
+        cells = (kernels[m].get(k, (0, 0)) for m in methods)
+        lines.append(f"{k[:70]:<70} " + " ".join(f"{n:>8.0f}x {us:>11.1f}us" for n, us in cells))
+    lines.append("total us/step " + " ".join(f"{sum(v[1] for v in kernels[m].values()):.0f}" for m in methods)
+                 + "; kernels/step " + " ".join(f"{sum(v[0] for v in kernels[m].values()):.0f}" for m in methods))
+    return "\n".join(lines) + "\n"
 
 
 def use_split_setting(path: str) -> None:
