@@ -8,7 +8,7 @@ example `transformers serve`). Documents are windows of real text nobody in this
 standard library's sources installed with this Python. Writes JSON, a markdown table and a plot.
 
   PYTHONPATH=src python benchmarks/serve_load.py --model smollm2 --schedules balanced,dense --rate 0.1 \\
-      --duration 300 --min-tokens 1024 --max-tokens 2048 --new-tokens 32 --out benchmarks/results/serve/cpu
+      --duration 300 --min-chars 3000 --max-chars 6000 --new-tokens 32 --out benchmarks/results/serve/cpu
   PYTHONPATH=src python benchmarks/serve_load.py --schedules balanced --rate 0.05 --duration 1800 ...  # a soak
 """
 

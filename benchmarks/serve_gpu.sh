@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 25 on the lent GPU, as one background job whose every result is written as soon as it exists:
+#   1. a servable llama3-8b-shaped checkpoint with SmolLM2's tokenizer (shape_checkpoint.py);
+#   2. a follow-up question's TTFT over a 16K-token document against a fresh request (prefix_reuse.py);
+#   3. one Poisson trace of 8K-32K-token prompts on lazyprefill dense, `balanced` and `transformers serve
+#      --continuous-batching` (serve_load.py);
+#   4. a 10-minute soak of `balanced` on the same kind of trace (every request finished, memory after warm-up and at
+#      the end).
+# On the device, after `lent_gpu.sh setup` and `assemble`, with the tokenizer's files carried in .gpu/tok
+# (`shape_checkpoint.py --tokenizer-only smollm2 --out .gpu/tok`):
+#   cp -r .gpu/tok /root/tok && source /root/env.sh && cd /root && \
+#     setsid nohup bash bench/serve_gpu.sh /root/keep/serve > /root/keep/serve.log 2>&1 < /dev/null &
+# The sizes are variables, so that the same steps run small on the CPU:
+#   SHAPE=tiny DEVICE=cpu DTYPE=float32 TOKENIZER=.gpu/tok LENGTH=1024 MIN_CHARS=2000 MAX_CHARS=4000 \
+#     MAX_PROMPT=2048 RATE=0.5 DURATION=20 SOAK=20 BENCH=benchmarks benchmarks/serve_gpu.sh /tmp/serve-smoke
+set -euo pipefail
+out=${1:?usage: serve_gpu.sh OUT_DIR}
+: "${SHAPE:=llama3-8b}" "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${TOKENIZER:=/root/tok}" "${BENCH:=bench}"
+: "${LENGTH:=16384}" "${MIN_CHARS:=28000}" "${MAX_CHARS:=100000}" "${MAX_PROMPT:=34000}" "${NEW_TOKENS:=64}"
+: "${RATE:=0.3}" "${DURATION:=180}" "${SOAK:=600}" "${PORT:=8400}"
+mkdir -p "$out"
+ckpt="$out/checkpoint-$SHAPE"
+
+python3 "$BENCH/shape_checkpoint.py" --shape "$SHAPE" --tokenizer "$TOKENIZER" --device "$DEVICE" --dtype "$DTYPE" \
+    --out "$ckpt"
+python3 "$BENCH/prefix_reuse.py" --model "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --lengths "$LENGTH" \
+    --schedules dense,balanced --out "$out" --stem "prefix-reuse-$SHAPE"
+
+load=(--model "$ckpt" --device "$DEVICE" --dtype "$DTYPE" --max-prompt-tokens "$MAX_PROMPT" --min-chars "$MIN_CHARS"
+      --max-chars "$MAX_CHARS" --new-tokens "$NEW_TOKENS" --rate "$RATE")
+python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules dense,balanced --out "$out/load"
+
+transformers serve "$ckpt" --continuous-batching --device "$DEVICE" --dtype "$DTYPE" --port "$PORT" &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 120); do curl -sf "http://localhost:$PORT/health" >/dev/null && break; sleep 2; done
+python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules "" \
+    --url "transformers-serve=http://localhost:$PORT" --out "$out/load-transformers"
+kill $server
+
+python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$SOAK" --schedules balanced --out "$out/soak"
