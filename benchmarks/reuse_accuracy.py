@@ -5,7 +5,8 @@ rest). A session prefills the document once under the schedule and first answers
 questions (so the document's Aux Cache and revivals are those real earlier questions left), then this sample's: the
 score of that last answer is set beside the fresh prefill of the whole prompt under the same schedule, and beside
 dense. The scores
-and paired differences go to JSON and a markdown table.
+and paired differences go to JSON and a markdown table, rewritten after every sample (a run stopped by a lease's end
+keeps what it measured); the tasks take turns, so a stopped run has samples of each.
 
     PYTHONPATH=src python3 benchmarks/reuse_accuracy.py --model smollm2 --tasks passkey,recall,code --length 512 \\
         --samples 30 --questions 2 --schedules balanced,paper --out results/smollm2-cpu-512-reuse
@@ -54,12 +55,15 @@ def main() -> None:
     schedules = split_list(args.schedules)
     dense = lp.LazyLLM(model, None, tokenizer=tok)
     lazies = {s: lp.LazyLLM(model, f"{s}+min=0", tokenizer=tok) for s in schedules}
-    samples = tasks.build_all(args.tasks.split(","), tok, [args.length], args.samples, seed=0)
+    names = args.tasks.split(",")
+    samples = tasks.build_all(names, tok, [args.length], args.samples, seed=0)
+    samples.sort(key=lambda s: (s.index, names.index(s.task)))  # tasks take turns
     k, records = args.question_tokens, []
-    for i, sample in enumerate(tqdm(samples, desc="reuse accuracy")):
+    for sample in tqdm(samples, desc="reuse accuracy"):
         ids = torch.tensor(sample.prompt_ids)
-        same = [s for s in samples if s.task == sample.task and s is not sample]
-        others = [same[(i + j) % len(same)] for j in range(args.questions - 1)]  # earlier requests' questions
+        same = [s for s in samples if s.task == sample.task]
+        i = same.index(sample)
+        others = [same[(i + j) % len(same)] for j in range(1, args.questions)]  # earlier requests' questions
         opts = {"max_new_tokens": sample.max_new_tokens, "eos_token_id": [],
                 "stop_strings": ["\n"] if sample.task == "code" else None}
         ref = dense.generate(ids, **opts)
@@ -71,6 +75,10 @@ def main() -> None:
                 session.generate(torch.tensor(other.prompt_ids[-k:]), **opts)
             row[f"{name} reused"] = answer(session.generate(ids[-k:], **opts), sample, ref.new_tokens)
         records.append(row)
+        write_report(records, args.out)
+
+
+def write_report(records: list[dict], out: Path) -> None:
     methods = [m for m in records[0] if m not in ("task", "index")]
     table: dict[str, dict] = {}
     for task in dict.fromkeys(r["task"] for r in records):
@@ -83,8 +91,8 @@ def main() -> None:
                 "diff_vs_dense": metrics.paired_diff_ci([r[m] for r in rows], [r["dense"] for r in rows]).to_dict(),
                 "diff_vs_fresh": metrics.paired_diff_ci([r[m] for r in rows], [r[base] for r in rows]).to_dict(),
             }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reuse.json").write_text(json.dumps({"command": " ".join(sys.argv), "summary": table,
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reuse.json").write_text(json.dumps({"command": " ".join(sys.argv), "summary": table,
                                                      "records": records}, indent=1))
     lines = ["| task | method | score | n | diff vs dense [95% CI] | reused vs fresh [95% CI] |",
              "|---|---|---:|---:|---|---|"]
@@ -94,8 +102,7 @@ def main() -> None:
             vs_fresh = f"{f['mean']:+.3f} [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}]" if m.endswith(" reused") else ""
             lines.append(f"| {task} | {m} | {s['score']['mean']:.3f} | {s['score']['n']} | "
                          f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {vs_fresh} |")
-    (args.out / "reuse.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "reuse.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
