@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The lent GPU's routine (benchmarks/NOTES.md, "Lent GPU sessions"): the device has torch, transformers and triton but
+# The lent GPU's routine (benchmarks/NOTES.md, "Third GPU session"): the device has torch, transformers and triton but
 # no model weights and no package index, a call carries at most 64 MiB with the repository's tracked files (30 MiB),
 # $OUT is emptied before every command, and the machine is given back 30 s after a call ends. So the 253 MB Gemma 3
 # GGUF goes in 8 pieces, one call each; code and results live under /root, outside the repository's copy; background

@@ -93,7 +93,7 @@ def write_report(records: list[dict], out: Path) -> None:
             }
     out.mkdir(parents=True, exist_ok=True)
     (out / "reuse.json").write_text(json.dumps({"command": " ".join(sys.argv), "summary": table,
-                                                     "records": records}, indent=1))
+                                                "records": records}, indent=1))
     lines = ["| task | method | score | n | diff vs dense [95% CI] | reused vs fresh [95% CI] |",
              "|---|---|---:|---:|---|---|"]
     for task, by in table.items():
