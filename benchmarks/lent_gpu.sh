@@ -50,7 +50,7 @@ poll)
     cd /root/keep
     shopt -s nullglob
     for f in *.log; do echo "== $f"; tail -c 400 "$f" | tr '\r' '\n' | grep -av '^$' | tail -1 || true; done
-    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader || true
     tar czf "$OUT/keep.tgz" --exclude='dense-*' --exclude='checkpoint-*' .
     ;;
 esac
