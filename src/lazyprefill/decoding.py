@@ -17,10 +17,11 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import LlamaAdapter
-from .attention import decode_mask, listed_positions, row_ranges, sdpa
+from .attention import decode_mask, listed_positions, row_ranges
 from .cache import LazyCache
 from .plan import Segment, StepPlan
 from .recording import Recorder
@@ -315,11 +316,13 @@ def masked_attention(
 def _sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """masked_attention for many rows: the memory-efficient kernel (fp32 accumulation; attention.sdpa repeats K/V
-    for GQA on CUDA, since that kernel takes none). Only the kernel choice is scoped; process-wide SDPA state is
-    untouched."""
+    """masked_attention for many rows: the memory-efficient kernel (fp32 accumulation), K/V repeated for
+    GQA because that kernel takes none. Only the kernel choice is scoped; process-wide SDPA state is untouched."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return sdpa(q, k, v, attn_mask=mask[:, None], scale=scaling)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling)
 
 
 def _masked_attention(
