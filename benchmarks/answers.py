@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lazyprefill import answers, parallel
+from lazyprefill import answers, decoding, parallel
 from lazyprefill.engine import DecodeOptions
 from lazyprefill.schedule import split_list
 
@@ -67,6 +67,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("burst-kernel", "compile"):
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
                        help=f"ours: DecodeOptions({name.replace('-', '_')}=True / False; default: by device)")
+    p.add_argument("--compile-options", type=json.loads, default={},
+                   help='ours: JSON of Inductor options for the compiled layer halves (decoding.COMPILE_OPTIONS)')
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="join chunk results instead of measuring")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/answers"))
     p.add_argument("--stem", help="output file name without extension (default: answers-<models>)")
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge:
         result = answers.merge([json.loads(path.read_text()) for path in args.merge])
     else:
+        decoding.COMPILE_OPTIONS.update(args.compile_options)
         cfg = answers.AnswerConfig(
             models=args.models, lengths=args.lengths, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
             methods=args.methods, device=args.device, dtype=args.dtype, warmup_tokens=args.warmup_tokens,

@@ -8,7 +8,8 @@
 # `lazyprefill eval --report-only --out OUT_DIR/LENGTH-TASK`). A 32K prompt's prefill peaks near 4 GB in fp32 since
 # attention.sdpa sends its full-attention layers to the memory-efficient kernel (44 GB on SDPA's math path before),
 # but 15 evaluation processes started at once still ran an H100 out of memory in their first minutes (11 of them
-# died): this script starts one per task, so give it at most 6 tasks and run no other evaluation beside it.
+# died), and a 32K process holds about 18 GiB once warm: this script starts one per task, so give it at most two
+# tasks at 32K (four at 16K and under) and run no other evaluation beside it.
 # The prompt and its answer must fit Gemma 3's 32,768 positions: use 32512 for "32K".
 # On the lent GPU, OUT_DIR must lie outside $OUT, which is emptied before every command (e.g. /root/keep), and the
 # processes started with setsid, so that they outlive the call that starts them (benchmarks/NOTES.md).

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lazyprefill import bench
+from lazyprefill import bench, decoding
 from lazyprefill.adapters import adapter_for
 from lazyprefill.engine import DecodeOptions, Engine
 from lazyprefill.schedule import parse_schedule, split_list
@@ -64,11 +64,15 @@ def main() -> None:
                    help="transformers, dense, presets and schedule specs, comma-separated (default: transformers, "
                         "dense and the presets)")
     p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
+    p.add_argument("--compile-options", type=json.loads, default={},
+                   help='JSON of Inductor options for the compiled layer halves (decoding.COMPILE_OPTIONS), e.g. '
+                        '\'{"pattern_matcher": false}\'')
     p.add_argument("--json", help="write the decoding timings here")
     p.add_argument("--kernel-table", help="write every kernel of a profiled step, per method side by side, here")
     args = p.parse_args()
     if args.split_setting:
         use_split_setting(args.split_setting)
+    decoding.COMPILE_OPTIONS.update(args.compile_options)
     model = bench.random_model(args.model, "cuda", torch.bfloat16)
     adapter = adapter_for(model)
     prompts = bench.random_prompts(args.length, adapter.vocab_size, args.batch, torch.device("cuda"), 0)
@@ -107,7 +111,7 @@ def main() -> None:
         Path(args.kernel_table).write_text(kernel_table(kernels, " ".join(sys.argv)))
     if args.json:
         info = {"model": args.model, "length": args.length, "batch": args.batch, "device": torch.cuda.get_device_name(),
-                "torch": torch.__version__, "command": " ".join(sys.argv)}
+                "torch": torch.__version__, "compile_options": args.compile_options, "command": " ".join(sys.argv)}
         Path(args.json).write_text(json.dumps({**info, "decode": rows}, indent=1))
 
 

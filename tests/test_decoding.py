@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 import lazyprefill as lp
 from lazyprefill.adapters import adapter_for
+from lazyprefill.cache import LazyCache
 from lazyprefill.decoding import masked_attention, top_k
 from lazyprefill.engine import DecodeOptions, Engine
 from lazyprefill.plan import Segment, key_length, plan_step, row_bucket, segments
@@ -175,9 +176,13 @@ def test_revival_bursts_give_the_same_results(monkeypatch, patch):
 
 
 @pytest.mark.parametrize("family", ["llama_gqa_rope3", "gemma3"])
-def test_compiled_layer_halves_decode_what_eager_ones_decode(family):
+@pytest.mark.parametrize("options", [{}, {"pattern_matcher": False}], ids=["inductor-defaults", "mm-and-add-apart"])
+def test_compiled_layer_halves_decode_what_eager_ones_decode(family, options, monkeypatch):
     """DecodeOptions(compile=True): torch.compile of block_qkv / block_finish, one version for every layer and
-    row count (q alone, buckets, a burst), gives the eager engine's tokens, stats and logits (fp32 rounding)."""
+    row count (q alone, buckets, a burst), gives the eager engine's tokens, stats and logits (fp32 rounding), with
+    Inductor's defaults and with the options that keep a residual add out of the GEMM (decoding.COMPILE_OPTIONS)."""
+    monkeypatch.setattr("lazyprefill.decoding.COMPILE_OPTIONS", options)
+    torch._dynamo.reset()  # a compiled version made under other options is not reused
     model = tiny_model(family)
     schedule = "0:0.5,2:0.6" if family == "gemma3" else "1:0.4,3:0.5"
     prompts = [prompt_ids(41, seed=7), prompt_ids(26, seed=8)]
@@ -220,3 +225,19 @@ def test_steps_enqueued_ahead_give_what_steps_one_at_a_time_give(schedule):
         torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits))
         assert b.stats.steps == a.stats.steps
         assert b.stats.final_depth.shape == a.stats.final_depth.shape
+
+
+def test_kv_rows_land_where_advanced_indexing_puts_them():
+    """LazyCache.write_kv's index_copy_ over flattened rows stores each (sequence, position) row of every head
+    where `k[layer][seq, :, pos] = k` would, and touches nothing else."""
+    a = adapter_for(tiny_model("llama_gqa_rope3"))
+    cache = LazyCache(a, batch=3, capacity=20)
+    cache.ensure_clean(cache.capacity + 1)
+    seq, pos = torch.tensor([0, 2, 2, 1, 0]), torch.tensor([5, 0, 19, 7, 20])  # 20: the scratch slot
+    k, v = (torch.randn(5, a.num_kv_heads, a.head_dim) for _ in range(2))
+    want_k, want_v = cache.k.clone(), cache.v.clone()
+    want_k[2][seq, :, pos], want_v[2][seq, :, pos] = k, v
+    cache.write_kv(2, seq, pos, k, v)
+    assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
+    cache.write_kv(4, seq, pos, v, k, cache.kv_index(seq, pos))  # the index made once and handed over
+    assert torch.equal(cache.k[4][seq, :, pos], v) and torch.equal(cache.v[4][seq, :, pos], k)

@@ -217,15 +217,20 @@ def test_gemma3_has_its_own_presets_chosen_on_its_own_evidence():
     """balanced and fast were chosen on gemma3-270m (schedule.GEMMA3_PRESETS); other families keep theirs."""
     gemma, mistral = windowed_model("gemma3"), windowed_model("mistral_window")
     pool = parse_scorer("pool(k=7, of=window(w=16))")
-    # the default: 0.6 of 6 layers -> full layer 2 (layers 0, 2 and 4 attend fully)
-    assert lp.LazyLLM(gemma).schedule == lp.Schedule({2: 0.5}, Revive(rows=8, of=pool))
+    # the default: 0.6 of 6 layers -> full layer 2 (layers 0, 2 and 4 attend fully), prompts under 8K dense on every
+    # device (issue 24, target 5); a user's +min still decides
+    default = lp.Schedule({2: 0.5}, Revive(rows=8, of=pool), min_prompt_tokens=8192)
+    assert lp.LazyLLM(gemma).schedule == default
+    assert default.min_prompt("cpu") == default.min_prompt("cuda") == 8192
+    assert lp.LazyLLM(gemma, "balanced+min=0").schedule.min_prompt("cpu") == 0
     protect = parse_scorer(f"protect(sink=4, recent=16, of={pool.spec()})")
     assert lp.LazyLLM(gemma, "fast").schedule == lp.Schedule({0: 0.3}, protect)
     assert lp.LazyLLM(mistral).schedule == lp.parse_schedule("balanced", 6)  # the general preset: `last` at 0.67
     with pytest.raises(ValueError, match=r"use a preset \(balanced, paper, long\)"):
         lp.LazyLLM(mistral, "fast")
     # Gemma 3 270M: layers 5 and 11 can prune
-    assert lp.parse_schedule("balanced", 18, [5, 11], GEMMA3_PRESETS) == lp.Schedule({11: 0.5}, Revive(rows=8, of=pool))
+    assert lp.parse_schedule("balanced", 18, [5, 11], GEMMA3_PRESETS) == lp.Schedule({11: 0.5}, Revive(rows=8, of=pool),
+                                                                                   min_prompt_tokens=8192)
     names = [m.name for m in make_methods(["presets"], 18, [], [5, 11], GEMMA3_PRESETS)]
     assert names == ["dense", "balanced", "fast", "paper", "long"]
 

@@ -155,6 +155,18 @@ def test_split(dtype, group, merge_kernel, bf16_dot):
     check(out, q, k, v, in_s, rows, valid, None)
 
 
+@pytest.mark.parametrize("layout", ["rows", "heads"])
+def test_split_reads_q_by_its_strides_and_writes_the_rows_layout(layout):
+    """q as decoding passes it (a [B, H, R, dh] view of [B, R, H, dh]) or contiguous [B, H, R, dh]: the same output,
+    laid out so that the step's [B * R, H, dh] rows are a view of it, not a copy."""
+    q, k, v, in_s, idx, rows, valid = make_case(3, 8, torch.float32, seed=5)
+    if layout == "heads":
+        q = q.contiguous()
+    out = sa.split_attention(q, k, v, idx, in_s.sum(1, dtype=torch.int32), rows.int(), SCALING, block_n=16)
+    check(out, q, k, v, in_s, rows, valid, None)
+    assert out.transpose(1, 2).is_contiguous()
+
+
 def test_row_ranges_and_listed_positions():
     in_s = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0]], dtype=torch.bool)
     listed = listed_positions(in_s)

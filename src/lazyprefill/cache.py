@@ -73,10 +73,25 @@ class LazyCache:
         """[B, C] depth on the host (a copy; waits for the device)."""
         return self.depth_device[:, : self.capacity].cpu().numpy().copy()
 
-    def write_kv(self, layer: int, seq: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V of rows (sequence `seq`, position `pos`: [n] each); k, v: [n, Hkv, dh]. The only K/V writer."""
-        self.k[layer][seq, :, pos] = k
-        self.v[layer][seq, :, pos] = v
+    def kv_index(self, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[n * Hkv] the rows of one layer's K/V, viewed as [B * Hkv * P, dh], that rows (seq, pos) ([n] each) write,
+        head by head: computed once for a set of rows and handed to `write_kv` at every layer."""
+        kv, P = self.k.shape[2], self.k.shape[3]
+        heads = torch.arange(kv, device=seq.device)  # [Hkv]
+        return ((seq[:, None] * kv + heads) * P + pos[:, None]).reshape(-1)
+
+    def write_kv(self, layer: int, seq: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 index: torch.Tensor | None = None) -> None:
+        """Store K/V of rows (sequence `seq`, position `pos`: [n] each); k, v: [n, Hkv, dh]; `index`: kv_index(seq,
+        pos), if already made. The only K/V writer.
+
+        An index_copy_ over the flattened rows rather than `k[layer][seq, :, pos] = k`: that index_put_ took 3.7 us a
+        write against 2.5 (H100, a dense step's 64 writes: 237 against 162 us; benchmarks/NOTES.md, "Decoding steps,
+        fourth GPU session")."""
+        index = self.kv_index(seq, pos) if index is None else index
+        dh = self.k.shape[-1]
+        self.k[layer].view(-1, dh).index_copy_(0, index, k.reshape(-1, dh))
+        self.v[layer].view(-1, dh).index_copy_(0, index, v.reshape(-1, dh))
         self._count(layer, seq, pos)
 
     def ensure_clean(self, positions: int) -> None:

@@ -17,11 +17,10 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import LlamaAdapter
-from .attention import decode_mask, listed_positions, row_ranges
+from .attention import decode_mask, listed_positions, row_ranges, sdpa
 from .cache import LazyCache
 from .plan import Segment, StepPlan
 from .recording import Recorder
@@ -134,9 +133,10 @@ class SegmentRunner:
         h = c.aux[seq, pos]  # [b * R, d]
         cos, sin = a.rope(pos)
         attend = self._attention(in_s, rows, valid, T, sel)
+        kv_index = c.kv_index(seq, pos)  # [b * R * Hkv]
         for l in seg.layers:
             q, k, v = self.layers.qkv(l, h, cos, sin)  # q: [b * R, H, dh]
-            c.write_kv(l, seq, pos, k, v)
+            c.write_kv(l, seq, pos, k, v, kv_index)
             o = attend(l, q.view(b, R, H, dh).transpose(1, 2))  # [b, H, R, dh]
             h = self.layers.finish(l, h, o.transpose(1, 2).reshape(b * R, H, dh))
         c.aux[seq, pos] = h
@@ -245,8 +245,8 @@ class CompiledLayers:
 
     def __init__(self, adapter: LlamaAdapter) -> None:
         self.a = adapter
-        self._qkv = torch.compile(adapter.block_qkv, dynamic=True)
-        self._finish = torch.compile(adapter.block_finish, dynamic=True)
+        self._qkv = torch.compile(adapter.block_qkv, dynamic=True, options=COMPILE_OPTIONS)
+        self._finish = torch.compile(adapter.block_finish, dynamic=True, options=COMPILE_OPTIONS)
 
     def qkv(
         self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -282,6 +282,13 @@ def top_k(
     return torch.zeros_like(in_s).scatter_(1, order, member & (member.cumsum(1) <= keep[:, None]))
 
 
+# Inductor's options for the compiled layer halves (torch.compile's `options`; empty: its defaults). With the
+# defaults a residual add becomes the bias of a cuBLAS addmm, which first copies the residual into the output:
+# two device-to-device memcpys a layer, which the pruned steps' CUDA graphs ran on the copy engine
+# (benchmarks/NOTES.md, "Decoding steps, fourth GPU session"); {"pattern_matcher": False} keeps mm and add apart
+# (and turns off Inductor's other pattern passes too), untimed on a GPU so far (profile_stages.py and answers.py
+# --compile-options).
+COMPILE_OPTIONS: dict[str, object] = {}
 # Rows x query heads per K/V head up to which the split kernel runs: one of its programs holds all of a K/V
 # head's rows in one tile. Above it the burst kernel (when on), which splits the rows instead.
 SPLIT_MAX_ROWS = 128
@@ -316,13 +323,11 @@ def masked_attention(
 def _sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """masked_attention for many rows: the memory-efficient kernel (fp32 accumulation), K/V repeated for
-    GQA because that kernel takes none. Only the kernel choice is scoped; process-wide SDPA state is untouched."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    """masked_attention for many rows: the memory-efficient kernel (fp32 accumulation; attention.sdpa repeats K/V
+    for GQA on CUDA, since that kernel takes none). Only the kernel choice is scoped; process-wide SDPA state is
+    untouched."""
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling)
+        return sdpa(q, k, v, attn_mask=mask[:, None], scale=scaling)
 
 
 def _masked_attention(

@@ -20,6 +20,7 @@ class Preset:
     keep: dict[float, float]
     scorer: str = "last"
     sparse: str | None = None  # block-sparse prefill attention (sparse.py), e.g. "sparse(top=0.05)"
+    min_prompt_tokens: int | None = None  # Schedule.min_prompt_tokens: None, the device's threshold
 
 
 # Ordered by speed. `balanced` was chosen by `lazyprefill tune` on the calibration split (SmolLM2-135M,
@@ -39,8 +40,9 @@ class Preset:
 # `long` is for long prompts (issue 24): half the candidates go at ~30% and again at ~60% of depth, and from 16K
 # tokens on the full-attention layers from layer 2 attend block-sparsely (sparse.py), the pruned ones included. On an
 # H100 (llama3-8b, random bf16) it measured 1.70x TTFT at 8K, 2.20x at 32K, 2.75x at 64K and 3.81x at 128K
-# (benchmarks/results/long/long-h100.md); its accuracy at 16K-32K is not measured yet, and at 2K (Gemma 3, RULER's
-# needles, results/gemma3-270m-cpu-2048-ruler) it loses retrieval as `balanced` does.
+# (benchmarks/results/long/long-h100.md). Its accuracy is measured through Gemma 3's `long` (results/README.md): at
+# 16K-32K it keeps passkey, recall, niah_single and the multi-query needles and loses multi-key ones (32K: -0.080);
+# at 2K (RULER's needles, results/gemma3-270m-cpu-2048-ruler) it loses retrieval as the old `balanced` did.
 PRESETS: dict[str, Preset] = {
     "balanced": Preset({0.67: 0.3}, "revive(rows=8, of=last)"),
     "paper": Preset({0.3: 0.7, 0.6: 0.7, 0.9: 0.7}),
@@ -61,8 +63,14 @@ PRESETS: dict[str, Preset] = {
 # layer 5 at 0.7 lost 4) and on passkey, recall and code at 4K/8K (tune's search, `last` scorer); 1.22x ideal
 # against the old 1.56x (`revive(rows=8, of=pool(k=7, of=window(w=16))):5:0.5` still runs by that spec). On the
 # evaluation split at 2K it keeps niah_single (0.900 = dense) and loses 2 of 60 niah_multikey answers (-0.033).
+# Below 8K tokens it now runs dense (issue 24, target 5: slower but safe). On the GPU (fp32, evaluation split, 100
+# samples each, results/gemma3-270m-gpu-{2048,4096,8192}-multikey-default) it lost niah_multikey answers at 2K (2 of
+# 100; 1 still with 0.7 or 0.85 kept) and scored as dense on every sample at 4K and 8K (and on 8K's
+# niah_multivalue), but on the CPU at 4K it lost 2 of 30 (results/gemma3-270m-cpu-4096-needles-default): no
+# schedule at layer 11 kept every answer below 8K on both devices. At 8K it scored as dense on the CPU too (20
+# samples, results/gemma3-270m-cpu-8192-multikey-default).
 GEMMA3_PRESETS: dict[str, Preset] = {
-    "balanced": Preset({0.6: 0.5}, "revive(rows=8, of=pool(k=7, of=window(w=16)))"),
+    "balanced": Preset({0.6: 0.5}, "revive(rows=8, of=pool(k=7, of=window(w=16)))", min_prompt_tokens=8192),
     "fast": Preset({0.3: 0.3}, "protect(sink=4, recent=16, of=pool(k=7, of=window(w=16)))"),
     "paper": PRESETS["paper"],
     # Gemma 3's `long` prunes as the general one but attends densely: at 16K (GPU fp32, 60 samples,
@@ -108,8 +116,9 @@ class Schedule:
     scorer: Scorer = field(default_factory=Last)
     preset: str | None = field(default=None, compare=False)  # the preset it came from, refitted per model
     sparse: Sparse | None = None  # block-sparse attention in prefill (sparse.py); None: every row sees every key
-    # A prompt shorter than this is neither pruned nor attends sparsely: there selecting costs more than it saves.
-    # None: the device's measured threshold (MIN_PROMPT_TOKENS)
+    # A prompt shorter than this is neither pruned nor attends sparsely: there selecting costs more than it saves
+    # (or, for Gemma 3's `balanced`, costs accuracy). None: the device's measured threshold (MIN_PROMPT_TOKENS); a
+    # preset with its own floor (Preset.min_prompt_tokens) keeps it when refitted to a model, unless +min=N is given
     min_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -222,7 +231,7 @@ def preset(
             ratio = round(ratio * keep.get(layer, 1.0), 6)
         keep[layer] = ratio
     return Schedule(keep, scorer=scorer if scorer is not None else parse_scorer(spec.scorer), preset=name,
-                    sparse=parse_sparse(spec.sparse) if spec.sparse else None)
+                    sparse=parse_sparse(spec.sparse) if spec.sparse else None, min_prompt_tokens=spec.min_prompt_tokens)
 
 
 def parse_schedule(
@@ -261,7 +270,8 @@ def parse_schedule(
         raise TypeError(f"schedule must be a str, path, dict, Schedule or None, not {type(spec).__name__}")
     if prunable is not None and schedule.preset is not None:  # fit the preset to this model's layers
         fitted = preset(schedule.preset, num_layers, schedule.scorer, prunable, presets)
-        schedule = replace(fitted, sparse=schedule.sparse, min_prompt_tokens=schedule.min_prompt_tokens)
+        shortest = fitted.min_prompt_tokens if schedule.min_prompt_tokens is None else schedule.min_prompt_tokens
+        schedule = replace(fitted, sparse=schedule.sparse, min_prompt_tokens=shortest)
     schedule.check(num_layers, prunable)
     return schedule
 
