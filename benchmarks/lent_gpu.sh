@@ -2,13 +2,13 @@
 # The lent GPU's routine (benchmarks/NOTES.md, "Third GPU session"): the device has torch, transformers and triton but
 # no model weights and no package index, a call carries at most 64 MiB with the repository's tracked files (30 MiB),
 # $OUT is emptied before every command, and the machine is given back 30 s after a call ends. So the 253 MB Gemma 3
-# GGUF goes in 8 pieces, one call each; code and results live under /root, outside the repository's copy; background
+# GGUF goes in 11 pieces of 24 MB (the tracked files grow: 34 MiB at the fourth GPU session), one call each; code and results live under /root, outside the repository's copy; background
 # runs start with setsid; and a run is kept alive by calls that wait and bring back what it wrote (`poll`).
 #
-#   benchmarks/lent_gpu.sh split               # here, once: .gpu/c0..c7 (GGUF pieces), .whl (gguf, rapidfuzz),
+#   benchmarks/lent_gpu.sh split               # here, once: .gpu/c0..c10 (GGUF pieces), .whl (gguf, rapidfuzz),
 #                                              # .whl-serve (the server's and the client's packages, with theirs)
-#   run: benchmarks/lent_gpu.sh setup          # carry .gpu/c7 .whl; wheels, code to /root/src, piece 7
-#   run: benchmarks/lent_gpu.sh piece N        # carry .gpu/cN; N = 0..6, one call each, back to back
+#   run: benchmarks/lent_gpu.sh setup          # carry .gpu/c10 .whl; wheels, code to /root/src, piece 10
+#   run: benchmarks/lent_gpu.sh piece N        # carry .gpu/cN; N = 0..9, one call each, back to back
 #   run: benchmarks/lent_gpu.sh assemble       # carry .whl-serve; the GGUF from its pieces, checked, converted once
 #   run: benchmarks/lent_gpu.sh poll 540       # wait, then bring back /root/keep as $OUT/keep.tgz
 # Runs on the device take `source /root/env.sh` and write under /root/keep; start at most 6 GPU processes at once.
@@ -19,7 +19,8 @@ split)
     python=${PYTHON:-.venv/bin/python}  # with torch: lazyprefill.models imports it
     src=$(PYTHONPATH=src $python -c "from lazyprefill.models import fetch_embedded; print(fetch_embedded('gemma3-270m'))")
     mkdir -p .gpu .whl
-    (cd .gpu && split -b 32000000 -d -a 1 "$src" piece && for f in piece*; do mkdir -p "c${f#piece}" && mv "$f" "c${f#piece}/p${f#piece}"; done)
+    rm -rf .gpu/c[0-9]*
+    (cd .gpu && split -b 24000000 -d -a 2 "$src" p && for f in p[0-9][0-9]; do n=$((10#${f#p})); mkdir -p "c$n" && mv "$f" "c$n/"; done)
     $python -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 gguf rapidfuzz
     $python -m pip download -q -d .whl-serve --only-binary=:all: --python-version 3.12 \
@@ -28,7 +29,7 @@ split)
     ;;
 setup)
     mkdir -p /root/store /root/keep /root/site
-    cp .gpu/c7/p7 /root/store/
+    cp .gpu/c[0-9]*/p[0-9][0-9] /root/store/  # the piece carried with this call
     pip install -q --no-index --no-deps --target /root/site .whl/*.whl
     rm -rf /root/src /root/bench && cp -r src /root/src && cp -r benchmarks /root/bench
     echo "export PYTHONPATH=/root/site:/root/src LAZYPREFILL_CACHE=/root/cache HF_HUB_OFFLINE=1" \
@@ -36,7 +37,7 @@ setup)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     ;;
 piece)
-    cp ".gpu/c${2:?piece number}/p$2" /root/store/ && ls /root/store | tr '\n' ' '
+    cp ".gpu/c${2:?piece number}"/p[0-9][0-9] /root/store/ && ls /root/store | tr '\n' ' '
     ;;
 assemble)
     source /root/env.sh
