@@ -161,22 +161,25 @@ def profile_prefill(model, adapter, ids: torch.Tensor) -> None:
 
 
 def step_times(step, steps: int) -> tuple[list[float], float]:
-    """Milliseconds of each of `steps` decoding steps on the device's clock (gaps included), revived rows per step."""
+    """Milliseconds of each of `steps` decoding steps on the device's clock (gaps included), revived rows per step.
+    Each step's stats are read after the last one, so that no step waits for its own (as in a generation, which
+    enqueues the next step before reading one's tokens)."""
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-    revived = 0
+    revived = []
     events[0].record()
     for i in range(steps):
-        revived += step()
+        revived.append(step())
         events[i + 1].record()
     events[-1].synchronize()
-    return [a.elapsed_time(b) for a, b in pairwise(events)], revived / steps
+    return [a.elapsed_time(b) for a, b in pairwise(events)], sum(r() for r in revived) / steps
 
 
 def decoders(model, adapter, prompts: list[torch.Tensor], steps: int, options: DecodeOptions,
              methods: list[str] | None = None) -> Iterator[tuple[str, Callable[[], int]]]:
     """(name, one greedy decoding step of every prompt per call) after their prefill: transformers' forward with its
     cache, and ours; `methods`: names and schedule specs (None: transformers, dense and the presets). Each call
-    returns the rows it revived. Made one at a time, so that only one cache is held."""
+    returns a function that reads the rows it revived (waiting for that step). Made one at a time, so that only one
+    cache is held."""
     for name in methods or [bench.TRANSFORMERS, *bench.schedules_for(adapter.num_layers)]:
         if name == bench.TRANSFORMERS:
             yield name, transformers_step(model, prompts)
@@ -190,28 +193,29 @@ def decoders(model, adapter, prompts: list[torch.Tensor], steps: int, options: D
         torch.cuda.empty_cache()
 
 
-def transformers_step(model, prompts: list[torch.Tensor]) -> Callable[[], int]:
+def transformers_step(model, prompts: list[torch.Tensor]) -> Callable[[], Callable[[], int]]:
     """A greedy decoding step of transformers' forward with its cache per call, after a prefill of `prompts`."""
     out = model(torch.stack(prompts), use_cache=True, logits_to_keep=1)
     state = {"past": out.past_key_values, "tokens": out.logits[:, -1].argmax(dim=-1)}  # tokens: [B]
 
-    def hf_step() -> int:
+    def hf_step() -> Callable[[], int]:
         res = model(state["tokens"][:, None], past_key_values=state["past"], use_cache=True)
         state["tokens"] = res.logits[:, -1].argmax(dim=-1)
-        return 0
+        return lambda: 0
 
     return hf_step
 
 
-def engine_step(engine: Engine, token: torch.Tensor):
-    """A greedy decoding step of every sequence of `engine` per call, starting from `token`: [B]."""
+def engine_step(engine: Engine, token: torch.Tensor) -> Callable[[], Callable[[], int]]:
+    """A greedy decoding step of every sequence of `engine` per call, starting from `token`: [B]; the tokens stay on
+    the device, and the step's stats are read only when its returned function is called."""
     state = {"token": token}
     seqs = list(range(token.shape[0]))
 
-    def step() -> int:
-        logits, stats = engine.decode(state["token"], seqs)
+    def step() -> Callable[[], int]:
+        logits, stats = engine.step(state["token"], seqs)
         state["token"] = logits.argmax(dim=-1)
-        return sum(sum(s.revived) for s in stats)
+        return lambda: sum(sum(s.revived) for s in stats.get())
 
     return step
 
