@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from lazyprefill.cli import app
 from lazyprefill.eval import metrics, report, tasks
 from lazyprefill.eval.runner import Runner, make_methods, sweep_schedules
-from lazyprefill.schedule import parse_schedule, split_list
+from lazyprefill.schedule import PRESETS, Preset, parse_schedule, split_list
 from lazyprefill.sparse import Sparse
 
 
@@ -180,7 +180,7 @@ def test_eval_cli_writes_the_report_and_dense_matches_itself(tmp_path):
     assert (out / "eval.md").read_text().count("| paper |") == 3
 
 
-def test_eval_resume_runs_only_the_samples_left_and_refuses_another_evaluation(tmp_path):
+def test_eval_resume_runs_only_the_samples_left_and_refuses_another_evaluation(tmp_path, monkeypatch):
     out = tmp_path / "eval"
     args = ["eval", "--model", "smollm2", "--tasks", "passkey", "--lengths", "256", "--baselines", "none",
             "--out", str(out)]
@@ -196,6 +196,9 @@ def test_eval_resume_runs_only_the_samples_left_and_refuses_another_evaluation(t
     assert [r["ttft_s"] for r in data["records"][:2]] == [r["ttft_s"] for r in first[:2]]  # kept, not run again
     refused = CliRunner().invoke(app, [*args, "--schedules", "balanced", "--samples", "3", "--resume"])
     assert refused.exit_code == 2 and "another methods" in refused.output
+    monkeypatch.setitem(PRESETS, "paper", Preset({0.3: 0.5}))  # the same spec now runs another schedule
+    changed = CliRunner().invoke(app, [*args, "--schedules", "paper", "--samples", "3", "--resume"])
+    assert changed.exit_code == 2 and "a preset they name has changed" in changed.output
 
 
 def test_a_fresh_reference_is_the_dense_run_and_a_cached_one_is_checked_by_a_rerun(tokenizer, tmp_path):

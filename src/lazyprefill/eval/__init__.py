@@ -89,6 +89,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         "threads": torch.get_num_threads(),
         "num_layers": runner.num_layers,
         "methods": [vars(m) for m in methods],
+        # what each method's spec runs today: a preset changed since an earlier run must not be resumed into it
+        "schedules": {m.name: runner.schedule(m.schedule).describe() for m in methods if m.family != "dense"},
         "machine": machine_info(model.device),
     }
     kept = _resumable(cfg.out_dir, config, samples) if cfg.resume else []
@@ -157,6 +159,8 @@ def _resumable(out_dir: Path, config: dict, samples: list[tasks.Sample]) -> list
         return []
     before = json.loads((out_dir / "config.json").read_text())
     differ = [k for k in _IDENTITY if before.get(k) != config[k]]
+    if before.get("schedules", config["schedules"]) != config["schedules"]:  # runs made before it was recorded: unknown
+        differ.append("schedules (a preset they name has changed since)")
     if differ:
         raise ResumeMismatch(
             f"{out_dir} holds an evaluation with another {', '.join(differ)}: resume it with the same options, "

@@ -149,8 +149,9 @@ class Runner:
         self._lazy: dict[str, LazyLLM] = {}
 
     def schedule(self, spec: str) -> Schedule:
-        """The schedule a method runs; pruning applies at every prompt length unless the spec sets `min=`: the
-        eval measures the pruning itself, not the device's choice to skip it."""
+        """The schedule a method runs; pruning applies at every prompt length unless the schedule sets its own floor
+        (`min=`, or its preset's, as Gemma 3's `balanced` runs dense below 8K): the eval measures the pruning itself,
+        not the device's choice to skip it."""
         parsed = parse_schedule(spec, self.num_layers, self.prunable, self.presets)
         return parsed if parsed.min_prompt_tokens is not None else replace(parsed, min_prompt_tokens=0)
 
