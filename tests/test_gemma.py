@@ -286,7 +286,6 @@ def test_grouped_sdpa_equals_the_softmax_over_each_heads_group(fused, monkeypatc
     torch.testing.assert_close(masked, got)
 
 
-
 def test_fused_gqa_names_where_a_fused_kernel_takes_grouped_kv():
     """Flash attention is the only CUDA kernel that takes grouped K/V, and it takes neither fp32 nor a mask."""
     def q(device: str, dtype: torch.dtype) -> SimpleNamespace:

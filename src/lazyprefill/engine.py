@@ -222,6 +222,7 @@ class Engine:
         self.runner.ids[seqs] = ids_dev
         slot_of = seqs[rows.seq]  # [N] each row's cache slot
         pos = rows.slot  # [N] original position of each active row
+        kv_index = c.kv_index(slot_of, pos)  # [N * Hkv] where the rows' K/V go, until a pruning layer drops some
         h = a.embed(torch.cat(prompts))  # [N, d]
         cos, sin = a.rope(pos)  # [N, dh]
         firsts = {seg.first: len(seg.layers) for seg in self.segments}
@@ -237,7 +238,7 @@ class Engine:
                 padded_pos = rows.pad(pos)
                 self.recorder.layers(firsts[l], padded_pos, rows.valid, padded_pos, rows.valid)
             q, k, v = a.qkv(l, h, cos, sin)  # q: [N, H, dh], k/v: [N, Hkv, dh]
-            c.write_kv(l, slot_of, pos, k, v)
+            c.write_kv(l, slot_of, pos, k, v, kv_index)
             qp, kp, vp = (rows.pad(x).transpose(1, 2) for x in (q, k, v))  # [B, heads, width, dh]
             blocks = sparse.block_mask(qp, kp, rows.counts, a.scaling, pruned) \
                 if sparse is not None and sparse.applies(l, a.window(l)) else None
@@ -261,6 +262,7 @@ class Engine:
             dropped_at.append((l, slot_dropped, pos_dropped))
             rows = Packing(keep, dev)
             pos, h, cos, sin, slot_of = pos[kept], h[kept], cos[kept], sin[kept], slot_of[kept]
+            kv_index = c.kv_index(slot_of, pos)
         c.length[slots] = counts
         self.recorder.end()
         self._prompt_lengths[slots] = counts
@@ -324,9 +326,10 @@ class Engine:
         h = a.embed(tokens)  # [R, d]
         cos, sin = a.rope(pos)
         seq = torch.full_like(pos, slot)
+        kv_index = c.kv_index(seq, pos)  # [R * Hkv], until the rows change
         for l in range(L):
             q, k, v = a.qkv(l, h, cos, sin)  # q: [R, H, dh], k/v: [R, Hkv, dh]
-            c.write_kv(l, seq, pos, k, v)
+            c.write_kv(l, seq, pos, k, v, kv_index)
             window = a.window(l)
             visible = chosen & (held >= l)  # [T]
             seen = (keys <= pos[:, None]) & visible  # [R, T]
@@ -344,6 +347,7 @@ class Engine:
                 h, pos, revived = self._reselect(l, slot, q[-m:], h, pos, keys, held, chosen, start)
                 cos, sin = a.rope(pos)
                 seq = torch.full_like(pos, slot)
+                kv_index = c.kv_index(seq, pos)
         c.depth_device[slot, :end] = held
         c.length[slot] = end
         a.check_same("the tokens a continuation revived, and where they stopped", held)  # under tensor parallelism

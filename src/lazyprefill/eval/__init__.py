@@ -89,7 +89,6 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         "threads": torch.get_num_threads(),
         "num_layers": runner.num_layers,
         "methods": [vars(m) for m in methods],
-        # what each method's spec runs today: a preset changed since an earlier run must not be resumed into it
         "schedules": {m.name: runner.schedule(m.schedule).describe() for m in methods if m.family != "dense"},
         "machine": machine_info(model.device),
     }
@@ -136,8 +135,10 @@ class ResumeMismatch(ValueError):
     """`resume` found records of another evaluation in out_dir."""
 
 
-# What must match for an earlier run's records to count in this one (more samples may be asked for).
-_IDENTITY = ("model", "tasks", "lengths", "split", "seed", "device", "dtype", "num_layers", "methods")
+# What must match for an earlier run's records to count in this one (more samples may be asked for). `schedules` is
+# what each method's spec runs, which changes when a preset it names does; a key an older run did not record is not
+# compared.
+_IDENTITY = ("model", "tasks", "lengths", "split", "seed", "device", "dtype", "num_layers", "methods", "schedules")
 
 
 def sample_key(record: dict) -> tuple:
@@ -158,13 +159,11 @@ def _resumable(out_dir: Path, config: dict, samples: list[tasks.Sample]) -> list
     if not (out_dir / "config.json").is_file() or not (out_dir / "records.jsonl").is_file():
         return []
     before = json.loads((out_dir / "config.json").read_text())
-    differ = [k for k in _IDENTITY if before.get(k) != config[k]]
-    if before.get("schedules", config["schedules"]) != config["schedules"]:  # runs made before it was recorded: unknown
-        differ.append("schedules (a preset they name has changed since)")
+    differ = [k for k in _IDENTITY if before.get(k, config[k]) != config[k]]
     if differ:
         raise ResumeMismatch(
-            f"{out_dir} holds an evaluation with another {', '.join(differ)}: resume it with the same options, "
-            "or use a new --out"
+            f"{out_dir} holds an evaluation with another {', '.join(differ)}: resume it with the same options and "
+            "presets, or use a new --out"
         )
     wanted = {(s.task, s.length, s.index) for s in samples}
     return [r for r in complete_records(out_dir, len(config["methods"])) if sample_key(r) in wanted]
