@@ -69,6 +69,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                        help=f"ours: DecodeOptions({name.replace('-', '_')}=True / False; default: by device)")
     p.add_argument("--compile-options", type=json.loads, default={},
                    help='ours: JSON of Inductor options for the compiled layer halves (decoding.COMPILE_OPTIONS)')
+    p.add_argument("--compile-selection", action=argparse.BooleanOptionalAction,
+                   help="ours: compile the selection with the layer halves "
+                        "(decoding.COMPILE_SELECTION; default: its value)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="join chunk results instead of measuring")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/answers"))
     p.add_argument("--stem", help="output file name without extension (default: answers-<models>)")
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = answers.merge([json.loads(path.read_text()) for path in args.merge])
     else:
         decoding.COMPILE_OPTIONS.update(args.compile_options)
+        if args.compile_selection is not None:
+            decoding.COMPILE_SELECTION = args.compile_selection
         cfg = answers.AnswerConfig(
             models=args.models, lengths=args.lengths, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
             methods=args.methods, device=args.device, dtype=args.dtype, warmup_tokens=args.warmup_tokens,

@@ -1,39 +1,40 @@
 #!/usr/bin/env bash
 # Priority 1 on the lent GPU (benchmarks/NOTES.md, "Decoding steps, fourth GPU session"): a pruned decoding step
-# against a dense one with Inductor's defaults (A) and with OPTIONS (B) for the compiled layer halves, in one call
-# each, every output packed into $OUT/PART.tgz (a call brings back at most 8 files).
+# against a dense one under several settings of what decoding compiles, one call per part, every output packed
+# into $OUT/PART.tgz (a call brings back at most 8 files). Each ARM is NAME=OPTIONS_JSON, Inductor's options for the
+# compiled layer halves (decoding.COMPILE_OPTIONS), with "+selection" to compile the selection too
+# (decoding.COMPILE_SELECTION). The static cache runs beside the first arm.
 #
-#   run: benchmarks/decode_ab.sh profile '{"pattern_matcher": false}'   # ~4 min: per-kernel tables at 8K, both
-#   run: benchmarks/decode_ab.sh answers '{"pattern_matcher": false}'   # ~6 min: whole answers at 8K and 32K, both
+#   run: benchmarks/decode_ab.sh profile A='{}' B='{"pattern_matcher": false}' C='{}+selection'  # ~1.5 min an arm
+#   run: benchmarks/decode_ab.sh answers A='{}' C='{}+selection'  # ~3 min an arm: whole answers at 8K and 32K
 set -uo pipefail
-part=${1:?usage: decode_ab.sh profile|answers OPTIONS_JSON}
-options=${2:?OPTIONS_JSON}
+part=${1:?usage: decode_ab.sh profile|answers NAME=OPTIONS_JSON[+selection]...}
+shift
+[ $# -gt 0 ] || { echo "name at least one arm: NAME=OPTIONS_JSON[+selection]" >&2; exit 2; }
 : "${MODEL:=llama3-8b}" "${LENGTHS:=8192,32768}" "${ROOT:=/root}" "${PYTHON:=python3}"  # the CPU: MODEL=tiny LENGTHS=256
 dir=$ROOT/$part && rm -rf "$dir" && mkdir -p "$dir"
 export PYTHONPATH=src
-case $part in
-profile)
-    for ab in A B; do
-        opts='{}' && [ $ab = B ] && opts=$options
+first=1
+for arm in "$@"; do
+    name=${arm%%=*} opts=${arm#*=} selection=--no-compile-selection
+    if [[ $opts == *+selection ]]; then opts=${opts%+selection} selection=--compile-selection; fi
+    echo "$name $opts $selection" >> "$dir/arms.txt"
+    case $part in
+    profile)
         "$PYTHON" benchmarks/profile_stages.py --model "$MODEL" --no-prefill --length 8192 \
-            --methods 'dense,revive(rows=1):balanced,balanced' --compile-options "$opts" --json "$dir/steps-8k-$ab.json" \
-            --kernel-table "$dir/kernels-8k-$ab.txt" > "$dir/profile-8k-$ab.txt" 2>&1
-        grep -h "^decode .*median" "$dir/profile-8k-$ab.txt" | sed "s/^/$ab /"
-        (cd benchmarks && PYTHONPATH=../src "$PYTHON" copy_sources.py --model "$MODEL" --length 4096 \
-            --methods dense,balanced --compile-options "$opts") > "$dir/copy-sources-$ab.txt" 2>&1
-    done
-    ;;
-answers)
-    for ab in A B; do
-        opts='{}' && [ $ab = B ] && opts=$options
-        static=() && [ $ab = A ] && static=(transformers-static,)
+            --methods 'dense,revive(rows=1):balanced,balanced' --compile-options "$opts" $selection \
+            --json "$dir/steps-8k-$name.json" --kernel-table "$dir/kernels-8k-$name.txt" > "$dir/profile-8k-$name.txt" 2>&1
+        grep -h "^decode .*median" "$dir/profile-8k-$name.txt" | sed "s/^/$name /"
+        ;;
+    answers)
+        static=() && [ $first = 1 ] && static=(transformers-static,)
         "$PYTHON" benchmarks/answers.py --models "$MODEL" --lengths "$LENGTHS" --batch-sizes 1 \
-            --methods "${static[*]}dense,balanced,long" --compile-options "$opts" --out "$dir" \
-            --stem "answers-$MODEL-$ab" > "$dir/log-$ab.txt" 2>&1
-        grep -h "^| [0-9]" "$dir/answers-$MODEL-$ab.md" | sed "s/^/$ab /"
-    done
-    ;;
-*) echo "unknown part $part: profile or answers" >&2; exit 2 ;;
-esac
-echo "$options" > "$dir/options.json"
-tar czf "$OUT/$part.tgz" -C "$ROOT" "$part"
+            --methods "${static[*]}dense,balanced,long" --compile-options "$opts" $selection --out "$dir" \
+            --stem "answers-$MODEL-$name" > "$dir/log-$name.txt" 2>&1
+        grep -h "^| [0-9]" "$dir/answers-$MODEL-$name.md" | sed "s/^/$name /"
+        ;;
+    *) echo "unknown part $part: profile or answers" >&2; exit 2 ;;
+    esac
+    first=0
+    tar czf "$OUT/$part.tgz" -C "$ROOT" "$part"  # after every arm: what a call cut short had made comes back
+done

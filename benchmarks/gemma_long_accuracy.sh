@@ -16,18 +16,20 @@
 #
 # Usage: benchmarks/gemma_long_accuracy.sh OUT_DIR LENGTH SAMPLES TASKS [--resume]
 #   e.g. benchmarks/gemma_long_accuracy.sh /root/keep 16384 100 passkey,recall,code,niah_single,niah_multikey
+# Other schedules: SCHEDULES='long, SPEC' BASELINES=none TAG=candidates (output folders LENGTH-TASK-TAG).
 set -uo pipefail
 out=${1:?usage: gemma_long_accuracy.sh OUT_DIR LENGTH SAMPLES TASKS [--resume]}
 length=${2:?LENGTH}
 samples=${3:?SAMPLES}
 tasks=${4:?TASKS}
 resume=${5:-}
+: "${SCHEDULES:=long}" "${BASELINES:=long}" "${TAG:=}"
 mkdir -p "$out"
 gpu=(--model gemma3-270m --device cuda --dtype float32 --threads 2 --cache "$out/dense-cache")
 
 for task in ${tasks//,/ }; do
     python3 -m lazyprefill eval "${gpu[@]}" --tasks "$task" --samples "$samples" --lengths "$length" \
-        --split evaluation --schedules long --baselines long --out "$out/$length-$task" $resume \
-        >"$out/$length-$task.log" 2>&1 &
+        --split evaluation --schedules "$SCHEDULES" --baselines "$BASELINES" --out "$out/$length-$task${TAG:+-$TAG}" \
+        $resume >"$out/$length-$task${TAG:+-$TAG}.log" 2>&1 &
 done
 wait

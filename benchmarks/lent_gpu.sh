@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The lent GPU's routine (benchmarks/NOTES.md, "Third GPU session"): the device has torch, transformers and triton but
-# no model weights and no package index, a call carries at most 64 MiB with the repository's tracked files (30 MiB),
-# $OUT is emptied before every command, and the machine is given back 30 s after a call ends. So the 253 MB Gemma 3
-# GGUF goes in 11 pieces of 24 MB (the tracked files grow: 34 MiB at the fourth GPU session), one call each; code and results live under /root, outside the repository's copy; background
-# runs start with setsid; and a run is kept alive by calls that wait and bring back what it wrote (`poll`).
+# no model weights and no package index, a call carries at most 64 MiB with the repository's tracked files (36 MB at
+# the fifth GPU session), $OUT is emptied before every command, and the machine is given back 30 s after a call ends.
+# So the 253 MB Gemma 3 GGUF goes in pieces as large as a call can carry beside the tracked files (9 of 29 MB then),
+# one call each; code and results live under /root, outside the repository's copy; background runs start with setsid;
+# and a run is kept alive by calls that wait and bring back what it wrote (`poll`).
 #
-#   benchmarks/lent_gpu.sh split               # here, once: .gpu/c0..c10 (GGUF pieces), .whl (gguf, rapidfuzz),
-#                                              # .whl-serve (the server's and the client's packages, with theirs)
-#   run: benchmarks/lent_gpu.sh setup          # carry .gpu/c10 .whl; wheels, code to /root/src, piece 10
-#   run: benchmarks/lent_gpu.sh piece N        # carry .gpu/cN; N = 0..9, one call each, back to back
+#   benchmarks/lent_gpu.sh split               # here, once: .gpu/c0..cN (GGUF pieces; it prints N), .whl (gguf,
+#                                              # rapidfuzz), .whl-serve (the server's and the client's packages)
+#   run: benchmarks/lent_gpu.sh setup          # carry .gpu/cN .whl; wheels, code to /root/src, the last piece
+#   run: benchmarks/lent_gpu.sh piece I        # carry .gpu/cI; I = 0..N-1, one call each, back to back
 #   run: benchmarks/lent_gpu.sh assemble       # carry .whl-serve; the GGUF from its pieces, checked, converted once
 #   run: benchmarks/lent_gpu.sh poll 540       # wait, then bring back /root/keep as $OUT/keep.tgz
 # Runs on the device take `source /root/env.sh` and write under /root/keep; start at most 6 GPU processes at once.
@@ -18,9 +19,12 @@ case "${1:?usage: lent_gpu.sh split | setup | piece N | assemble | poll SECONDS}
 split)
     python=${PYTHON:-.venv/bin/python}  # with torch: lazyprefill.models imports it
     src=$(PYTHONPATH=src $python -c "from lazyprefill.models import fetch_embedded; print(fetch_embedded('gemma3-270m'))")
+    tracked=$(git ls-files -z | xargs -0 cat | wc -c)
+    piece=$((64 * 1024 * 1024 - tracked - 2000000))  # room for what lands meanwhile (.whl goes with the last, small one)
     mkdir -p .gpu .whl
     rm -rf .gpu/c[0-9]*
-    (cd .gpu && split -b 24000000 -d -a 2 "$src" p && for f in p[0-9][0-9]; do n=$((10#${f#p})); mkdir -p "c$n" && mv "$f" "c$n/"; done)
+    (cd .gpu && split -b "$piece" -d -a 2 "$src" p && for f in p[0-9][0-9]; do n=$((10#${f#p})); mkdir -p "c$n" && mv "$f" "c$n/"; done)
+    echo "pieces of $piece bytes: setup carries .gpu/c$(($(ls -d .gpu/c[0-9]* | wc -l) - 1))"
     $python -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 gguf rapidfuzz
     $python -m pip download -q -d .whl-serve --only-binary=:all: --python-version 3.12 \

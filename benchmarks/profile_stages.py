@@ -67,12 +67,16 @@ def main() -> None:
     p.add_argument("--compile-options", type=json.loads, default={},
                    help='JSON of Inductor options for the compiled layer halves (decoding.COMPILE_OPTIONS), e.g. '
                         '\'{"pattern_matcher": false}\'')
+    p.add_argument("--compile-selection", action=argparse.BooleanOptionalAction,
+                   help="compile the selection with the layer halves (decoding.COMPILE_SELECTION; default: its value)")
     p.add_argument("--json", help="write the decoding timings here")
     p.add_argument("--kernel-table", help="write every kernel of a profiled step, per method side by side, here")
     args = p.parse_args()
     if args.split_setting:
         use_split_setting(args.split_setting)
     decoding.COMPILE_OPTIONS.update(args.compile_options)
+    if args.compile_selection is not None:
+        decoding.COMPILE_SELECTION = args.compile_selection
     model = bench.random_model(args.model, "cuda", torch.bfloat16)
     adapter = adapter_for(model)
     prompts = bench.random_prompts(args.length, adapter.vocab_size, args.batch, torch.device("cuda"), 0)

@@ -176,12 +176,15 @@ def test_revival_bursts_give_the_same_results(monkeypatch, patch):
 
 
 @pytest.mark.parametrize("family", ["llama_gqa_rope3", "gemma3"])
-@pytest.mark.parametrize("options", [{}, {"pattern_matcher": False}], ids=["inductor-defaults", "mm-and-add-apart"])
-def test_compiled_layer_halves_decode_what_eager_ones_decode(family, options, monkeypatch):
+@pytest.mark.parametrize(("options", "selection"), [({}, False), ({"pattern_matcher": False}, False), ({}, True)],
+                         ids=["inductor-defaults", "mm-and-add-apart", "selection-too"])
+def test_compiled_layer_halves_decode_what_eager_ones_decode(family, options, selection, monkeypatch):
     """DecodeOptions(compile=True): torch.compile of block_qkv / block_finish, one version for every layer and
     row count (q alone, buckets, a burst), gives the eager engine's tokens, stats and logits (fp32 rounding), with
-    Inductor's defaults and with the options that keep a residual add out of the GEMM (decoding.COMPILE_OPTIONS)."""
+    Inductor's defaults, with the options that keep a residual add out of the GEMM (decoding.COMPILE_OPTIONS), and
+    with the selection compiled too (COMPILE_SELECTION: its key and row counts vary as well)."""
     monkeypatch.setattr("lazyprefill.decoding.COMPILE_OPTIONS", options)
+    monkeypatch.setattr("lazyprefill.decoding.COMPILE_SELECTION", selection)
     torch._dynamo.reset()  # a compiled version made under other options is not reused
     model = tiny_model(family)
     schedule = "0:0.5,2:0.6" if family == "gemma3" else "1:0.4,3:0.5"

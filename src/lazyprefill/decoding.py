@@ -14,9 +14,11 @@ nothing reads, and no write needs a mask.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import numpy as np
 import torch
+import torch.fx.experimental._config as fx_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import LlamaAdapter
@@ -72,6 +74,11 @@ class SegmentRunner:
         # [segments, 3, B] rows entering each segment, how many of them are revived, and |S| there: segment 0 takes
         # q alone among every token (`load`), a pruning segment writes the next one's
         self.counts = torch.zeros(num_pruning + 1, 3, B, dtype=long, device=dev)
+        # the selection's small [b, T] tensor work, through torch.compile with the layer halves (COMPILE_SELECTION)
+        compiled = compile_layers and COMPILE_SELECTION
+        self._entering = compile_dynamic(entering_rows) if compiled else entering_rows
+        self._listed = compile_dynamic(listed_positions) if compiled else listed_positions
+        self._reselect = compile_dynamic(reselect) if compiled else reselect
 
     def load(self, tokens: torch.Tensor, seqs: list[int], plan: StepPlan) -> None:
         """Copy a step's inputs into the buffers (one host-to-device copy). tokens: [A] for `seqs`."""
@@ -127,7 +134,7 @@ class SegmentRunner:
             c.aux[bs, t] = a.embed(self.tokens[sel])
         self._start_membership(seg, T, in_s, sel, t)
         keys = self.positions[:T].expand(b, T)
-        rows, valid, count = self._rows(seg.first, R, T, in_s, sel)  # [b, R], [b, R], [b]
+        rows, valid, count = self._entering(in_s, c.depth_device[sel, :T], seg.first - 1, R, c.scratch)
         recorder.layers(len(seg.layers), keys, in_s, rows, valid)
         seq, pos = bs[:, None].expand(b, R).reshape(-1), rows.reshape(-1)  # [b * R]
         h = c.aux[seq, pos]  # [b * R, d]
@@ -148,20 +155,11 @@ class SegmentRunner:
                        seq=self.ids[sel], reduce_heads=a.reduce_heads)
         scores = scorer.score(x)  # [b, T]
         recorder.scores(seg.last, keys, in_s, scores)
-        is_q, keep, bounded = keys == t[:, None], self.keep[index, sel], None
-        if scorer.revival_rows is not None:  # of those that would need rows next, only the best rows - 1
-            bounded = in_s & (c.depth_device[sel, :T] == seg.last) & ~is_q
-            # ceil(r |S_l|) as Schedule.kept_count rounds it, of the S_l that reached this layer: an earlier bound
-            # may have left it smaller than the host planned
-            kept = torch.round(in_s.sum(1) * self.ratios[index], decimals=6)
-            keep = torch.ceil(kept).long().clamp(min=1)
-        chosen = top_k(scores, in_s, is_q, keep, bounded, self.revive[sel])
+        ratio = self.ratios[index] if scorer.revival_rows is not None else None
+        chosen, counts = self._reselect(scores, in_s, t, c.depth_device[sel, :T], seg.last, self.keep[index, sel],
+                                        ratio, self.revive[sel], rows, valid)
         in_s.copy_(chosen)
-        entering = (in_s & (c.depth_device[sel, :T] == seg.last)).sum(1)
-        stayed = (in_s.gather(1, rows.clamp(max=T - 1)) & valid).sum(1)  # rows of this segment still candidates
-        self.counts[index + 1, 0, sel] = entering
-        self.counts[index + 1, 1, sel] = entering - stayed
-        self.counts[index + 1, 2, sel] = in_s.sum(1)
+        self.counts[index + 1][:, sel] = counts
 
     def _attention(
         self, in_s: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, T: int, sel: torch.Tensor | slice
@@ -186,7 +184,7 @@ class SegmentRunner:
         def kv(l: int) -> tuple[torch.Tensor, torch.Tensor]:  # [b, Hkv, P or T, dh]: every slot's, or the run's
             return (c.k[l], c.v[l]) if isinstance(sel, slice) else (c.k[l, sel, :, :T], c.v[l, sel, :, :T])
 
-        listed = listed_positions(in_s)  # [b, T]
+        listed = self._listed(in_s)  # [b, T]
         if few:
             n_s, qpos = in_s.sum(1, dtype=torch.int32), rows.int()  # [b], [b, R]
 
@@ -217,20 +215,6 @@ class SegmentRunner:
         if not self.reselects:
             members &= (self.cache.depth_device[sel, :T] >= seg.first) | (pos == t[:, None])
         in_s.copy_(members)
-
-    def _rows(
-        self, first: int, R: int, T: int, in_s: torch.Tensor, sel: torch.Tensor | slice
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The candidates that stopped just before layer `first`: [b, R] positions in order (scratch slot
-        where padded), [b, R] bool real, [b] count (at most R)."""
-        b = in_s.shape[0]
-        enter = in_s & (self.cache.depth_device[sel, :T] == first - 1)  # [b, T]
-        count = enter.sum(1)
-        rank = enter.cumsum(1)
-        slot = torch.where(enter & (rank <= R), rank - 1, R)  # column R collects the rest and is dropped
-        rows = torch.full((b, R + 1), self.cache.scratch, dtype=torch.long, device=enter.device)
-        rows.scatter_(1, slot, self.positions[:T].expand(b, T))
-        return rows[:, :R], self.positions[:R] < count[:, None], count
 
 
 class CompiledLayers:
@@ -282,6 +266,63 @@ def top_k(
     return torch.zeros_like(in_s).scatter_(1, order, member & (member.cumsum(1) <= keep[:, None]))
 
 
+def compile_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn through torch.compile with every size its own symbol. With duck sizing, sizes that happen to be equal
+    when it first compiles (the batch, the pruning layers, a view's offset into its buffer) would be guarded equal,
+    and another batch or layer would compile it again."""
+    compiled = torch.compile(fn, dynamic=True)
+
+    def call(*args: Any) -> Any:
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return call
+
+
+def entering_rows(
+    in_s: torch.Tensor, depth: torch.Tensor, stopped_at: int, R: int, scratch: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidates (in_s: [b, T]) that stopped at layer `stopped_at` (depth: [b, T]), which enter the next one:
+    [b, R] positions in order (the scratch slot where padded), [b, R] bool real, [b] count (at most R enter)."""
+    b, T = in_s.shape
+    enter = in_s & (depth == stopped_at)  # [b, T]
+    count = enter.sum(1)
+    rank = enter.cumsum(1)
+    slot = torch.where(enter & (rank <= R), rank - 1, R)  # column R collects the rest and is dropped
+    rows = torch.full((b, R + 1), scratch, dtype=torch.long, device=in_s.device)
+    rows.scatter_(1, slot, torch.arange(T, device=in_s.device).expand(b, T))
+    return rows[:, :R], torch.arange(R, device=in_s.device) < count[:, None], count
+
+
+def reselect(
+    scores: torch.Tensor, in_s: torch.Tensor, t: torch.Tensor, depth: torch.Tensor, last: int, keep: torch.Tensor,
+    ratio: torch.Tensor | None, allowance: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoding step's selection at pruning layer `last`, from the scores of S_l's candidates (scores, in_s:
+    [b, T]; t: [b] q's position; depth: [b, T]; keep: [b] the host's keep count) -> the new in_s [b, T] and
+    [3, b] the rows that enter the next segment, how many of them are revived, and |S| (SegmentRunner.counts).
+
+    With a revival bound (`ratio`: the layer's keep ratio, a 0-d tensor) the keep count is ceil(r |S_l|) as
+    Schedule.kept_count rounds it, of the S_l that reached this layer (an earlier bound may have left it smaller
+    than the host planned), and of the candidates that stopped here (they would need rows next) only the
+    allowance[b] best may be kept. rows, valid: [b, R] this segment's rows, to count those that stay.
+    """
+    T = in_s.shape[1]
+    is_q = torch.arange(T, device=in_s.device) == t[:, None]  # [b, T]
+    stopped = depth == last  # [b, T]
+    bounded = None
+    if ratio is not None:
+        bounded = in_s & stopped & ~is_q
+        keep = torch.ceil(torch.round(in_s.sum(1) * ratio, decimals=6)).long().clamp(min=1)
+    chosen = top_k(scores, in_s, is_q, keep, bounded, allowance)
+    entering = (chosen & stopped).sum(1)
+    stayed = (chosen.gather(1, rows.clamp(max=T - 1)) & valid).sum(1)  # rows of this segment still candidates
+    return chosen, torch.stack([entering, entering - stayed, chosen.sum(1)])
+
+
+# Whether DecodeOptions(compile=...) also compiles the selection's small tensor work (entering_rows, reselect and
+# the Triton kernels' position lists), fusing a pruned step's scans, scatters and counts into a few kernels.
+COMPILE_SELECTION = False
 # Inductor's options for the compiled layer halves (torch.compile's `options`; empty: its defaults). With the
 # defaults a residual add becomes the bias of a cuBLAS addmm, which first copies the residual into the output:
 # two device-to-device memcpys a layer, which the pruned steps' CUDA graphs ran on the copy engine
