@@ -60,6 +60,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "'revive(rows=8):balanced' (default: the named ones)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--rounds", type=int, default=1,
+                   help="timed runs per method, the methods taking turns; rows report medians over rounds")
     p.add_argument("--warmup-tokens", type=int, default=16, help="new tokens of each method's warm-up run")
     p.add_argument("--steady-skip", type=int, default=8, help="decoding steps left out of the steady state")
     p.add_argument("--copy-mb", type=int, default=1024, help="size of the copy that measures bandwidth")
@@ -67,8 +69,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("burst-kernel", "compile"):
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
                        help=f"ours: DecodeOptions({name.replace('-', '_')}=True / False; default: by device)")
-    p.add_argument("--compile-options", type=json.loads, default={},
-                   help='ours: JSON of Inductor options for the compiled layer halves (decoding.COMPILE_OPTIONS)')
+    p.add_argument("--compile-options", type=json.loads,
+                   help='ours: JSON of Inductor options for the compiled layer halves '
+                        '(in place of decoding.COMPILE_OPTIONS)')
     p.add_argument("--compile-selection", action=argparse.BooleanOptionalAction,
                    help="ours: compile the selection with the layer halves "
                         "(decoding.COMPILE_SELECTION; default: its value)")
@@ -89,16 +92,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge:
         result = answers.merge([json.loads(path.read_text()) for path in args.merge])
     else:
-        decoding.COMPILE_OPTIONS.update(args.compile_options)
+        if args.compile_options is not None:
+            decoding.COMPILE_OPTIONS = args.compile_options
         if args.compile_selection is not None:
             decoding.COMPILE_SELECTION = args.compile_selection
         cfg = answers.AnswerConfig(
             models=args.models, lengths=args.lengths, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
             methods=args.methods, device=args.device, dtype=args.dtype, warmup_tokens=args.warmup_tokens,
             steady_skip=args.steady_skip, copy_mb=args.copy_mb, memory_limit_gb=args.memory_limit_gb,
-            decode=DecodeOptions(burst_kernel=args.burst_kernel, compile=args.compile), tp=tp,
+            decode=DecodeOptions(burst_kernel=args.burst_kernel, compile=args.compile), rounds=args.rounds, tp=tp,
         )
-        total = len(cfg.models) * len(cfg.lengths) * len(cfg.batch_sizes) * len(cfg.selected)
+        total = len(cfg.models) * len(cfg.lengths) * len(cfg.batch_sizes) * cfg.runs_per_case()
 
         def checkpoint(partial: dict) -> None:
             if main_rank:

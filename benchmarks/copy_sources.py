@@ -26,10 +26,11 @@ def main() -> None:
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--methods", type=split_list, default=["dense", "balanced"])
-    p.add_argument("--compile-options", type=json.loads, default={},
-                   help="JSON of Inductor options for the compiled layer halves (decoding.COMPILE_OPTIONS)")
+    p.add_argument("--compile-options", type=json.loads,
+                   help="JSON of Inductor options for the compiled layer halves, in place of decoding.COMPILE_OPTIONS")
     args = p.parse_args()
-    decoding.COMPILE_OPTIONS.update(args.compile_options)
+    if args.compile_options is not None:
+        decoding.COMPILE_OPTIONS = args.compile_options
     model = bench.random_model(args.model, "cuda", torch.bfloat16)
     adapter = adapter_for(model)
     prompts = bench.random_prompts(args.length, adapter.vocab_size, 1, torch.device("cuda"), 0)

@@ -6,12 +6,14 @@
 # (decoding.COMPILE_SELECTION). The static cache runs beside the first arm.
 #
 #   run: benchmarks/decode_ab.sh profile A='{}' B='{"pattern_matcher": false}' C='{}+selection'  # ~1.5 min an arm
-#   run: benchmarks/decode_ab.sh answers A='{}' C='{}+selection'  # ~3 min an arm: whole answers at 8K and 32K
+#   run: benchmarks/decode_ab.sh answers A='{}' C='{}+selection'  # whole answers at 8K and 32K, ROUNDS=3 rounds
+#                                     # (methods taking turns): ~5 min an arm, so one arm a call near the 10-minute limit
 set -uo pipefail
 part=${1:?usage: decode_ab.sh profile|answers NAME=OPTIONS_JSON[+selection]...}
 shift
 [ $# -gt 0 ] || { echo "name at least one arm: NAME=OPTIONS_JSON[+selection]" >&2; exit 2; }
-: "${MODEL:=llama3-8b}" "${LENGTHS:=8192,32768}" "${ROOT:=/root}" "${PYTHON:=python3}"  # the CPU: MODEL=tiny LENGTHS=256
+: "${MODEL:=llama3-8b}" "${LENGTHS:=8192,32768}" "${ROUNDS:=3}" "${ROOT:=/root}" "${PYTHON:=python3}"
+# the CPU: MODEL=tiny LENGTHS=256 ROUNDS=2 PYTHON=.venv/bin/python OUT=... ROOT=...
 dir=$ROOT/$part && rm -rf "$dir" && mkdir -p "$dir"
 export PYTHONPATH=src
 first=1
@@ -29,7 +31,7 @@ for arm in "$@"; do
     answers)
         static=() && [ $first = 1 ] && static=(transformers-static,)
         "$PYTHON" benchmarks/answers.py --models "$MODEL" --lengths "$LENGTHS" --batch-sizes 1 \
-            --methods "${static[*]}dense,balanced,long" --compile-options "$opts" $selection --out "$dir" \
+            --methods "${static[*]}dense,balanced,long" --rounds "$ROUNDS" --compile-options "$opts" $selection --out "$dir" \
             --stem "answers-$MODEL-$name" > "$dir/log-$name.txt" 2>&1
         grep -h "^| [0-9]" "$dir/answers-$MODEL-$name.md" | sed "s/^/$name /"
         ;;

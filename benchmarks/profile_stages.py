@@ -64,9 +64,9 @@ def main() -> None:
                    help="transformers, dense, presets and schedule specs, comma-separated (default: transformers, "
                         "dense and the presets)")
     p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
-    p.add_argument("--compile-options", type=json.loads, default={},
-                   help='JSON of Inductor options for the compiled layer halves (decoding.COMPILE_OPTIONS), e.g. '
-                        '\'{"pattern_matcher": false}\'')
+    p.add_argument("--compile-options", type=json.loads,
+                   help='JSON of Inductor options for the compiled layer halves, in place of decoding.COMPILE_OPTIONS '
+                        '(e.g. \'{}\': Inductor\'s defaults)')
     p.add_argument("--compile-selection", action=argparse.BooleanOptionalAction,
                    help="compile the selection with the layer halves (decoding.COMPILE_SELECTION; default: its value)")
     p.add_argument("--json", help="write the decoding timings here")
@@ -74,7 +74,8 @@ def main() -> None:
     args = p.parse_args()
     if args.split_setting:
         use_split_setting(args.split_setting)
-    decoding.COMPILE_OPTIONS.update(args.compile_options)
+    if args.compile_options is not None:
+        decoding.COMPILE_OPTIONS = args.compile_options
     if args.compile_selection is not None:
         decoding.COMPILE_SELECTION = args.compile_selection
     model = bench.random_model(args.model, "cuda", torch.bfloat16)
@@ -115,7 +116,8 @@ def main() -> None:
         Path(args.kernel_table).write_text(kernel_table(kernels, " ".join(sys.argv)))
     if args.json:
         info = {"model": args.model, "length": args.length, "batch": args.batch, "device": torch.cuda.get_device_name(),
-                "torch": torch.__version__, "compile_options": args.compile_options, "command": " ".join(sys.argv)}
+                "torch": torch.__version__, "compile_options": decoding.COMPILE_OPTIONS,
+                "compile_selection": decoding.COMPILE_SELECTION, "command": " ".join(sys.argv)}
         Path(args.json).write_text(json.dumps({**info, "decode": rows}, indent=1))
 
 

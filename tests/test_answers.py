@@ -116,6 +116,35 @@ def test_config_says_what_to_change():
         config(methods=["paper", "fastest"])
     with pytest.raises(ValueError, match="steady state"):
         config(new_tokens=[4])
+    with pytest.raises(ValueError, match=r"rounds=0: give an int >= 1"):
+        config(rounds=0)
+
+
+def test_rounds_take_turns_and_report_medians():
+    """With rounds the methods run in turns (dense, paper, dense, paper, ...; the static cache once, as it
+    compiles), every checkpoint is whole, and a row's figures are the medians of its rounds, its ratio to dense
+    the median of the rounds' ratios."""
+    snapshots: list[dict] = []
+    cfg = config(methods=["dense", "paper", "transformers-static"], rounds=3)
+    result = answers.run(cfg, checkpoint=lambda r: snapshots.append(json.loads(json.dumps(r))))
+    assert cfg.runs_per_case() == 3 + 2 * 2 == len(snapshots)
+    # the methods took turns: after each of rounds 2 and 3, dense was timed again before paper
+    counts = [[len(r.get("rounds", [r])) for r in s["cases"][0]["rows"]] for s in snapshots[3:]]
+    assert counts == [[2, 1, 1], [2, 2, 1], [3, 2, 1], [3, 3, 1]]
+    dense, paper, static = result["cases"][0]["rows"]
+    assert "rounds" not in static  # timed once, against dense's first round
+    assert static["ms_per_token_vs_dense"] == static["ms_per_token"] / dense["rounds"][0]["ms_per_token"]
+    for row in (dense, paper):
+        rounds = row["rounds"]
+        assert len(rounds) == 3 and all(r["ms_per_token"] > 0 for r in rounds)
+        assert row["ms_per_token"] == statistics.median(r["ms_per_token"] for r in rounds)
+        assert row["ttft_ms"] == statistics.median(r["ttft_ms"] for r in rounds)
+        assert row["totals_ms"]["12"] == statistics.median(r["totals_ms"]["12"] for r in rounds)
+        assert rounds[0]["ms_per_token"] == pytest.approx(statistics.median(row["step_ms"][2:]), abs=1e-3)
+    assert dense["ms_per_token_vs_dense"] == 1.0
+    ratios = [p["ms_per_token"] / d["ms_per_token"] for p, d in zip(paper["rounds"], dense["rounds"])]
+    assert paper["ms_per_token_vs_dense"] == statistics.median(ratios)
+    assert "| step vs dense |" in answers.markdown(result)
 
 
 def test_schedule_specs_run_as_methods_after_the_presets():

@@ -6,7 +6,11 @@ transformers `generate` (SDPA, its default dynamic cache), transformers `generat
 `torch.compile(mode="reduce-overhead")`, i.e. CUDA graphs), the engine's dense path and every schedule preset.
 Each method first runs once on a batch of the same shape (compilation, graph capture, allocator warm-up), then
 once for `max(new_tokens)` greedy tokens with EOS off; a host timestamp is taken after each token once the device
-has finished it, so the totals for fewer tokens come from the same run. Beside the decoding time stands the
+has finished it, so the totals for fewer tokens come from the same run. With several `rounds` the methods take
+turns (dense, balanced, ..., dense, balanced, ...), each round a warm-up and a timed run again, and a row reports
+the medians over rounds: a machine whose speed drifts by a few percent within a run (an H100 did, by 6%) then
+slows every method alike, and `ms_per_token_vs_dense`, the median of each round's ratio to dense's step, resolves
+differences that one run per method cannot. Beside the decoding time stands the
 **bandwidth floor** of a step: the bytes it must read (every weight once, plus the K/V each layer attends to)
 divided by the device-to-device copy bandwidth measured in the same run.
 
@@ -87,6 +91,7 @@ class AnswerConfig:
     copy_mb: int = 1024  # size of the copy that measures bandwidth
     memory_limit_gb: float | None = None  # fit check against this instead of the device's free memory
     decode: DecodeOptions = field(default_factory=DecodeOptions)  # how our decoding steps run
+    rounds: int = 1  # timed runs per method, the methods taking turns; transformers-static runs once (it compiles)
     tp: int = 1  # tensor-parallel ranks (the torchrun job's size): bytes, floors and memory are one rank's
 
     def __post_init__(self) -> None:
@@ -103,6 +108,8 @@ class AnswerConfig:
                              f"{self.steady_skip + 3} tokens so that a steady state exists; lower steady_skip")
         if not 1 <= self.warmup_tokens <= max(self.new_tokens) or self.steady_skip < 0 or self.copy_mb < 1:
             raise ValueError("1 <= warmup_tokens <= max(new_tokens), steady_skip >= 0 and copy_mb >= 1 are required")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds={self.rounds!r}: give an int >= 1 (timed runs per method)")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         for method in set(self.methods or []) - set(method_names()):
@@ -115,6 +122,10 @@ class AnswerConfig:
     @property
     def selected(self) -> list[str]:
         return [m for m in method_names(self.methods or ()) if self.methods is None or m in self.methods]
+
+    def runs_per_case(self) -> int:
+        """Timed runs of one (model, length, batch) case: every method once, all but the static cache again."""
+        return len(self.selected) + (self.rounds - 1) * len([m for m in self.selected if m != STATIC])
 
 
 # ------------------------------------------------------------------------------- bytes and memory
@@ -357,12 +368,40 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+ROUND_FIGURES = ("ttft_ms", "ms_per_token", "totals_ms")
+
+
+def add_round(row: dict, timed: dict) -> None:
+    """Record another round's figures in `row` (its first round's figures are the row's own) and make the row's
+    TTFT, ms/token and totals the medians over its rounds. step_ms and the other details stay the first round's."""
+    rounds = row.setdefault("rounds", [{k: row[k] for k in ROUND_FIGURES}])
+    rounds.append({k: timed[k] for k in ROUND_FIGURES})
+    row["ttft_ms"] = statistics.median(r["ttft_ms"] for r in rounds)
+    row["ms_per_token"] = statistics.median(r["ms_per_token"] for r in rounds)
+    row["totals_ms"] = {t: statistics.median(r["totals_ms"][t] for r in rounds) for t in row["totals_ms"]}
+    row["tokens_per_s"] = row["tokens_per_s"] * rounds[0]["ms_per_token"] / row["ms_per_token"]
+
+
+def compare_to_dense(rows: list[dict]) -> None:
+    """Each measured row's `ms_per_token_vs_dense`: the median over rounds of its step time over dense's in the same
+    round (a method timed once, as the static cache, pairs with dense's first round; no ratios without dense)."""
+    dense = next((r for r in rows if r["method"] == DENSE and r["status"] == "ok"), None)
+    if dense is None:
+        return
+    base = [r["ms_per_token"] for r in dense.get("rounds", [dense])]
+    for row in rows:
+        if row["status"] == "ok":
+            ours = [r["ms_per_token"] for r in row.get("rounds", [row])]
+            row["ms_per_token_vs_dense"] = statistics.median(a / b for a, b in zip(ours, base))
+
+
 def measure_case(
     model: nn.Module, n: int, batch: int, cfg: AnswerConfig,
     progress: Callable[[str], None], on_row: Callable[[dict], None],
 ) -> dict:
-    """Every selected method on B random prompts of n tokens. A method that cannot fit is recorded, not run;
-    one that runs out of memory anyway, or fails otherwise, is recorded with its error, and the next goes on."""
+    """Every selected method on B random prompts of n tokens, in `cfg.rounds` rounds. A method that cannot fit is
+    recorded, not run; one that runs out of memory anyway, or fails otherwise, is recorded with its error, and the
+    next goes on (and is not run in later rounds)."""
     adapter = adapter_for(model)
     device, dims = adapter.device, ModelDims.of(model)
     case = Case(
@@ -374,7 +413,7 @@ def measure_case(
     result = {"length": n, "batch": batch, "new_tokens": case.new, "copy_gb_per_s": case.bandwidth / 1e9,
               "weight_bytes": case.weights, "kv_bytes_per_key": kv_bytes_per_key(dims, case.dtype_bytes), "rows": []}
     for method in cfg.selected:
-        progress(f"{n} x{batch} {method}")
+        progress(f"{n} x{batch} {method}" + (f" round 1/{cfg.rounds}" if cfg.rounds > 1 else ""))
         need = memory_need(dims, case.weights, case.dtype_bytes, method, n, batch, case.new)
         _reset_peak(device)
         free = free_bytes(device, case.weights, cfg.memory_limit_gb)
@@ -393,7 +432,17 @@ def measure_case(
                     torch._dynamo.reset()
         _reset_peak(device)
         result["rows"].append(row)
+        compare_to_dense(result["rows"])
         on_row(result)
+    for r in range(1, cfg.rounds):
+        for row, method in zip(result["rows"], cfg.selected):
+            if method == STATIC or row["status"] != "ok":
+                continue
+            progress(f"{n} x{batch} {method} round {r + 1}/{cfg.rounds}")
+            add_round(row, measure(case, method, cfg))
+            _reset_peak(device)
+            compare_to_dense(result["rows"])
+            on_row(result)
     return result
 
 
@@ -467,13 +516,16 @@ def markdown(result: dict) -> str:
     counts = sorted({int(t) for c in result["cases"] for r in c["rows"] for t in r.get("totals_ms", {})})
     lines = [(f"Machine: {m.get('gpu') or m.get('cpu', 'CPU')}; torch {m['torch']}, transformers {m['transformers']}. "
               "Greedy, EOS off; floor = bytes a decoding step must read / copy bandwidth measured in the same run "
-              "(dense: every cached token; S_l: only the candidates the engine attended to)."), ""]
+              "(dense: every cached token; S_l: only the candidates the engine attended to). With several rounds "
+              "(a row's `rounds`) the methods took turns, TTFT, ms/token and totals are medians over rounds, and "
+              "'step vs dense' is the median of each round's ratio to dense's ms/token."), ""]
     for name, info in result["models"].items():
         weights = f"random {info['dtype']} weights" if info["random_weights"] else info["dtype"]
         lines += [f"### {name} ({weights}): whole answers", "",
-                  "| prompt | batch | method | TTFT ms | ms/token | floor ms dense / S_l | x floor | worst step ms | "
+                  "| prompt | batch | method | TTFT ms | ms/token | step vs dense | floor ms dense / S_l | x floor | "
+                  "worst step ms | "
                   + " | ".join(f"total {t} s" for t in counts) + " | revived/step mean (max) | peak GB | note |",
-                  "|---:|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(counts) + "---:|---:|---|"]
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(counts) + "---:|---:|---|"]
         for case in (c for c in result["cases"] if c["model"] == name):
             for r in case["rows"]:
                 floors = f"{_fmt(r.get('floor_ms_dense'), '.2f')} / {_fmt(r.get('floor_ms_candidates'), '.2f')}"
@@ -483,7 +535,8 @@ def markdown(result: dict) -> str:
                 ttft, per_token = _fmt(r.get("ttft_ms"), ".0f"), _fmt(r.get("ms_per_token"), ".2f")
                 worst = _fmt(r.get("worst_step_ms"), ".0f")
                 lines.append(
-                    f"| {case['length']} | {case['batch']} | {r['method']} | {ttft} | {per_token} | {floors} | "
+                    f"| {case['length']} | {case['batch']} | {r['method']} | {ttft} | {per_token} | "
+                    f"{_fmt(r.get('ms_per_token_vs_dense'), '.3f')} | {floors} | "
                     f"{_fmt(r.get('x_floor_dense'), '.1f')} | {worst} | {totals} | {revived} | "
                     f"{_fmt(r.get('peak_gb'), '.1f')} | {note} |"
                 )

@@ -322,14 +322,14 @@ def reselect(
 
 # Whether DecodeOptions(compile=...) also compiles the selection's small tensor work (entering_rows, reselect and
 # the Triton kernels' position lists), fusing a pruned step's scans, scatters and counts into a few kernels.
-COMPILE_SELECTION = False
 # Inductor's options for the compiled layer halves (torch.compile's `options`; empty: its defaults). With the
 # defaults a residual add becomes the bias of a cuBLAS addmm, which first copies the residual into the output:
-# two device-to-device memcpys a layer, which the pruned steps' CUDA graphs ran on the copy engine
-# (benchmarks/NOTES.md, "Decoding steps, fourth GPU session"); {"pattern_matcher": False} keeps mm and add apart
-# (and turns off Inductor's other pattern passes too), untimed on a GPU so far (profile_stages.py and answers.py
-# --compile-options).
-COMPILE_OPTIONS: dict[str, object] = {}
+# two device-to-device memcpys a layer, which the pruned steps' CUDA graphs ran on the copy engine;
+# {"pattern_matcher": False} keeps mm and add apart (and turns off Inductor's other pattern passes too).
+# Together they took a pruned step's excess over a dense one from 0.35 to 0.24 ms at 8K (llama3-8b, H100; twice),
+# and dense's own step by 0.08 ms (benchmarks/NOTES.md, "Decoding steps, fifth GPU session").
+COMPILE_SELECTION = True
+COMPILE_OPTIONS: dict[str, object] = {"pattern_matcher": False}
 # Rows x query heads per K/V head up to which the split kernel runs: one of its programs holds all of a K/V
 # head's rows in one tile. Above it the burst kernel (when on), which splits the rows instead.
 SPLIT_MAX_ROWS = 128
