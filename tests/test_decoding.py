@@ -178,7 +178,7 @@ def test_revival_bursts_give_the_same_results(monkeypatch, patch):
 @pytest.mark.parametrize("family", ["llama_gqa_rope3", "gemma3"])
 @pytest.mark.parametrize(("options", "selection"), [({}, False), ({"pattern_matcher": False}, False),
                                                     ({"pattern_matcher": False}, True)],
-                         ids=["inductor-defaults", "mm-and-add-apart", "the-defaults: selection-too"])
+                         ids=["inductor-defaults", "mm-and-add-apart", "defaults-selection-too"])
 def test_compiled_layer_halves_decode_what_eager_ones_decode(family, options, selection, monkeypatch):
     """DecodeOptions(compile=True): torch.compile of block_qkv / block_finish, one version for every layer and
     row count (q alone, buckets, a burst), gives the eager engine's tokens, stats and logits (fp32 rounding), with
