@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lazyprefill import answers, decoding, parallel
+from lazyprefill import answers, parallel
+from lazyprefill.bench import add_compile_arguments, use_compile_arguments
 from lazyprefill.engine import DecodeOptions
 from lazyprefill.schedule import split_list
 
@@ -69,12 +70,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("burst-kernel", "compile"):
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
                        help=f"ours: DecodeOptions({name.replace('-', '_')}=True / False; default: by device)")
-    p.add_argument("--compile-options", type=json.loads,
-                   help='ours: JSON of Inductor options for the compiled layer halves '
-                        '(in place of decoding.COMPILE_OPTIONS)')
-    p.add_argument("--compile-selection", action=argparse.BooleanOptionalAction,
-                   help="ours: compile the selection with the layer halves "
-                        "(decoding.COMPILE_SELECTION; default: its value)")
+    add_compile_arguments(p, "ours: ")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="join chunk results instead of measuring")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/answers"))
     p.add_argument("--stem", help="output file name without extension (default: answers-<models>)")
@@ -92,10 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge:
         result = answers.merge([json.loads(path.read_text()) for path in args.merge])
     else:
-        if args.compile_options is not None:
-            decoding.COMPILE_OPTIONS = args.compile_options
-        if args.compile_selection is not None:
-            decoding.COMPILE_SELECTION = args.compile_selection
+        use_compile_arguments(args)
         cfg = answers.AnswerConfig(
             models=args.models, lengths=args.lengths, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
             methods=args.methods, device=args.device, dtype=args.dtype, warmup_tokens=args.warmup_tokens,

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 
 import torch
 from profile_stages import decoders
 from torch.profiler import ProfilerActivity, profile
 
-from lazyprefill import bench, decoding
+from lazyprefill import bench
 from lazyprefill.adapters import adapter_for
 from lazyprefill.engine import DecodeOptions
 from lazyprefill.schedule import split_list
@@ -26,11 +25,9 @@ def main() -> None:
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--methods", type=split_list, default=["dense", "balanced"])
-    p.add_argument("--compile-options", type=json.loads,
-                   help="JSON of Inductor options for the compiled layer halves, in place of decoding.COMPILE_OPTIONS")
+    bench.add_compile_arguments(p)
     args = p.parse_args()
-    if args.compile_options is not None:
-        decoding.COMPILE_OPTIONS = args.compile_options
+    bench.use_compile_arguments(args)
     model = bench.random_model(args.model, "cuda", torch.bfloat16)
     adapter = adapter_for(model)
     prompts = bench.random_prompts(args.length, adapter.vocab_size, 1, torch.device("cuda"), 0)

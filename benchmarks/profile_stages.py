@@ -64,20 +64,13 @@ def main() -> None:
                    help="transformers, dense, presets and schedule specs, comma-separated (default: transformers, "
                         "dense and the presets)")
     p.add_argument("--split-setting", help="JSON of split_attention launch settings (from decode_attention.py)")
-    p.add_argument("--compile-options", type=json.loads,
-                   help='JSON of Inductor options for the compiled layer halves, in place of decoding.COMPILE_OPTIONS '
-                        '(e.g. \'{}\': Inductor\'s defaults)')
-    p.add_argument("--compile-selection", action=argparse.BooleanOptionalAction,
-                   help="compile the selection with the layer halves (decoding.COMPILE_SELECTION; default: its value)")
+    bench.add_compile_arguments(p)
     p.add_argument("--json", help="write the decoding timings here")
     p.add_argument("--kernel-table", help="write every kernel of a profiled step, per method side by side, here")
     args = p.parse_args()
     if args.split_setting:
         use_split_setting(args.split_setting)
-    if args.compile_options is not None:
-        decoding.COMPILE_OPTIONS = args.compile_options
-    if args.compile_selection is not None:
-        decoding.COMPILE_SELECTION = args.compile_selection
+    bench.use_compile_arguments(args)
     model = bench.random_model(args.model, "cuda", torch.bfloat16)
     adapter = adapter_for(model)
     prompts = bench.random_prompts(args.length, adapter.vocab_size, args.batch, torch.device("cuda"), 0)

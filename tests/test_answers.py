@@ -138,6 +138,7 @@ def test_rounds_take_turns_and_report_medians():
         rounds = row["rounds"]
         assert len(rounds) == 3 and all(r["ms_per_token"] > 0 for r in rounds)
         assert row["ms_per_token"] == statistics.median(r["ms_per_token"] for r in rounds)
+        assert row["tokens_per_s"] == pytest.approx(BATCH * 1e3 / row["ms_per_token"])
         assert row["ttft_ms"] == statistics.median(r["ttft_ms"] for r in rounds)
         assert row["totals_ms"]["12"] == statistics.median(r["totals_ms"]["12"] for r in rounds)
         assert rounds[0]["ms_per_token"] == pytest.approx(statistics.median(row["step_ms"][2:]), abs=1e-3)

@@ -379,7 +379,7 @@ def add_round(row: dict, timed: dict) -> None:
     row["ttft_ms"] = statistics.median(r["ttft_ms"] for r in rounds)
     row["ms_per_token"] = statistics.median(r["ms_per_token"] for r in rounds)
     row["totals_ms"] = {t: statistics.median(r["totals_ms"][t] for r in rounds) for t in row["totals_ms"]}
-    row["tokens_per_s"] = row["tokens_per_s"] * rounds[0]["ms_per_token"] / row["ms_per_token"]
+    row["tokens_per_s"] = timed["tokens_per_s"] * timed["ms_per_token"] / row["ms_per_token"]  # B * 1e3 / ms
 
 
 def compare_to_dense(rows: list[dict]) -> None:

@@ -134,7 +134,7 @@ class SegmentRunner:
             c.aux[bs, t] = a.embed(self.tokens[sel])
         self._start_membership(seg, T, in_s, sel, t)
         keys = self.positions[:T].expand(b, T)
-        rows, valid, count = self._entering(in_s, c.depth_device[sel, :T], seg.first - 1, R, c.scratch)
+        rows, valid, count = self._entering(in_s, c.depth_device[sel, :T], seg.first - 1, R, c.scratch, self.positions)
         recorder.layers(len(seg.layers), keys, in_s, rows, valid)
         seq, pos = bs[:, None].expand(b, R).reshape(-1), rows.reshape(-1)  # [b * R]
         h = c.aux[seq, pos]  # [b * R, d]
@@ -156,8 +156,8 @@ class SegmentRunner:
         scores = scorer.score(x)  # [b, T]
         recorder.scores(seg.last, keys, in_s, scores)
         ratio = self.ratios[index] if scorer.revival_rows is not None else None
-        chosen, counts = self._reselect(scores, in_s, t, c.depth_device[sel, :T], seg.last, self.keep[index, sel],
-                                        ratio, self.revive[sel], rows, valid)
+        chosen, counts = self._reselect(scores, in_s, keys == t[:, None], c.depth_device[sel, :T], seg.last,
+                                        self.keep[index, sel], ratio, self.revive[sel], rows, valid)
         in_s.copy_(chosen)
         self.counts[index + 1][:, sel] = counts
 
@@ -280,26 +280,27 @@ def compile_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def entering_rows(
-    in_s: torch.Tensor, depth: torch.Tensor, stopped_at: int, R: int, scratch: int
+    in_s: torch.Tensor, depth: torch.Tensor, stopped_at: int, R: int, scratch: int, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The candidates (in_s: [b, T]) that stopped at layer `stopped_at` (depth: [b, T]), which enter the next one:
-    [b, R] positions in order (the scratch slot where padded), [b, R] bool real, [b] count (at most R enter)."""
+    [b, R] positions in order (the scratch slot where padded), [b, R] bool real, [b] count (at most R enter).
+    positions: [P] the runner's 0, 1, 2, ... (P >= T and P >= R)."""
     b, T = in_s.shape
     enter = in_s & (depth == stopped_at)  # [b, T]
     count = enter.sum(1)
     rank = enter.cumsum(1)
     slot = torch.where(enter & (rank <= R), rank - 1, R)  # column R collects the rest and is dropped
     rows = torch.full((b, R + 1), scratch, dtype=torch.long, device=in_s.device)
-    rows.scatter_(1, slot, torch.arange(T, device=in_s.device).expand(b, T))
-    return rows[:, :R], torch.arange(R, device=in_s.device) < count[:, None], count
+    rows.scatter_(1, slot, positions[:T].expand(b, T))
+    return rows[:, :R], positions[:R] < count[:, None], count
 
 
 def reselect(
-    scores: torch.Tensor, in_s: torch.Tensor, t: torch.Tensor, depth: torch.Tensor, last: int, keep: torch.Tensor,
+    scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, depth: torch.Tensor, last: int, keep: torch.Tensor,
     ratio: torch.Tensor | None, allowance: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoding step's selection at pruning layer `last`, from the scores of S_l's candidates (scores, in_s:
-    [b, T]; t: [b] q's position; depth: [b, T]; keep: [b] the host's keep count) -> the new in_s [b, T] and
+    [b, T]; is_q: [b, T] q's position; depth: [b, T]; keep: [b] the host's keep count) -> the new in_s [b, T] and
     [3, b] the rows that enter the next segment, how many of them are revived, and |S| (SegmentRunner.counts).
 
     With a revival bound (`ratio`: the layer's keep ratio, a 0-d tensor) the keep count is ceil(r |S_l|) as
@@ -308,7 +309,6 @@ def reselect(
     allowance[b] best may be kept. rows, valid: [b, R] this segment's rows, to count those that stay.
     """
     T = in_s.shape[1]
-    is_q = torch.arange(T, device=in_s.device) == t[:, None]  # [b, T]
     stopped = depth == last  # [b, T]
     bounded = None
     if ratio is not None:
@@ -326,7 +326,7 @@ def reselect(
 # defaults a residual add becomes the bias of a cuBLAS addmm, which first copies the residual into the output:
 # two device-to-device memcpys a layer, which the pruned steps' CUDA graphs ran on the copy engine;
 # {"pattern_matcher": False} keeps mm and add apart (and turns off Inductor's other pattern passes too).
-# Together they took a pruned step's excess over a dense one from 0.35 to 0.24 ms at 8K (llama3-8b, H100; twice),
+# Together they took a pruned step's excess over a dense one from 0.35 to 0.24 ms at 8K (llama3-8b, H100),
 # and dense's own step by 0.08 ms (benchmarks/NOTES.md, "Decoding steps, fifth GPU session").
 COMPILE_SELECTION = True
 COMPILE_OPTIONS: dict[str, object] = {"pattern_matcher": False}

@@ -25,8 +25,10 @@ from .config import (
     TRANSFORMERS,
     TRANSFORMERS_FLASH,
     BenchConfig,
+    add_compile_arguments,
     configure,
     progress_total,
+    use_compile_arguments,
 )
 from .models import load_bench_model, random_model
 from .report import batch_markdown, markdown, merge, plot, plot_batch, write
@@ -44,9 +46,10 @@ from .timing import (
 
 __all__ = [
     "BENCH_PRESETS", "DENSE", "SHAPES", "TRANSFORMERS", "TRANSFORMERS_FLASH", "BenchConfig", "ModelDims",
-    "batch_markdown", "bench_decode", "bench_ttft", "configure", "ideal_speedup", "lazy_prefill", "load_bench_model",
-    "markdown", "merge", "plot", "plot_batch", "prefill_flops", "progress_total", "random_model", "random_prompts",
-    "run", "schedules_for", "time_methods", "time_once", "transformers_prefill", "write",
+    "add_compile_arguments", "batch_markdown", "bench_decode", "bench_ttft", "configure", "ideal_speedup",
+    "lazy_prefill", "load_bench_model", "markdown", "merge", "plot", "plot_batch", "prefill_flops", "progress_total",
+    "random_model", "random_prompts", "run", "schedules_for", "time_methods", "time_once", "transformers_prefill",
+    "use_compile_arguments", "write",
 ]
 
 

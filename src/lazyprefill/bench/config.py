@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass, field
 
+from .. import decoding
 from ..schedule import PRESETS
 
 # Real model shapes with random weights: with fixed keep ratios the work does not depend on weight values.
@@ -125,3 +128,22 @@ def progress_total(cfg: BenchConfig, presets: int = len(PRESETS)) -> int:
     batches = (2 * per_length + 1) * len(cfg.batch_sizes)
     return sum(per_length * len(ls) + (per_length + 1) * sum(n <= max(ls, default=0) for n in cfg.decode_lengths)
                + batches for ls in cfg.lengths.values())
+
+
+def add_compile_arguments(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """The decoding-compile flags that GPU benchmarks take, so that an A/B run can set what a step compiles
+    (`use_compile_arguments` applies them); `note` starts each help text."""
+    parser.add_argument("--compile-options", type=json.loads,
+                        help=f"{note}JSON of Inductor options for the compiled layer halves, in place of "
+                             "decoding.COMPILE_OPTIONS ('{}': Inductor's defaults)")
+    parser.add_argument("--compile-selection", action=argparse.BooleanOptionalAction,
+                        help=f"{note}compile the selection with the layer halves (decoding.COMPILE_SELECTION; "
+                             "default: its value)")
+
+
+def use_compile_arguments(args: argparse.Namespace) -> None:
+    """Set decoding.COMPILE_OPTIONS and COMPILE_SELECTION from the flags given (add_compile_arguments)."""
+    if args.compile_options is not None:
+        decoding.COMPILE_OPTIONS = args.compile_options
+    if args.compile_selection is not None:
+        decoding.COMPILE_SELECTION = args.compile_selection
