@@ -3,7 +3,9 @@
 # against a dense one under several settings of what decoding compiles, one call per part, every output packed
 # into $OUT/PART.tgz (a call brings back at most 8 files). Each ARM is NAME=OPTIONS_JSON, Inductor's options for the
 # compiled layer halves (decoding.COMPILE_OPTIONS), with "+selection" to compile the selection too
-# (decoding.COMPILE_SELECTION). The static cache runs beside the first arm.
+# (decoding.COMPILE_SELECTION). The static cache runs beside the first arm. NAME@DIR runs the arm on the engine in
+# DIR instead of src: an earlier commit's, carried, e.g. `mkdir -p .ab/C && git archive C src | tar -x -C .ab/C`, then
+# before@.ab/C/src='{...}' (.ab/ is ignored).
 #
 #   run: benchmarks/decode_ab.sh profile A='{}' B='{"pattern_matcher": false}' C='{}+selection'  # ~1.5 min an arm
 #   run: benchmarks/decode_ab.sh answers A='{}' C='{}+selection'  # whole answers at 8K and 32K, ROUNDS=3 rounds
@@ -15,12 +17,13 @@ shift
 : "${MODEL:=llama3-8b}" "${LENGTHS:=8192,32768}" "${ROUNDS:=3}" "${ROOT:=/root}" "${PYTHON:=python3}"
 # the CPU: MODEL=tiny LENGTHS=256 ROUNDS=2 PYTHON=.venv/bin/python OUT=... ROOT=...
 dir=$ROOT/$part && rm -rf "$dir" && mkdir -p "$dir"
-export PYTHONPATH=src
 first=1
 for arm in "$@"; do
-    name=${arm%%=*} opts=${arm#*=} selection=--no-compile-selection
+    name=${arm%%=*} opts=${arm#*=} selection=--no-compile-selection engine=src
+    if [[ $name == *@* ]]; then engine=${name#*@} name=${name%%@*}; fi
+    export PYTHONPATH=$engine
     if [[ $opts == *+selection ]]; then opts=${opts%+selection} selection=--compile-selection; fi
-    echo "$name $opts $selection" >> "$dir/arms.txt"
+    echo "$name $opts $selection $engine" >> "$dir/arms.txt"
     case $part in
     profile)
         "$PYTHON" benchmarks/profile_stages.py --model "$MODEL" --no-prefill --length 8192 \

@@ -35,6 +35,13 @@ def _uncounted(layer: int, seq: torch.Tensor, pos: torch.Tensor) -> None:
     """The default: K/V writes are not counted."""
 
 
+def kv_rows(seq: torch.Tensor, pos: torch.Tensor, kv_heads: int, slots: int) -> torch.Tensor:
+    """LazyCache.kv_index for a cache of `kv_heads` K/V heads and `slots` slots a sequence (a function of sizes
+    alone, so that decoding's compiled row layout, decoding.segment_rows, computes it in the same kernels)."""
+    heads = torch.arange(kv_heads, device=seq.device)  # [Hkv]
+    return ((seq[:, None] * kv_heads + heads) * slots + pos[:, None]).reshape(-1)
+
+
 class LazyCache:
     """K/V for every (layer, sequence, position) up to `capacity`, plus one Aux Cache slot per token.
 
@@ -76,9 +83,7 @@ class LazyCache:
     def kv_index(self, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """[n * Hkv] the rows of one layer's K/V, viewed as [B * Hkv * P, dh], that rows (seq, pos) ([n] each) write,
         head by head: computed once for a set of rows and handed to `write_kv` at every layer."""
-        kv, P = self.k.shape[2], self.k.shape[3]
-        heads = torch.arange(kv, device=seq.device)  # [Hkv]
-        return ((seq[:, None] * kv + heads) * P + pos[:, None]).reshape(-1)
+        return kv_rows(seq, pos, self.k.shape[2], self.k.shape[3])
 
     def write_kv(self, layer: int, seq: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  index: torch.Tensor | None = None) -> None:

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import LlamaAdapter
 from .attention import decode_mask, listed_positions, row_ranges, sdpa
-from .cache import LazyCache
+from .cache import LazyCache, kv_rows
 from .plan import Segment, StepPlan
 from .recording import Recorder
 from .scoring import ScoreInput, Scorer
@@ -76,9 +76,10 @@ class SegmentRunner:
         self.counts = torch.zeros(num_pruning + 1, 3, B, dtype=long, device=dev)
         # the selection's small [b, T] tensor work, through torch.compile with the layer halves (COMPILE_SELECTION)
         compiled = compile_layers and COMPILE_SELECTION
-        self._entering = compile_dynamic(entering_rows) if compiled else entering_rows
+        self._rows = compile_dynamic(segment_rows) if compiled else segment_rows
         self._listed = compile_dynamic(listed_positions) if compiled else listed_positions
-        self._reselect = compile_dynamic(reselect) if compiled else reselect
+        self._split_lists = compile_dynamic(split_lists) if compiled else split_lists
+        self._select = compile_dynamic(score_and_reselect) if compiled else score_and_reselect
 
     def load(self, tokens: torch.Tensor, seqs: list[int], plan: StepPlan) -> None:
         """Copy a step's inputs into the buffers (one host-to-device copy). tokens: [A] for `seqs`."""
@@ -134,13 +135,12 @@ class SegmentRunner:
             c.aux[bs, t] = a.embed(self.tokens[sel])
         self._start_membership(seg, T, in_s, sel, t)
         keys = self.positions[:T].expand(b, T)
-        rows, valid, count = self._entering(in_s, c.depth_device[sel, :T], seg.first - 1, R, c.scratch, self.positions)
+        # rows, valid: [b, R]; count: [b]; seq, pos: [b * R]; kv_index: [b * R * Hkv]; h: [b * R, d]; cos, sin
+        rows, valid, count, seq, pos, kv_index, h, cos, sin = self._rows(
+            in_s, c.depth_device[sel, :T], seg.first - 1, R, c.scratch, self.positions, bs, c.aux, c.k.shape[2],
+            a.rope)
         recorder.layers(len(seg.layers), keys, in_s, rows, valid)
-        seq, pos = bs[:, None].expand(b, R).reshape(-1), rows.reshape(-1)  # [b * R]
-        h = c.aux[seq, pos]  # [b * R, d]
-        cos, sin = a.rope(pos)
         attend = self._attention(in_s, rows, valid, T, sel)
-        kv_index = c.kv_index(seq, pos)  # [b * R * Hkv]
         for l in seg.layers:
             q, k, v = self.layers.qkv(l, h, cos, sin)  # q: [b * R, H, dh]
             c.write_kv(l, seq, pos, k, v, kv_index)
@@ -153,11 +153,10 @@ class SegmentRunner:
         q_last = q.view(b, R, H, dh)[self.batch[:b], (count - 1).clamp(0, R - 1)]  # [b, H, dh]: q is each last row
         x = ScoreInput(q_last[:, :, None], t[:, None], c.k[seg.last, sel, :, :T], keys, in_s, a.scaling, seg.last, T,
                        seq=self.ids[sel], reduce_heads=a.reduce_heads)
-        scores = scorer.score(x)  # [b, T]
-        recorder.scores(seg.last, keys, in_s, scores)
         ratio = self.ratios[index] if scorer.revival_rows is not None else None
-        chosen, counts = self._reselect(scores, in_s, keys == t[:, None], c.depth_device[sel, :T], seg.last,
-                                        self.keep[index, sel], ratio, self.revive[sel], rows, valid)
+        scores, chosen, counts = self._select(scorer, x, c.depth_device[sel, :T], self.keep[index, sel], ratio,
+                                              self.revive[sel], rows, valid)
+        recorder.scores(seg.last, keys, in_s, scores)
         in_s.copy_(chosen)
         self.counts[index + 1][:, sel] = counts
 
@@ -184,9 +183,8 @@ class SegmentRunner:
         def kv(l: int) -> tuple[torch.Tensor, torch.Tensor]:  # [b, Hkv, P or T, dh]: every slot's, or the run's
             return (c.k[l], c.v[l]) if isinstance(sel, slice) else (c.k[l, sel, :, :T], c.v[l, sel, :, :T])
 
-        listed = self._listed(in_s)  # [b, T]
         if few:
-            n_s, qpos = in_s.sum(1, dtype=torch.int32), rows.int()  # [b], [b, R]
+            listed, n_s, qpos = self._split_lists(in_s, rows)  # [b, T], [b], [b, R]
 
             def split(l: int, q: torch.Tensor) -> torch.Tensor:
                 if a.window(l) is not None:  # the kernel knows no window
@@ -194,6 +192,7 @@ class SegmentRunner:
                 return self.split.split_attention(q, *kv(l), listed, n_s, qpos, scaling)
 
             return split
+        listed = self._listed(in_s)  # [b, T]
         ranges: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # window -> lo, hi: [b, R] each
 
         def burst(l: int, q: torch.Tensor) -> torch.Tensor:
@@ -295,6 +294,40 @@ def entering_rows(
     return rows[:, :R], positions[:R] < count[:, None], count
 
 
+def segment_rows(
+    in_s: torch.Tensor, depth: torch.Tensor, stopped_at: int, R: int, scratch: int, positions: torch.Tensor,
+    bs: torch.Tensor, aux: torch.Tensor, kv_heads: int,
+    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, ...]:
+    """entering_rows, and what every layer of the segment reads about those rows, in one function so that torch.compile
+    fuses their index arithmetic and RoPE's tables into a few kernels: rows, valid [b, R], count [b], then for
+    the b * R rows of sequences `bs` ([b]) their sequence and position, their K/V rows (LazyCache.kv_index), their
+    hidden states in the Aux Cache (aux: [B, P, d]) and rope(pos) (the adapter's cos, sin)."""
+    rows, valid, count = entering_rows(in_s, depth, stopped_at, R, scratch, positions)
+    b = rows.shape[0]
+    seq, pos = bs[:, None].expand(b, R).reshape(-1), rows.reshape(-1)  # [b * R]
+    cos, sin = rope(pos)
+    return rows, valid, count, seq, pos, kv_rows(seq, pos, kv_heads, aux.shape[1]), aux[seq, pos], cos, sin
+
+
+def split_lists(in_s: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the split kernel reads about S_l (in_s: [b, T]) and the rows (rows: [b, R]), int32: listed_positions,
+    |S_l| [b] and the rows' positions [b, R]."""
+    return listed_positions(in_s), in_s.sum(1, dtype=torch.int32), rows.int()
+
+
+def score_and_reselect(
+    scorer: Scorer, x: ScoreInput, depth: torch.Tensor, keep: torch.Tensor, ratio: torch.Tensor | None,
+    allowance: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scorer's [b, T] scores of a decoding step's candidates (x.valid: S_l), then `reselect` on them ->
+    scores, the new S_l and its counts. One function, so that torch.compile fuses the scorer's masking,
+    softmax and head reduction with the selection's own (x.pos == x.q_pos is q)."""
+    scores = scorer.score(x)  # [b, T]
+    chosen, counts = reselect(scores, x.valid, x.pos == x.q_pos, depth, x.layer, keep, ratio, allowance, rows, valid)
+    return scores, chosen, counts
+
+
 def reselect(
     scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, depth: torch.Tensor, last: int, keep: torch.Tensor,
     ratio: torch.Tensor | None, allowance: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
@@ -320,8 +353,9 @@ def reselect(
     return chosen, torch.stack([entering, entering - stayed, chosen.sum(1)])
 
 
-# Whether DecodeOptions(compile=...) also compiles the selection's small tensor work (entering_rows, reselect and
-# the Triton kernels' position lists), fusing a pruned step's scans, scatters and counts into a few kernels.
+# Whether DecodeOptions(compile=...) also compiles a segment's small tensor work (segment_rows, score_and_reselect and
+# the Triton kernels' position lists), fusing a pruned step's scans, scatters, counts, RoPE tables and the scorer's
+# softmax into a few kernels.
 # Inductor's options for the compiled layer halves (torch.compile's `options`; empty: its defaults). With the
 # defaults a residual add becomes the bias of a cuBLAS addmm, which first copies the residual into the output:
 # two device-to-device memcpys a layer, which the pruned steps' CUDA graphs ran on the copy engine;
