@@ -232,8 +232,8 @@ def test_steps_enqueued_ahead_give_what_steps_one_at_a_time_give(schedule):
 
 
 def test_kv_rows_land_where_advanced_indexing_puts_them():
-    """LazyCache.write_kv's index_copy_ over flattened rows stores each (sequence, position) row of every head
-    where `k[layer][seq, :, pos] = k` would, and touches nothing else."""
+    """LazyCache.write_kv's index_copy_ over flattened rows, and write_kv_pair's one copy of K and V stacked, store
+    each (sequence, position) row of every head where `k[layer][seq, :, pos] = k` would, and touch nothing else."""
     a = adapter_for(tiny_model("llama_gqa_rope3"))
     cache = LazyCache(a, batch=3, capacity=20)
     cache.ensure_clean(cache.capacity + 1)
@@ -245,3 +245,7 @@ def test_kv_rows_land_where_advanced_indexing_puts_them():
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
     cache.write_kv(4, seq, pos, v, k, cache.kv_index(seq, pos))  # the index made once and handed over
     assert torch.equal(cache.k[4][seq, :, pos], v) and torch.equal(cache.v[4][seq, :, pos], k)
+    want_k, want_v = cache.k.clone(), cache.v.clone()
+    want_k[1][seq, :, pos], want_v[1][seq, :, pos] = k, v
+    cache.write_kv_pair(1, seq, pos, torch.stack([k, v]), cache.kv_index(seq, pos))
+    assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)

@@ -115,6 +115,21 @@ class LlamaAdapter:
         q, k = self._apply_rope(q, k, cos, sin, unsqueeze_dim=1)
         return q, k, v
 
+    def qkv_pair(
+        self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`qkv` with K and V stacked: q [n, H, dh], kv [2, n, Hkv, dh] (LazyCache.write_kv_pair stores both in one
+        copy; a decoding step's rows are few, so the stacking costs next to nothing)."""
+        return self.block_qkv_pair(self.layers[layer], h, *self.layer_rope(layer, cos, sin))
+
+    def block_qkv_pair(
+        self, block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`qkv_pair` given the layer's module, as block_qkv: compiled (decoding.CompiledLayers), the kernels that make
+        K and V write them into the stack."""
+        q, k, v = self.block_qkv(block, h, cos, sin)
+        return q, torch.stack([k, v])
+
     def layer_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of `rope`'s tables that `layer` uses: [n, dh] each."""
         return cos, sin

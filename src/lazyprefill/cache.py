@@ -66,8 +66,9 @@ class LazyCache:
         self.scratch = capacity  # slot index of the scratch slot
         self.clean = 0  # positions [0, clean) are finite in every slot and layer
         P = capacity + 1
-        self.k = torch.empty(L, batch, kv, P, dh, device=dev, dtype=dt)  # [L, B, Hkv, P, dh]
-        self.v = torch.empty(L, batch, kv, P, dh, device=dev, dtype=dt)  # [L, B, Hkv, P, dh]
+        # K and V in one tensor, so that a decoding step stores a layer's K and V in one copy (write_kv_pair)
+        self.kv = torch.empty(2, L, batch, kv, P, dh, device=dev, dtype=dt)  # [2, L, B, Hkv, P, dh]
+        self.k, self.v = self.kv[0], self.kv[1]  # [L, B, Hkv, P, dh] each
         self.aux = torch.empty(batch, P, adapter.hidden_size, device=dev, dtype=dt)  # [B, P, d]
         self.depth_device = torch.empty(batch, P, device=dev, dtype=torch.int32)  # [B, P], set by `settle`
         self.length = np.zeros(batch, dtype=np.int64)  # tokens seen so far, per sequence (host)
@@ -88,7 +89,7 @@ class LazyCache:
     def write_kv(self, layer: int, seq: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  index: torch.Tensor | None = None) -> None:
         """Store K/V of rows (sequence `seq`, position `pos`: [n] each); k, v: [n, Hkv, dh]; `index`: kv_index(seq,
-        pos), if already made. The only K/V writer.
+        pos), if already made. With write_kv_pair, the only K/V writers.
 
         An index_copy_ over the flattened rows rather than `k[layer][seq, :, pos] = k`: that index_put_ took 3.7 us a
         write against 2.5 (H100, a dense step's 64 writes: 237 against 162 us; benchmarks/NOTES.md, "Decoding steps,
@@ -99,13 +100,21 @@ class LazyCache:
         self.v[layer].view(-1, dh).index_copy_(0, index, v.reshape(-1, dh))
         self._count(layer, seq, pos)
 
+    def write_kv_pair(self, layer: int, seq: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor,
+                      index: torch.Tensor) -> None:
+        """write_kv for K and V stacked (kv: [2, n, Hkv, dh], as a compiled decoding step makes them), in one
+        index_copy_: a decoding step's 2 x layers K/V writes were its largest item after the GEMMs and attention
+        (170 us of 64 launches a step at 8K on an H100; benchmarks/NOTES.md, "Decoding steps, fifth GPU session")."""
+        dh = self.k.shape[-1]
+        self.kv[:, layer].view(2, -1, dh).index_copy_(1, index, kv.view(2, -1, dh))
+        self._count(layer, seq, pos)
+
     def ensure_clean(self, positions: int) -> None:
         """Zero K/V at positions [clean, positions) of every slot and layer, which no sequence has written: a
         slot's length never passes `clean` before this is called for it. Enqueued only: never waits."""
         if positions <= self.clean:
             return
-        self.k[:, :, :, self.clean : positions] = 0
-        self.v[:, :, :, self.clean : positions] = 0
+        self.kv[:, :, :, :, self.clean : positions] = 0
         self.clean = positions
 
     def reserve(self) -> None:

@@ -142,8 +142,8 @@ class SegmentRunner:
         recorder.layers(len(seg.layers), keys, in_s, rows, valid)
         attend = self._attention(in_s, rows, valid, T, sel)
         for l in seg.layers:
-            q, k, v = self.layers.qkv(l, h, cos, sin)  # q: [b * R, H, dh]
-            c.write_kv(l, seq, pos, k, v, kv_index)
+            q, kv = self.layers.qkv_pair(l, h, cos, sin)  # q: [b * R, H, dh], kv: [2, b * R, Hkv, dh]
+            c.write_kv_pair(l, seq, pos, kv, kv_index)
             o = attend(l, q.view(b, R, H, dh).transpose(1, 2))  # [b, H, R, dh]
             h = self.layers.finish(l, h, o.transpose(1, 2).reshape(b * R, H, dh))
         c.aux[seq, pos] = h
@@ -220,7 +220,7 @@ class CompiledLayers:
     """An adapter's two layer halves through torch.compile, so that a step's small kernels (RMSNorm's seven,
     RoPE's ten, the residual adds, the MLP's activation and product) fuse into a few.
 
-    The halves that take the layer's module (`block_qkv`, `block_finish`) are compiled, not those that take
+    The halves that take the layer's module (`block_qkv_pair`, `block_finish`) are compiled, not those that take
     its index, so one compiled version serves every layer. Row counts are dynamic (one row apart: torch
     specializes sizes of 1), so buckets and bursts do not recompile. The first call of a shape compiles:
     Graphs runs every new shape eagerly before capturing it.
@@ -228,13 +228,13 @@ class CompiledLayers:
 
     def __init__(self, adapter: LlamaAdapter) -> None:
         self.a = adapter
-        self._qkv = torch.compile(adapter.block_qkv, dynamic=True, options=COMPILE_OPTIONS)
+        self._qkv = torch.compile(adapter.block_qkv_pair, dynamic=True, options=COMPILE_OPTIONS)
         self._finish = torch.compile(adapter.block_finish, dynamic=True, options=COMPILE_OPTIONS)
 
-    def qkv(
+    def qkv_pair(
         self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """As LlamaAdapter.qkv. h: [n, d] -> q: [n, H, dh], k, v: [n, Hkv, dh]."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As LlamaAdapter.qkv_pair. h: [n, d] -> q: [n, H, dh], kv: [2, n, Hkv, dh]."""
         return self._qkv(self.a.layers[layer], h, *self.a.layer_rope(layer, cos, sin))
 
     def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
