@@ -11,9 +11,9 @@
 #   run: benchmarks/decode_ab.sh answers A='{}' C='{}+selection'  # whole answers at 8K and 32K, ROUNDS=3 rounds
 #                                     # (methods taking turns): ~5 min an arm, so one arm a call near the 10-minute limit
 set -uo pipefail
-part=${1:?usage: decode_ab.sh profile|answers NAME=OPTIONS_JSON[+selection]...}
+part=${1:?usage: decode_ab.sh profile|answers NAME[@SRC_DIR]=OPTIONS_JSON[+selection]...}
 shift
-[ $# -gt 0 ] || { echo "name at least one arm: NAME=OPTIONS_JSON[+selection]" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "name at least one arm: NAME[@SRC_DIR]=OPTIONS_JSON[+selection]" >&2; exit 2; }
 : "${MODEL:=llama3-8b}" "${LENGTHS:=8192,32768}" "${ROUNDS:=3}" "${ROOT:=/root}" "${PYTHON:=python3}"
 # the CPU: MODEL=tiny LENGTHS=256 ROUNDS=2 PYTHON=.venv/bin/python OUT=... ROOT=...
 dir=$ROOT/$part && rm -rf "$dir" && mkdir -p "$dir"

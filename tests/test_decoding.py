@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 import lazyprefill as lp
 from lazyprefill.adapters import adapter_for
 from lazyprefill.cache import LazyCache
-from lazyprefill.decoding import masked_attention, top_k
+from lazyprefill.decoding import compile_dynamic, masked_attention, top_k
 from lazyprefill.engine import DecodeOptions, Engine
 from lazyprefill.plan import Segment, key_length, plan_step, row_bucket, segments
 
@@ -207,6 +207,39 @@ def test_compiled_layer_halves_decode_what_eager_ones_decode(family, options, se
         assert b.new_tokens == a.new_tokens
         assert b.stats.to_dict() == a.stats.to_dict()
         torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_selection_decodes_what_eager_selection_decodes_for_each_scorer():
+    """decoding.score_and_reselect compiles the scorer with the selection: a wrapped scorer (the default's revival
+    bound, whose keep count is a device tensor), a pooled one and the random baseline give the eager engine's
+    results."""
+    torch._dynamo.reset()
+    model = tiny_model("llama_gqa_rope3")
+    prompts = [prompt_ids(41, seed=7), prompt_ids(26, seed=8)]
+    kw = {"max_new_tokens": 6, "eos_token_id": [], "return_logits": True}
+    for scorer in ["revive(rows=4)", "pool(k=3, of=last)", "random"]:
+        schedule = f"{scorer}:1:0.4,3:0.5"
+        eager = lp.LazyLLM(model, schedule).generate(prompts, **kw)
+        graphs = counters["stats"]["unique_graphs"]
+        compiled = lp.LazyLLM(model, schedule, decode=DecodeOptions(compile=True)).generate(prompts, **kw)
+        assert counters["stats"]["unique_graphs"] > graphs, f"{scorer}: its selection was not compiled"
+        for a, b in zip(eager, compiled, strict=True):
+            assert b.new_tokens == a.new_tokens
+            assert b.stats.to_dict() == a.stats.to_dict()
+            torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-4, rtol=1e-4)
+
+
+def test_compile_dynamic_keeps_a_version_for_each_of_many_scorers():
+    """A compiled function that takes the scorer compiles a version per scorer; with Dynamo's default limit (8
+    versions) the ninth scorer of a process (tune tries several, each in up to four versions) would run eagerly."""
+    torch._dynamo.reset()
+    score = compile_dynamic(lambda scorer, x: scorer.score(x))
+    x = torch.ones(3)
+    for i in range(12):  # a class of its own each, as distinct scorers are distinct code to Dynamo
+        scorer = type(f"Scorer{i}", (), {"score": lambda self, x: x * 2})()
+        graphs = counters["stats"]["unique_graphs"]
+        assert torch.equal(score(scorer, x), x * 2)
+        assert counters["stats"]["unique_graphs"] > graphs, f"scorer {i} ran eagerly"
 
 
 @pytest.mark.parametrize("schedule", ["dense", "paper", "revive(rows=4):paper"])

@@ -104,7 +104,7 @@ class LlamaAdapter:
         self, block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`qkv` given the layer's module and its RoPE rows ([n, dh] each): the same code for every layer, so
-        that one compiled version serves them all (decoding.CompiledLayers)."""
+        that one compiled version serves them all (through block_qkv_pair, decoding.CompiledLayers)."""
         attn = block.self_attn
         x = block.input_layernorm(h)
         n = x.shape[0]
@@ -118,15 +118,15 @@ class LlamaAdapter:
     def qkv_pair(
         self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`qkv` with K and V stacked: q [n, H, dh], kv [2, n, Hkv, dh] (LazyCache.write_kv_pair stores both in one
-        copy; a decoding step's rows are few, so the stacking costs next to nothing)."""
+        """`qkv` with K and V stacked: q [n, H, dh], kv [2, n, Hkv, dh], which LazyCache.write_kv_pair stores in one
+        copy (for decoding steps, whose rows are few: the stack costs a copy of K and V)."""
         return self.block_qkv_pair(self.layers[layer], h, *self.layer_rope(layer, cos, sin))
 
     def block_qkv_pair(
         self, block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`qkv_pair` given the layer's module, as block_qkv: compiled (decoding.CompiledLayers), the kernels that make
-        K and V write them into the stack."""
+        """`qkv_pair` given the layer's module, as block_qkv: compiled (decoding.CompiledLayers), RoPE's kernel can
+        write K into the stack directly, and V, a matmul's output, is copied in."""
         q, k, v = self.block_qkv(block, h, cos, sin)
         return q, torch.stack([k, v])
 

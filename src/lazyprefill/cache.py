@@ -101,10 +101,11 @@ class LazyCache:
         self._count(layer, seq, pos)
 
     def write_kv_pair(self, layer: int, seq: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor,
-                      index: torch.Tensor) -> None:
+                      index: torch.Tensor | None = None) -> None:
         """write_kv for K and V stacked (kv: [2, n, Hkv, dh], as a compiled decoding step makes them), in one
         index_copy_: a decoding step's 2 x layers K/V writes were its largest item after the GEMMs and attention
         (170 us of 64 launches a step at 8K on an H100; benchmarks/NOTES.md, "Decoding steps, fifth GPU session")."""
+        index = self.kv_index(seq, pos) if index is None else index
         dh = self.k.shape[-1]
         self.kv[:, layer].view(2, -1, dh).index_copy_(1, index, kv.view(2, -1, dh))
         self._count(layer, seq, pos)

@@ -14,10 +14,11 @@ nothing reads, and no write needs a mask.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -74,12 +75,15 @@ class SegmentRunner:
         # [segments, 3, B] rows entering each segment, how many of them are revived, and |S| there: segment 0 takes
         # q alone among every token (`load`), a pruning segment writes the next one's
         self.counts = torch.zeros(num_pruning + 1, 3, B, dtype=long, device=dev)
-        # the selection's small [b, T] tensor work, through torch.compile with the layer halves (COMPILE_SELECTION)
+        # a segment's small tensor work (its rows, the attention's position lists, the selection), through
+        # torch.compile with the layer halves (COMPILE_SELECTION); under tensor parallelism the scorer's head
+        # reduction is an all-reduce (LlamaAdapter.reduce_heads), which stays out of compiled code
         compiled = compile_layers and COMPILE_SELECTION
         self._rows = compile_dynamic(segment_rows) if compiled else segment_rows
         self._listed = compile_dynamic(listed_positions) if compiled else listed_positions
         self._split_lists = compile_dynamic(split_lists) if compiled else split_lists
-        self._select = compile_dynamic(score_and_reselect) if compiled else score_and_reselect
+        select_compiled = compiled and adapter.tp is None
+        self._select = compile_dynamic(score_and_reselect) if select_compiled else score_and_reselect
 
     def load(self, tokens: torch.Tensor, seqs: list[int], plan: StepPlan) -> None:
         """Copy a step's inputs into the buffers (one host-to-device copy). tokens: [A] for `seqs`."""
@@ -135,10 +139,9 @@ class SegmentRunner:
             c.aux[bs, t] = a.embed(self.tokens[sel])
         self._start_membership(seg, T, in_s, sel, t)
         keys = self.positions[:T].expand(b, T)
-        # rows, valid: [b, R]; count: [b]; seq, pos: [b * R]; kv_index: [b * R * Hkv]; h: [b * R, d]; cos, sin
-        rows, valid, count, seq, pos, kv_index, h, cos, sin = self._rows(
+        rows, valid, count, seq, pos, kv_index, h, cos, sin = self._rows(  # SegmentRows
             in_s, c.depth_device[sel, :T], seg.first - 1, R, c.scratch, self.positions, bs, c.aux, c.k.shape[2],
-            a.rope)
+            c.k.shape[3], a.rope)
         recorder.layers(len(seg.layers), keys, in_s, rows, valid)
         attend = self._attention(in_s, rows, valid, T, sel)
         for l in seg.layers:
@@ -268,11 +271,13 @@ def top_k(
 def compile_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
     """fn through torch.compile with every size its own symbol. With duck sizing, sizes that happen to be equal
     when it first compiles (the batch, the pruning layers, a view's offset into its buffer) would be guarded equal,
-    and another batch or layer would compile it again."""
+    and another batch or layer would compile it again. score_and_reselect compiles its versions per scorer (a
+    row or more, a sequence or more), so a process that decodes with several scorers (`tune`'s search) needs more
+    versions of one function than Dynamo keeps by default (8): RECOMPILE_LIMIT."""
     compiled = torch.compile(fn, dynamic=True)
 
     def call(*args: Any) -> Any:
-        with fx_config.patch(use_duck_shape=False):
+        with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
             return compiled(*args)
 
     return call
@@ -294,20 +299,33 @@ def entering_rows(
     return rows[:, :R], positions[:R] < count[:, None], count
 
 
+class SegmentRows(NamedTuple):
+    """The rows that enter a segment, and what each of its layers reads about them (segment_rows)."""
+
+    rows: torch.Tensor  # [b, R] positions in order, the scratch slot where padded
+    valid: torch.Tensor  # [b, R] bool: a real row
+    count: torch.Tensor  # [b] how many entered (at most R are laid out)
+    seq: torch.Tensor  # [b * R] each row's sequence (slot)
+    pos: torch.Tensor  # [b * R] its position
+    kv_index: torch.Tensor  # [b * R * Hkv] where its K/V goes (LazyCache.kv_index)
+    h: torch.Tensor  # [b * R, d] its hidden state from the Aux Cache
+    cos: torch.Tensor  # RoPE's tables for pos (the adapter's rope)
+    sin: torch.Tensor
+
+
 def segment_rows(
     in_s: torch.Tensor, depth: torch.Tensor, stopped_at: int, R: int, scratch: int, positions: torch.Tensor,
-    bs: torch.Tensor, aux: torch.Tensor, kv_heads: int,
+    bs: torch.Tensor, aux: torch.Tensor, kv_heads: int, slots: int,
     rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, ...]:
-    """entering_rows, and what every layer of the segment reads about those rows, in one function so that torch.compile
-    fuses their index arithmetic and RoPE's tables into a few kernels: rows, valid [b, R], count [b], then for
-    the b * R rows of sequences `bs` ([b]) their sequence and position, their K/V rows (LazyCache.kv_index), their
-    hidden states in the Aux Cache (aux: [B, P, d]) and rope(pos) (the adapter's cos, sin)."""
+) -> SegmentRows:
+    """entering_rows for the sequences `bs` ([b]), and what every layer of the segment reads about those rows, in one
+    function so that torch.compile fuses their index arithmetic, the Aux Cache read (aux: [B, P, d]) and RoPE's
+    tables into a few kernels. kv_heads, slots: the K/V cache's heads and slots a sequence."""
     rows, valid, count = entering_rows(in_s, depth, stopped_at, R, scratch, positions)
     b = rows.shape[0]
     seq, pos = bs[:, None].expand(b, R).reshape(-1), rows.reshape(-1)  # [b * R]
     cos, sin = rope(pos)
-    return rows, valid, count, seq, pos, kv_rows(seq, pos, kv_heads, aux.shape[1]), aux[seq, pos], cos, sin
+    return SegmentRows(rows, valid, count, seq, pos, kv_rows(seq, pos, kv_heads, slots), aux[seq, pos], cos, sin)
 
 
 def split_lists(in_s: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -363,6 +381,8 @@ def reselect(
 # Together they took a pruned step's excess over a dense one from 0.35 to 0.24 ms at 8K (llama3-8b, H100),
 # and dense's own step by 0.08 ms (benchmarks/NOTES.md, "Decoding steps, fifth GPU session").
 COMPILE_SELECTION = True
+# Versions of one compiled function Dynamo may keep (compile_dynamic): four per scorer, and `tune` tries several.
+RECOMPILE_LIMIT = 64
 COMPILE_OPTIONS: dict[str, object] = {"pattern_matcher": False}
 # Rows x query heads per K/V head up to which the split kernel runs: one of its programs holds all of a K/V
 # head's rows in one tile. Above it the burst kernel (when on), which splits the rows instead.
