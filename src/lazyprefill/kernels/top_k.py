@@ -57,7 +57,7 @@ def _select(S, MEM, ISQ, BND, row_s, row_m, row_q, row_b, T, k, thr1, take1,
     need = k.to(tl.int64)  # how many of the candidates matching `prefix` are still to be kept
     total = tl.zeros([], tl.int32)
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p
         hist = tl.zeros([256], tl.int32)  # bin i: digit 255 - i, so the best come first
         seen1 = tl.zeros([], tl.int32)
         for start in range(0, T, BLOCK):
