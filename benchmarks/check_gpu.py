@@ -9,8 +9,7 @@ run eagerly, on bf16 `llama2-7b` shapes after an 8K prompt: same greedy tokens o
 bf16 rounding; and each faster variant (split kernel, burst kernel, compiled layers) no further
 from an fp32 copy of the model than the path it replaces. Then the sliding-window family (Gemma 3 270M's
 shape, fp32): dense against transformers, `paper` under graphs against eager (`check_gpu.py windowed` runs only this).
-Then block-sparse prefill attention (sparse.py) against SDPA over the same keys (`check_gpu.py sparse` runs only this),
-and the selection's radix-select kernel against the sort (`check_gpu.py top_k`).
+Then block-sparse prefill attention (sparse.py) against SDPA over the same keys (`check_gpu.py sparse` runs only this).
 Exits non-zero if fp32 differs by more than 1e-3, the graphs differ from eager or a variant is less
 accurate than what it replaces.
 """
@@ -263,47 +262,6 @@ def compare_split_kernel() -> bool:
     return ok
 
 
-def compare_top_k() -> bool:
-    """The selection's radix-select kernel against the stable sort it replaces (decoding.sorted_top_k): the same
-    set at llama-sized key counts, with ties (scores rounded to a few levels) and without, with and without a
-    revival bound; and each one's time per launch (CUDA events, median of 50 after 5), to see where it pays."""
-    from lazyprefill.decoding import sorted_top_k
-    from lazyprefill.kernels.top_k import top_k
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ok = True
-    for T in (8192, 32768, 131072):
-        for B, ties, bound in ((1, False, True), (4, True, True), (2, True, False)):
-            scores = torch.rand(B, T, device="cuda", generator=g)
-            if ties:
-                scores = (scores * 7).floor() / 7
-            in_s = torch.rand(B, T, device="cuda", generator=g) < 0.6
-            is_q = torch.zeros_like(in_s)
-            is_q[:, -1] = in_s[:, -1] = True
-            keep = (in_s.sum(1) * 0.3).long()
-            bounded = in_s & (torch.rand(B, T, device="cuda", generator=g) < 0.05) & ~is_q if bound else None
-            allowance = torch.full((B,), 7, device="cuda") if bound else None
-            args = (scores, in_s, is_q, keep, bounded, allowance)
-            same = torch.equal(top_k(*args), sorted_top_k(*args))
-            ok &= same
-            times = [_median_us(fn, args) for fn in (top_k, sorted_top_k)]
-            print(f"top_k kernel T={T} B={B} ties={ties} bound={bound}: {'same set' if same else 'WRONG'}, "
-                  f"{times[0]:.1f} us against the sort's {times[1]:.1f} us")
-    return ok
-
-
-def _median_us(fn, args, runs: int = 50) -> float:
-    for _ in range(5):
-        fn(*args)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
-    for start, end in events:
-        start.record()
-        fn(*args)
-        end.record()
-    torch.cuda.synchronize()
-    return sorted(start.elapsed_time(end) for start, end in events)[runs // 2] * 1e3
-
-
 def compare_sparse(W: int = 4000, counts: tuple[int, ...] = (4000, 3000)) -> bool:
     """Block-sparse attention through compiled FlexAttention against SDPA over the same keys masked element by
     element (bf16, llama3-8b's heads): the fused kernel reads the BlockMask's block lists, which the CPU tests
@@ -333,10 +291,6 @@ def main() -> None:
         if not compare_sparse():
             sys.exit("block-sparse attention differs from SDPA over the same keys")
         return
-    if sys.argv[1:] == ["top_k"]:
-        if not compare_top_k():
-            sys.exit("the selection kernel's set differs from the sort's")
-        return
     if sys.argv[1:] == ["windowed"]:
         if not compare_windowed():
             sys.exit("the sliding-window model differs from transformers, or its graphs from eager")
@@ -347,7 +301,7 @@ def main() -> None:
         use_split_setting(sys.argv[1])
     fp32 = max(compare(torch.float32), compare_reference(), compare_batch())
     compare(torch.bfloat16)
-    split = compare_split_kernel() & compare_top_k()
+    split = compare_split_kernel()
     graphs = compare_scorers() & compare_graphs() & compare_windowed()
     sparse = compare_sparse()
     if fp32 > 1e-3:
@@ -355,8 +309,7 @@ def main() -> None:
     if not graphs:
         sys.exit("the CUDA-graph decoding path differs from the eager one, or a faster variant is less accurate")
     if not split:
-        sys.exit("the split-K attention kernel differs from the written-out attention, or the selection kernel "
-                 "from the sort")
+        sys.exit("the split-K attention kernel differs from the written-out attention")
     if not sparse:
         sys.exit("block-sparse attention differs from SDPA over the same keys")
 

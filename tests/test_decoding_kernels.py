@@ -83,27 +83,3 @@ def test_split_kernel_fed_by_compiled_lists_decodes_what_the_written_out_attenti
         assert b.new_tokens == a.new_tokens
         assert b.stats.to_dict() == a.stats.to_dict()
         torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("compile_selection", [False, True])
-def test_selection_kernel_decodes_what_the_sort_decodes(monkeypatch, compile_selection):
-    """The radix-select kernel in place of the sort (TOP_K_KERNEL's path, taken on CUDA), called from eager and
-    from compiled selection (a graph break there): under a revival bound that keeps the allowance, and the paper's
-    unbounded rule; the same tokens, stats and logits."""
-    torch._dynamo.reset()
-    decoding = importlib.import_module("lazyprefill.decoding")
-    model = tiny_model("llama_gqa_rope3")
-    kw = {"max_new_tokens": 8, "eos_token_id": [], "return_logits": True}
-    decode = lp.DecodeOptions(compile=compile_selection)
-    for schedule in ("revive(rows=2):1:0.4,3:0.5", "paper"):
-        sorted_ = lp.LazyLLM(model, schedule, decode=decode).generate(PROMPTS, **kw)
-        calls = {"top_k": 0}
-        with monkeypatch.context() as m:
-            m.setattr(decoding, "top_k", counted(decoding._top_k_kernel, calls, "top_k"))
-            got = lp.LazyLLM(model, schedule, decode=decode).generate(PROMPTS, **kw)
-        assert calls["top_k"] > 0
-        assert sum(o.stats.revived for o in sorted_) > 0, "the case should revive rows"
-        for a, b in zip(sorted_, got, strict=True):
-            assert b.new_tokens == a.new_tokens
-            assert b.stats.to_dict() == a.stats.to_dict()
-            torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-5, rtol=1e-5)

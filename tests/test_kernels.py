@@ -23,10 +23,9 @@ if DEVICE.type == "cpu":
         raise RuntimeError("triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
 
 from lazyprefill.attention import decode_mask, listed_positions, row_ranges  # noqa: E402
-from lazyprefill.decoding import masked_attention, sorted_top_k  # noqa: E402
+from lazyprefill.decoding import masked_attention  # noqa: E402
 from lazyprefill.kernels import burst_attention as ba  # noqa: E402
 from lazyprefill.kernels import split_attention as sa  # noqa: E402
-from lazyprefill.kernels import top_k as tk  # noqa: E402
 
 # The split kernel's empty parts take log-sum-exp log(0) = -inf on purpose (weight 0 in the merge): numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
@@ -194,28 +193,3 @@ def test_kernels_read_v_by_its_own_strides():
     split = sa.split_attention(q, k, v_other, idx, in_s.sum(1, dtype=torch.int32), rows.int(), SCALING, block_n=16)
     for out in (burst, split):
         check(out, q, k, v, in_s, rows, valid, None)
-
-
-@pytest.mark.parametrize("bound", [False, True])
-@pytest.mark.parametrize("levels", [3, None])  # scores on a few levels (ties everywhere), or continuous
-def test_top_k_kernel_keeps_the_sorts_set(bound, levels):
-    """The radix select keeps the set of the stable sort it replaces: ties to the earlier position, negative
-    scores, keep counts from none to more than the candidates, allowances from none to all of the bounded ones,
-    over rows that span several tiles (block=16) and one row shorter than a tile."""
-    g = torch.Generator().manual_seed(7 + bound)
-    for T in (5, 16, 61):
-        B = 4
-        scores = torch.randn(B, T, generator=g)
-        if levels:
-            scores = (scores * levels).round() / levels
-        in_s = torch.rand(B, T, generator=g) < 0.7
-        is_q = torch.arange(T)[None] == torch.randint(0, T, (B, 1), generator=g)
-        in_s |= is_q
-        bounded = in_s & ~is_q & (torch.rand(B, T, generator=g) < 0.5) if bound else None
-        allowance = torch.tensor([0, 1, 3, T]) if bound else None
-        for keep in ([0, 1, T // 2, T + 1], [1, T // 3, T, 2]):
-            keep = torch.tensor(keep)
-            want = sorted_top_k(scores, in_s, is_q, keep, bounded, allowance)
-            got = tk.top_k(scores, in_s, is_q, keep, bounded, allowance, block=16)
-            assert torch.equal(got, want), (T, keep, (got != want).nonzero())
-            assert got[is_q & (keep[:, None] > 0)].all()

@@ -253,23 +253,12 @@ def top_k(
 ) -> torch.Tensor:
     """The keep[b] best candidates of each sequence, q always kept -> [B, T] bool. With `bounded` ([B, T] bool),
     only the allowance[b] best of those candidates may be among them (Revive: rows a step may compute), and the
-    keep count is filled from the others. scores, in_s, is_q: [B, T] over positions; keep, allowance: [B].
+    keep count is filled from the others.
 
-    Ties go to the earlier position, as scoring.select breaks them over packed candidates in position order. On
-    CUDA, up to TOP_K_KERNEL_MAX_KEYS keys and with TOP_K_KERNEL on, one radix-select launch finds the set
-    (kernels/top_k.py); elsewhere a sort.
+    scores, in_s, is_q: [B, T] over positions; keep, allowance: [B]. One stable sort over positions ranks every
+    candidate (ties go to the earlier position, as scoring.select breaks them over packed candidates in position
+    order); the bound and the keep count are then running counts along that order.
     """
-    if scores.is_cuda and TOP_K_KERNEL and scores.shape[1] <= TOP_K_KERNEL_MAX_KEYS:
-        return _top_k_kernel(scores, in_s, is_q, keep, bounded, allowance)
-    return sorted_top_k(scores, in_s, is_q, keep, bounded, allowance)
-
-
-def sorted_top_k(
-    scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, keep: torch.Tensor,
-    bounded: torch.Tensor | None = None, allowance: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """top_k by one stable sort over positions, which ranks every candidate; the bound and the keep count are then
-    running counts along that order."""
     s = scores.masked_fill(~in_s, float("-inf")).masked_fill(is_q, float("inf"))
     order = torch.argsort(s, dim=1, descending=True, stable=True)  # [B, T]
     member = in_s.gather(1, order)  # [B, T] in rank order
@@ -277,17 +266,6 @@ def sorted_top_k(
         over = bounded.gather(1, order)
         member &= ~(over & (over.cumsum(1) > allowance[:, None]))
     return torch.zeros_like(in_s).scatter_(1, order, member & (member.cumsum(1) <= keep[:, None]))
-
-
-@torch.compiler.disable
-def _top_k_kernel(
-    scores: torch.Tensor, in_s: torch.Tensor, is_q: torch.Tensor, keep: torch.Tensor,
-    bounded: torch.Tensor | None, allowance: torch.Tensor | None,
-) -> torch.Tensor:
-    """kernels.top_k.top_k, launched as it is from compiled code too (a graph break, no cost under CUDA graphs)."""
-    from .kernels import top_k as kernel
-
-    return kernel.top_k(scores, in_s, is_q, keep, bounded, allowance)
 
 
 def compile_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -403,12 +381,6 @@ def reselect(
 # Together they took a pruned step's excess over a dense one from 0.35 to 0.24 ms at 8K (llama3-8b, H100),
 # and dense's own step by 0.08 ms (benchmarks/NOTES.md, "Decoding steps, fifth GPU session").
 COMPILE_SELECTION = True
-# Whether a decoding step's selection on CUDA is one radix-select launch (kernels/top_k.py) rather than a stable sort
-# with the gathers, running counts and scatter around it (about ten kernels a pruning layer). Off until a GPU has
-# timed it (benchmarks/NOTES.md, "Seventh GPU session"): its set is the sort's, tested in Triton's interpreter.
-TOP_K_KERNEL = False
-# Its one program a sequence reads the keys nine times: past this many keys CUB's sort, spread over the GPU, is faster.
-TOP_K_KERNEL_MAX_KEYS = 16384
 # Versions of one compiled function Dynamo may keep (compile_dynamic): four per scorer, and `tune` tries several.
 RECOMPILE_LIMIT = 64
 COMPILE_OPTIONS: dict[str, object] = {"pattern_matcher": False}
