@@ -8,6 +8,7 @@
 # before@.ab/C/src='{...}' (.ab/ is ignored).
 #
 #   run: benchmarks/decode_ab.sh profile A='{}' B='{"pattern_matcher": false}' C='{}+selection'  # ~1.5 min an arm
+#                                     # (after an 8K prompt; PROFILE_LENGTH=32768 for another)
 #   run: benchmarks/decode_ab.sh answers A='{}' C='{}+selection'  # whole answers at 8K and 32K, ROUNDS=3 rounds
 #                                     # (methods taking turns): ~5 min an arm, so one arm a call near the 10-minute limit
 set -uo pipefail
@@ -15,6 +16,8 @@ part=${1:?usage: decode_ab.sh profile|answers NAME[@SRC_DIR]=OPTIONS_JSON[+selec
 shift
 [ $# -gt 0 ] || { echo "name at least one arm: NAME[@SRC_DIR]=OPTIONS_JSON[+selection]" >&2; exit 2; }
 : "${MODEL:=llama3-8b}" "${LENGTHS:=8192,32768}" "${ROUNDS:=3}" "${ROOT:=/root}" "${PYTHON:=python3}"
+: "${PROFILE_LENGTH:=8192}"  # the prompt a profile decodes after (answers take LENGTHS)
+k=$((PROFILE_LENGTH / 1024))k
 # the CPU: MODEL=tiny LENGTHS=256 ROUNDS=2 PYTHON=.venv/bin/python OUT=... ROOT=...
 dir=$ROOT/$part && rm -rf "$dir" && mkdir -p "$dir"
 first=1
@@ -26,10 +29,10 @@ for arm in "$@"; do
     echo "$name $opts $selection $engine" >> "$dir/arms.txt"
     case $part in
     profile)
-        "$PYTHON" benchmarks/profile_stages.py --model "$MODEL" --no-prefill --length 8192 \
+        "$PYTHON" benchmarks/profile_stages.py --model "$MODEL" --no-prefill --length "$PROFILE_LENGTH" \
             --methods 'dense,revive(rows=1):balanced,balanced' --compile-options "$opts" $selection \
-            --json "$dir/steps-8k-$name.json" --kernel-table "$dir/kernels-8k-$name.txt" > "$dir/profile-8k-$name.txt" 2>&1
-        grep -h "^decode .*median" "$dir/profile-8k-$name.txt" | sed "s/^/$name /"
+            --json "$dir/steps-$k-$name.json" --kernel-table "$dir/kernels-$k-$name.txt" > "$dir/profile-$k-$name.txt" 2>&1
+        grep -h "^decode .*median" "$dir/profile-$k-$name.txt" | sed "s/^/$name /"
         ;;
     answers)
         static=() && [ $first = 1 ] && static=(transformers-static,)
