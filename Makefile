@@ -17,7 +17,7 @@ serve: $(INSTALLED)
 	$(VENV)/bin/lazyprefill serve --model smollm2
 
 test: $(INSTALLED)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -14,6 +14,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Rich wraps CLI error panels at the console's width (80 without a terminal), splitting words of long messages,
+# such as paths under pytest-xdist's per-worker folders: the tests read panels unwrapped.
+os.environ["COLUMNS"] = "400"
 
 from helpers import FAMILIES, tiny_model
 
