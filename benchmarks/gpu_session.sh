@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One lease's runs as a single background chain on the lent GPU, in the order given (the session's priorities), each
+# writing under $KEEP as soon as it exists, so that a lease cut short keeps what came first. Parts:
+#   answers  whole answers at 8K and 32K, dense / balanced / long / transformers-static (decode_ab.sh answers)
+#   long     TTFT and peak memory at 8K-128K, dense / balanced / long against transformers SDPA (long_prompts.py)
+#   profile  a decoding step's kernels after a 32K prompt (decode_ab.sh profile)
+#   check    check_gpu.py's sliding-window and block-sparse parts
+#   serve    serve_gpu.sh: checkpoint, prefix reuse at 16K, load, soak
+# On the device, from a copy of the repository (bring results back with `lent_gpu.sh poll`, which packs /root/keep):
+#   source /root/env.sh && setsid nohup bash benchmarks/gpu_session.sh answers long profile check serve \
+#       > /root/keep/session.log 2>&1 < /dev/null &
+# Small on the CPU: MODEL=tiny LENGTHS=256,512 PROFILE_LENGTH=256 DEVICE=cpu KEEP=/tmp/keep \
+#   PYTHON=.venv/bin/python benchmarks/gpu_session.sh long
+set -uo pipefail
+: "${KEEP:=/root/keep}" "${MODEL:=llama3-8b}" "${LENGTHS:=8192,32768,65536,131072}" "${PYTHON:=python3}"
+: "${DEVICE:=cuda}" "${PROFILE_LENGTH:=32768}" "${STEM:=long-h200}"
+OPTS='{"pattern_matcher": false}+selection'  # decoding's compile options since the seventh GPU session
+mkdir -p "$KEEP/out"
+for part in "$@"; do
+    echo "== $part $(date -u +%T)"
+    case $part in
+    answers) OUT=$KEEP/out ROOT=$KEEP MODEL=$MODEL PYTHON=$PYTHON bash benchmarks/decode_ab.sh answers pair="$OPTS" ;;
+    long) PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" benchmarks/long_prompts.py --model "$MODEL" \
+              --lengths "$LENGTHS" --schedules dense,balanced,long --repeats 5 --warmup 2 --device "$DEVICE" \
+              --out "$KEEP/long" --stem "$STEM" ;;
+    profile) OUT=$KEEP/out ROOT=$KEEP MODEL=$MODEL PYTHON=$PYTHON PROFILE_LENGTH=$PROFILE_LENGTH \
+                 bash benchmarks/decode_ab.sh profile pair="$OPTS" ;;
+    check) for only in windowed sparse; do
+               PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} timeout 300 "$PYTHON" benchmarks/check_gpu.py "$only" \
+                   > "$KEEP/check_gpu-$only.txt" 2>&1
+               echo "check_gpu $only: rc $?"
+           done ;;
+    serve) BENCH=benchmarks PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} bash benchmarks/serve_gpu.sh "$KEEP/serve" ;;
+    *) echo "unknown part $part: answers, long, profile, check or serve" >&2 ;;
+    esac
+    echo "== $part done rc $? $(date -u +%T)"
+done
