@@ -4,10 +4,11 @@
 #   answers  whole answers at 8K and 32K, dense / balanced / long / transformers-static (decode_ab.sh answers)
 #   long     TTFT and peak memory at 8K-128K, dense / balanced / long against transformers SDPA (long_prompts.py)
 #   profile  a decoding step's kernels after a 32K prompt (decode_ab.sh profile)
+#   prefill  short prompts' prefill under the profiler, lazyprefill against transformers (profile_stages.py)
 #   check    check_gpu.py's sliding-window and block-sparse parts
 #   serve    serve_gpu.sh: checkpoint, prefix reuse at 16K, load, soak
 # On the device, from a copy of the repository (bring results back with `lent_gpu.sh poll`, which packs /root/keep):
-#   source /root/env.sh && setsid nohup bash benchmarks/gpu_session.sh answers long profile check serve \
+#   source /root/env.sh && setsid nohup bash benchmarks/gpu_session.sh long profile prefill serve check \
 #       > /root/keep/session.log 2>&1 < /dev/null &
 # Small on the CPU: MODEL=tiny LENGTHS=256,512 PROFILE_LENGTH=256 DEVICE=cpu KEEP=/tmp/keep \
 #   PYTHON=.venv/bin/python benchmarks/gpu_session.sh long
@@ -25,13 +26,18 @@ for part in "$@"; do
               --out "$KEEP/long" --stem "$STEM" ;;
     profile) OUT=$KEEP/out ROOT=$KEEP MODEL=$MODEL PYTHON=$PYTHON PROFILE_LENGTH=$PROFILE_LENGTH \
                  bash benchmarks/decode_ab.sh profile pair="$OPTS" ;;
+    prefill) for n in 512 4096; do
+                 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" benchmarks/profile_stages.py --model "$MODEL" \
+                     --length $n --methods dense --decode-steps 2 --warmup-steps 1 --profile-steps 1 \
+                     > "$KEEP/prefill-$n.txt" 2>&1
+             done ;;
     check) for only in windowed sparse; do
                PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} timeout 300 "$PYTHON" benchmarks/check_gpu.py "$only" \
                    > "$KEEP/check_gpu-$only.txt" 2>&1
                echo "check_gpu $only: rc $?"
            done ;;
     serve) BENCH=benchmarks PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} bash benchmarks/serve_gpu.sh "$KEEP/serve" ;;
-    *) echo "unknown part $part: answers, long, profile, check or serve" >&2 ;;
+    *) echo "unknown part $part: answers, long, profile, prefill, check or serve" >&2 ;;
     esac
     echo "== $part done rc $? $(date -u +%T)"
 done
