@@ -2,7 +2,8 @@
 # Issue 25 on the lent GPU, as one background job whose every result is written as soon as it exists:
 #   1. a servable llama3-8b-shaped checkpoint with SmolLM2's tokenizer (shape_checkpoint.py);
 #   2. a follow-up question's TTFT over a 16K-token document against a fresh request (prefix_reuse.py);
-#   3. one Poisson trace of 8K-32K-token prompts on lazyprefill dense, `balanced` and `transformers serve
+#   3. one Poisson trace of 8K-32K-token prompts (19K-76K characters of Python: 0.39-0.43 tokens a character with
+#      SmolLM2's tokenizer, so that none is over MAX_PROMPT) on lazyprefill dense, `balanced` and `transformers serve
 #      --continuous-batching` (serve_load.py);
 #   4. a 10-minute soak of `balanced` on the same kind of trace (every request finished, memory after warm-up and at
 #      the end).
@@ -16,7 +17,7 @@
 set -euo pipefail
 out=${1:?usage: serve_gpu.sh OUT_DIR}
 : "${SHAPE:=llama3-8b}" "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${TOKENIZER:=/root/tok}" "${BENCH:=bench}"
-: "${LENGTH:=16384}" "${MIN_CHARS:=28000}" "${MAX_CHARS:=100000}" "${MAX_PROMPT:=34000}" "${NEW_TOKENS:=64}"
+: "${LENGTH:=16384}" "${MIN_CHARS:=19000}" "${MAX_CHARS:=76000}" "${MAX_PROMPT:=34000}" "${NEW_TOKENS:=64}"
 : "${RATE:=0.3}" "${DURATION:=180}" "${SOAK:=600}" "${PORT:=8400}"
 : "${CKPT:=/root/checkpoint-$SHAPE}"  # outside OUT_DIR: polls bring OUT_DIR back, not 15 GB of weights
 mkdir -p "$out"

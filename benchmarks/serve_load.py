@@ -46,6 +46,7 @@ class Outcome:
     tokens: int = 0
     total_s: float | None = None
     server: dict = field(default_factory=dict)  # the server's `lazyprefill` figures, if it sends them
+    finish: str = ""  # the stream's finish_reason: "length" or "stop" for an answer the server finished
     error: str = ""
 
 
@@ -91,7 +92,12 @@ async def one(client: httpx.AsyncClient, url: str, model: str, doc: str, new: in
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:  # a server that fails a request mid-stream says so in the stream
+                    outcome.error = json.dumps(chunk["error"])[:300]
+                    continue
                 outcome.server = chunk.get("lazyprefill", outcome.server)
+                if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
+                    outcome.finish = chunk["choices"][0]["finish_reason"]
                 if not chunk.get("choices") or not chunk["choices"][0]["delta"].get("content"):
                     continue
                 now = time.perf_counter()
@@ -129,7 +135,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summary(outcomes: list[Outcome], wall: float) -> dict:
-    ok = [o for o in outcomes if o.status == 200 and not o.error and o.ttft_s is not None]
+    ok = [o for o in outcomes if o.status == 200 and not o.error and o.finish in ("length", "stop")]
     ttft = [o.ttft_s for o in ok]
     gaps = [g for o in ok for g in o.gaps_s]
     server_ttft = [o.server["ttft_s"] for o in ok if o.server.get("ttft_s") is not None]
@@ -162,16 +168,19 @@ def memory(pid: int | None) -> dict:
     return out
 
 
-def start_server(args: argparse.Namespace, schedule: str) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, schedule: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """A `lazyprefill serve` whose output goes to `log`: read where a request failed, and never a full pipe that
+    would stall the server."""
     port = 8300 + random.randrange(600)
     cmd = [sys.executable, "-m", "lazyprefill", "serve", "--model", args.model, "--port", str(port), "--schedule",
            schedule, "--device", args.device, "--dtype", args.dtype, "--max-batch", str(args.max_batch),
            "--max-prompt-tokens", str(args.max_prompt_tokens), "--max-new-tokens", str(args.new_tokens)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=os.environ)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url
@@ -183,12 +192,12 @@ def start_server(args: argparse.Namespace, schedule: str) -> tuple[subprocess.Po
 def run_one(args: argparse.Namespace, name: str, arrivals: list, url: str | None, schedule: str | None) -> dict:
     proc = None
     if url is None:
-        proc, url = start_server(args, schedule)
+        proc, url = start_server(args, schedule, args.out.with_name(f"{args.out.name}-server-{name}.log"))
     try:
         # warm-up: the largest documents, one then two at once, so that the memory after it is the working set's
         warm = [doc for _, doc in trace(1.0, 10.0, args.seed + 1, args.max_chars, args.max_chars)[:3]]
-        asyncio.run(drive(url, args.model_name, [(0.0, warm[0])], args.new_tokens))
-        asyncio.run(drive(url, args.model_name, [(0.0, doc) for doc in warm[1:]], args.new_tokens))
+        warmup = asyncio.run(drive(url, args.model_name, [(0.0, warm[0])], args.new_tokens))[0]
+        warmup += asyncio.run(drive(url, args.model_name, [(0.0, doc) for doc in warm[1:]], args.new_tokens))[0]
         time.sleep(2)  # the server idles: what it holds then is its working set
         before = memory(proc.pid if proc else None)
         samples: list[dict] = []
@@ -212,7 +221,8 @@ def run_one(args: argparse.Namespace, name: str, arrivals: list, url: str | None
     peak = {k: max(m.get(k, 0) for m in samples) for k in before} if samples else {}
     return {"name": name, "url": url if proc is None else "started here", "schedule": schedule,
             "memory_after_warmup": before, "memory_at_end": after, "memory_peak_during_run": peak,
-            **summary(outcomes, wall), "outcomes": [asdict(o) for o in outcomes]}
+            **summary(outcomes, wall), "outcomes": [asdict(o) for o in outcomes],
+            "warmup_outcomes": [asdict(o) for o in warmup]}
 
 
 def markdown(result: dict) -> str:
@@ -222,15 +232,17 @@ def markdown(result: dict) -> str:
              f"{cfg['new_tokens']} new tokens (greedy), streamed; model {cfg['model']} on {cfg['device']}; "
              f"command: `{result['command']}`.", "",
              "| server | finished / sent | errors | TTFT p50 s | TTFT p99 s | per-token p50 ms | per-token p99 ms | "
-             "tokens/s | prefill work | resident MB: idle after warm-up -> idle at end (peak while loaded) |",
+             "tokens/s | prefill work | resident / GPU MB: idle after warm-up -> idle at end (peak while loaded) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def f(x, spec, scale=1.0):
         return "—" if x is None else format(x * scale, spec)
 
     for r in result["runs"]:
-        mem = (f"{r['memory_after_warmup'].get('rss_mb', 0):.0f} -> {r['memory_at_end'].get('rss_mb', 0):.0f} "
-               f"({r.get('memory_peak_during_run', {}).get('rss_mb', 0):.0f})" if r["memory_after_warmup"] else "—")
+        mem = " / ".join(
+            f"{r['memory_after_warmup'][k]:.0f} -> {r['memory_at_end'].get(k, 0):.0f} "
+            f"({r.get('memory_peak_during_run', {}).get(k, 0):.0f})" for k in ("rss_mb", "gpu_mb")
+            if k in r["memory_after_warmup"]) or "—"
         lines.append(f"| {r['name']} | {r['finished']} / {r['requests']} | {r['errors']} | "
                      f"{f(r['ttft_p50_s'], '.2f')} | {f(r['ttft_p99_s'], '.2f')} | "
                      f"{f(r['per_token_p50_s'], '.0f', 1e3)} | {f(r['per_token_p99_s'], '.0f', 1e3)} | "

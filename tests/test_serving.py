@@ -243,7 +243,7 @@ def test_an_engine_writes_its_whole_cache_when_built():
         scheduler.close()
 
 
-def test_a_failing_step_fails_its_requests_and_the_server_goes_on(monkeypatch):
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(monkeypatch, caplog):
     model = tiny_model("llama_gqa_rope3")
     scheduler = Scheduler(model, TOKENIZER, ServeConfig(schedule="paper", max_batch=2, max_prompt_tokens=64,
                                                         max_new_tokens=8), eos=set())
@@ -262,6 +262,8 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(monkeypatch):
         scheduler.submit(r)
         wait([out])
         assert out.finish == "error" and "out of memory" in out.events[-1].error
+        failed = [r for r in caplog.records if r.name == "lazyprefill.serving"]  # the operator sees where it failed
+        assert len(failed) == 1 and "decode_once_broken" in caplog.text and failed[0].exc_info is not None
         r2, out2 = request(prompt_ids(30, seed=1), 8)
         scheduler.submit(r2)
         wait([out2])
@@ -271,7 +273,7 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(monkeypatch):
     assert out2.finish == "length" and out2.tokens == want.new_tokens
 
 
-def test_a_request_whose_engine_cannot_be_built_fails_alone(monkeypatch):
+def test_a_request_whose_engine_cannot_be_built_fails_alone(monkeypatch, caplog):
     """Admission that raises (here: the engine of a second schedule) ends that request with an error; the loop
     and the other requests go on."""
     model = tiny_model("llama_gqa_rope3")
@@ -295,6 +297,7 @@ def test_a_request_whose_engine_cannot_be_built_fails_alone(monkeypatch):
         scheduler.close()
     assert out1.finish == "error" and "out of memory" in out1.events[-1].error
     assert out2.finish == "length" and len(out2.tokens) == 6
+    assert "could not be admitted (schedule 'dense')" in caplog.text and "no_dense" in caplog.text
 
 
 # ------------------------------------------------------------------------------------ prefix reuse
