@@ -28,7 +28,7 @@ for part in "$@"; do
                  bash benchmarks/decode_ab.sh profile pair="$OPTS" ;;
     prefill) for n in 512 4096; do
                  PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" benchmarks/profile_stages.py --model "$MODEL" \
-                     --length $n --methods dense --decode-steps 2 --warmup-steps 1 --profile-steps 1 \
+                     --length $n --methods dense --decode-steps 2 --warmup-steps 1 --profile-steps 1 --host-profile 20 \
                      > "$KEEP/prefill-$n.txt" 2>&1
              done ;;
     check) for only in windowed sparse; do

@@ -8,7 +8,9 @@ time means the host is the bottleneck; kernels other than the model's GEMMs and 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 from collections.abc import Callable, Iterator
@@ -60,6 +62,8 @@ def main() -> None:
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
                        help=f"DecodeOptions({name.replace('-', '_')}=True / False; default: by device)")
     p.add_argument("--no-prefill", action="store_true")
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="also N prefills of each method under cProfile: where the host's time goes")
     p.add_argument("--methods", type=split_list,
                    help="transformers, dense, presets and schedule specs, comma-separated (default: transformers, "
                         "dense and the presets)")
@@ -75,7 +79,7 @@ def main() -> None:
     adapter = adapter_for(model)
     prompts = bench.random_prompts(args.length, adapter.vocab_size, args.batch, torch.device("cuda"), 0)
     if not args.no_prefill:
-        profile_prefill(model, adapter, prompts[0])
+        profile_prefill(model, adapter, prompts[0], args.host_profile)
     options = DecodeOptions(graphs=None if args.graphs == "auto" else False,
                             split_kernel=None if args.attention == "auto" else False,
                             burst_kernel=args.burst_kernel, compile=args.compile)
@@ -144,7 +148,7 @@ def use_split_setting(path: str) -> None:
     print("split_attention settings:", Path(path).read_text())
 
 
-def profile_prefill(model, adapter, ids: torch.Tensor) -> None:
+def profile_prefill(model, adapter, ids: torch.Tensor, host_calls: int = 0) -> None:
     methods = {bench.TRANSFORMERS: bench.transformers_prefill(model)}
     for name, schedule in bench.schedules_for(adapter.num_layers).items():
         methods[name] = bench.lazy_prefill(adapter, schedule)
@@ -157,6 +161,21 @@ def profile_prefill(model, adapter, ids: torch.Tensor) -> None:
                 fn([ids])
                 torch.cuda.synchronize()
             summarize(prof, f"prefill {ids.shape[0]} {name}", wall, 1)
+            if host_calls:
+                host_profile(lambda fn=fn: fn([ids]), host_calls, f"prefill {ids.shape[0]} {name}")
+
+
+def host_profile(fn, calls: int, label: str) -> None:
+    """The Python functions that take the host's time over `calls` calls: a prefill whose wall time exceeds its
+    kernels' by more than the ATen ops' host time spends it in Python around them."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    print(f"\n== host profile, {label}: {calls} calls")
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
 
 
 def step_times(step, steps: int) -> tuple[list[float], float]:
