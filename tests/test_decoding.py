@@ -229,6 +229,19 @@ def test_compiled_selection_decodes_what_eager_selection_decodes_for_each_scorer
             torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-4, rtol=1e-4)
 
 
+def test_engines_of_one_model_share_their_compiled_functions(monkeypatch):
+    """Every engine used to build its own torch.compile wrappers (about 6 ms of host time, in each prefill that
+    `bench` times and each server pool): engines of one adapter now share them, and new compile options make new
+    ones."""
+    adapter = adapter_for(tiny_model("llama_gqa_rope3"))
+    schedule = lp.Schedule({1: 0.5})
+    first, second = (Engine(adapter, schedule, 64, decode=DecodeOptions(compile=True), batch=b) for b in (1, 2))
+    assert first.runner.layers is second.runner.layers and first.runner._select is second.runner._select
+    monkeypatch.setattr("lazyprefill.decoding.COMPILE_OPTIONS", {"max_autotune": False})
+    third = Engine(adapter, schedule, 64, decode=DecodeOptions(compile=True), batch=1)
+    assert third.runner.layers is not first.runner.layers
+
+
 def test_compile_dynamic_keeps_a_version_for_each_of_many_scorers():
     """A compiled function that takes the scorer compiles a version per scorer; with Dynamo's default limit (8
     versions) the ninth scorer of a process (tune tries several, each in up to four versions) would run eagerly."""

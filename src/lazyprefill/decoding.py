@@ -13,6 +13,7 @@ nothing reads, and no write needs a mask.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
@@ -43,7 +44,7 @@ class SegmentRunner:
         self.a, self.cache, self.reselects = adapter, cache, reselects
         self.compact = compact  # runs are never captured: a step takes only the sequences that step (`run`)
         self.partial = False  # this step leaves some slots out
-        self.layers: LlamaAdapter | CompiledLayers = CompiledLayers(adapter) if compile_layers else adapter
+        self.layers: LlamaAdapter | CompiledLayers = CompiledLayers.of(adapter) if compile_layers else adapter
         # the Triton kernels that read only S_l's K/V (CUDA): few rows per sequence, and bursts of many
         self.split = self.burst = None
         if split_kernel:
@@ -234,6 +235,17 @@ class CompiledLayers:
         self._qkv = torch.compile(adapter.block_qkv_pair, dynamic=True, options=COMPILE_OPTIONS)
         self._finish = torch.compile(adapter.block_finish, dynamic=True, options=COMPILE_OPTIONS)
 
+    @classmethod
+    def of(cls, adapter: LlamaAdapter) -> CompiledLayers:
+        """The adapter's compiled halves under the current COMPILE_OPTIONS, made once and kept on the adapter (they
+        live and go with it): building the torch.compile wrappers takes ~2 ms of host time, which every engine paid
+        (a server's pools, a call with a new batch size, each prefill that `bench` times)."""
+        made: dict[str, CompiledLayers] = adapter.__dict__.setdefault("_compiled_layers", {})
+        key = repr(sorted(COMPILE_OPTIONS.items()))
+        if key not in made:
+            made[key] = cls(adapter)
+        return made[key]
+
     def qkv_pair(
         self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,12 +280,14 @@ def top_k(
     return torch.zeros_like(in_s).scatter_(1, order, member & (member.cumsum(1) <= keep[:, None]))
 
 
+@functools.cache
 def compile_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """fn through torch.compile with every size its own symbol. With duck sizing, sizes that happen to be equal
-    when it first compiles (the batch, the pruning layers, a view's offset into its buffer) would be guarded equal,
-    and another batch or layer would compile it again. score_and_reselect compiles its versions per scorer (a
-    row or more, a sequence or more), so a process that decodes with several scorers (`tune`'s search) needs more
-    versions of one function than Dynamo keeps by default (8): RECOMPILE_LIMIT."""
+    """fn through torch.compile with every size its own symbol, one wrapper per function in a process (building one
+    takes about a millisecond of host time, which every new engine would pay). With duck sizing, sizes that happen
+    to be equal when it first compiles (the batch, the pruning layers, a view's offset into its buffer) would be
+    guarded equal, and another batch or layer would compile it again. score_and_reselect compiles its versions per
+    scorer (a row or more, a sequence or more), so a process that decodes with several scorers (`tune`'s search)
+    needs more versions of one function than Dynamo keeps by default (8): RECOMPILE_LIMIT."""
     compiled = torch.compile(fn, dynamic=True)
 
     def call(*args: Any) -> Any:

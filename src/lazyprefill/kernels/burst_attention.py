@@ -15,6 +15,7 @@ and nothing is read back to the host, so a launch can be captured in a CUDA grap
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -133,6 +134,7 @@ def default_block_n(dtype: torch.dtype, head_dim: int) -> int:
     return max(16, min(BLOCK_N, TILE_BYTES // (head_dim * dtype.itemsize)))
 
 
+@functools.cache  # once a process: every engine builds its runner with it
 def warm_up(dtype: torch.dtype, head_dim: int, group: int, device: torch.device) -> bool:
     """Compile for this dtype, head size and group before any CUDA graph capture (compiling while capturing
     is unsafe); one call covers every row count.

@@ -14,6 +14,7 @@ fp32 (fp32 inputs: exact fp32 products, no tf32). Imported only on CUDA.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -191,6 +192,7 @@ def default_block_n(dtype: torch.dtype, head_dim: int) -> int:
     return max(16, min(BLOCK_N, TILE_BYTES // (head_dim * dtype.itemsize)))
 
 
+@functools.cache  # once a process: every engine builds its runner with it
 def warm_up(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
     """Compile every row-block size before any CUDA graph capture (compiling while capturing is unsafe).
 
