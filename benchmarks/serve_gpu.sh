@@ -30,7 +30,8 @@ python3 "$BENCH/prefix_reuse.py" --model "$SHAPE" --device "$DEVICE" --dtype "$D
 
 load=(--model "$ckpt" --device "$DEVICE" --dtype "$DTYPE" --max-prompt-tokens "$MAX_PROMPT" --min-chars "$MIN_CHARS"
       --max-chars "$MAX_CHARS" --new-tokens "$NEW_TOKENS" --rate "$RATE")
-python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules balanced,dense --out "$out/load"  # balanced first: its failed run (NOTES, "Eighth GPU session")
+# balanced first: its last run had failed steps (NOTES, "Eighth GPU session"), and its server log says why
+python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules balanced,dense --out "$out/load"
 
 transformers serve "$ckpt" --continuous-batching --device "$DEVICE" --dtype "$DTYPE" --port "$PORT" &
 server=$!
