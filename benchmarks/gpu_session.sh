@@ -7,9 +7,8 @@
 #   prefill  short prompts' prefill under the profiler, lazyprefill against transformers (profile_stages.py)
 #   check    check_gpu.py's sliding-window and block-sparse parts
 #   serve    serve_gpu.sh: checkpoint, prefix reuse at 16K, load, soak
-# On the device, from a copy of the repository (bring results back with `lent_gpu.sh poll`, which packs /root/keep):
-#   source /root/env.sh && setsid nohup bash benchmarks/gpu_session.sh long profile prefill serve check \
-#       > /root/keep/session.log 2>&1 < /dev/null &
+# On the device, started in the background by `lent_gpu.sh session PART...` (which sets the machine up first; bring
+# results back with `lent_gpu.sh poll`, which packs /root/keep).
 # Small on the CPU: MODEL=tiny LENGTHS=256,512 PROFILE_LENGTH=256 DEVICE=cpu KEEP=/tmp/keep \
 #   PYTHON=.venv/bin/python benchmarks/gpu_session.sh long
 set -uo pipefail
