@@ -15,27 +15,28 @@ set -uo pipefail
 : "${KEEP:=/root/keep}" "${MODEL:=llama3-8b}" "${LENGTHS:=8192,32768,65536,131072}" "${PYTHON:=python3}"
 : "${DEVICE:=cuda}" "${PROFILE_LENGTH:=32768}" "${STEM:=long-h200}"
 OPTS='{"pattern_matcher": false}+selection'  # decoding's compile options since the seventh GPU session
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}  # this copy's engine first (decode_ab.sh sets its own)
 mkdir -p "$KEEP/out"
 for part in "$@"; do
     echo "== $part $(date -u +%T)"
     case $part in
     answers) OUT=$KEEP/out ROOT=$KEEP MODEL=$MODEL PYTHON=$PYTHON bash benchmarks/decode_ab.sh answers pair="$OPTS" ;;
-    long) PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" benchmarks/long_prompts.py --model "$MODEL" \
+    long) "$PYTHON" benchmarks/long_prompts.py --model "$MODEL" \
               --lengths "$LENGTHS" --schedules dense,balanced,long --repeats 5 --warmup 2 --device "$DEVICE" \
               --out "$KEEP/long" --stem "$STEM" ;;
     profile) OUT=$KEEP/out ROOT=$KEEP MODEL=$MODEL PYTHON=$PYTHON PROFILE_LENGTH=$PROFILE_LENGTH \
                  bash benchmarks/decode_ab.sh profile pair="$OPTS" ;;
     prefill) for n in 512 4096; do
-                 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" benchmarks/profile_stages.py --model "$MODEL" \
+                 "$PYTHON" benchmarks/profile_stages.py --model "$MODEL" \
                      --length $n --methods dense --decode-steps 2 --warmup-steps 1 --profile-steps 1 --host-profile 20 \
                      > "$KEEP/prefill-$n.txt" 2>&1
              done ;;
     check) for only in windowed sparse; do
-               PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} timeout 300 "$PYTHON" benchmarks/check_gpu.py "$only" \
+               timeout 300 "$PYTHON" benchmarks/check_gpu.py "$only" \
                    > "$KEEP/check_gpu-$only.txt" 2>&1
                echo "check_gpu $only: rc $?"
            done ;;
-    serve) BENCH=benchmarks PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} bash benchmarks/serve_gpu.sh "$KEEP/serve" ;;
+    serve) BENCH=benchmarks bash benchmarks/serve_gpu.sh "$KEEP/serve" ;;
     *) echo "unknown part $part: answers, long, profile, prefill, check or serve" >&2 ;;
     esac
     echo "== $part done rc $? $(date -u +%T)"

