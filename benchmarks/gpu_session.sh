@@ -6,7 +6,8 @@
 #   profile  a decoding step's kernels after a 32K prompt (decode_ab.sh profile)
 #   prefill  short prompts' prefill under the profiler, lazyprefill against transformers (profile_stages.py)
 #   check    check_gpu.py's sliding-window and block-sparse parts
-#   serve    serve_gpu.sh: checkpoint, prefix reuse at 16K, load, soak
+#   serve    serve_gpu.sh's SERVE_STEPS (default: prefix reuse at 16K, load, transformers serve, soak) into
+#            $KEEP/$SERVE_DIR (default serve)
 # On the device, started in the background by `lent_gpu.sh session PART...` (which sets the machine up first; bring
 # results back with `lent_gpu.sh poll`, which packs /root/keep).
 # Small on the CPU: MODEL=tiny LENGTHS=256,512 PROFILE_LENGTH=256 DEVICE=cpu KEEP=/tmp/keep \
@@ -36,7 +37,7 @@ for part in "$@"; do
                    > "$KEEP/check_gpu-$only.txt" 2>&1
                echo "check_gpu $only: rc $?"
            done ;;
-    serve) BENCH=benchmarks bash benchmarks/serve_gpu.sh "$KEEP/serve" ;;
+    serve) BENCH=benchmarks bash benchmarks/serve_gpu.sh "$KEEP/${SERVE_DIR:-serve}" ${SERVE_STEPS:-} ;;
     *) echo "unknown part $part: answers, long, profile, prefill, check or serve" >&2 ;;
     esac
     echo "== $part done rc $? $(date -u +%T)"

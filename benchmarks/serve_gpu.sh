@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Issue 25 on the lent GPU, as one background job whose every result is written as soon as it exists:
-#   1. a servable llama3-8b-shaped checkpoint with SmolLM2's tokenizer (shape_checkpoint.py);
-#   2. a follow-up question's TTFT over a 16K-token document against a fresh request (prefix_reuse.py);
-#   3. one Poisson trace of 8K-32K-token prompts (19K-76K characters of Python: 0.39-0.43 tokens a character with
-#      SmolLM2's tokenizer, so that none is over MAX_PROMPT) on lazyprefill dense, `balanced` and `transformers serve
-#      --continuous-batching` (serve_load.py);
-#   4. a 10-minute soak of `balanced` on the same kind of trace (every request finished, memory after warm-up and at
-#      the end).
+# Issue 25 on the lent GPU, as one background job whose every result is written as soon as it exists. Steps, in the
+# order given (all four by default), each building the servable llama3-8b-shaped checkpoint with SmolLM2's tokenizer
+# first if it is not there (shape_checkpoint.py):
+#   reuse        a follow-up question's TTFT over a 16K-token document against a fresh request (prefix_reuse.py);
+#   load         one Poisson trace of 8K-32K-token prompts (19K-76K characters of Python: 0.39-0.43 tokens a character
+#                with SmolLM2's tokenizer, so that none is over MAX_PROMPT) on lazyprefill's LOAD_SCHEDULES
+#                (`balanced`, then dense) (serve_load.py);
+#   transformers the same trace on `transformers serve --continuous-batching`;
+#   soak         a 10-minute soak of `balanced` on the same kind of trace (every request finished, memory after
+#                warm-up and at the end).
 # On the device, after `lent_gpu.sh setup` and `assemble`, with the tokenizer's files carried in .gpu/tok
 # (`shape_checkpoint.py --tokenizer-only smollm2 --out .gpu/tok`):
 #   cp -r .gpu/tok /root/tok && source /root/env.sh && cd /root && \
@@ -15,33 +17,46 @@
 #   SHAPE=tiny CKPT=/tmp/ckpt-tiny DEVICE=cpu DTYPE=float32 TOKENIZER=.gpu/tok LENGTH=1024 MIN_CHARS=2000 MAX_CHARS=4000 \
 #     MAX_PROMPT=2048 RATE=0.5 DURATION=20 SOAK=20 BENCH=benchmarks benchmarks/serve_gpu.sh /tmp/serve-smoke
 set -euo pipefail
-out=${1:?usage: serve_gpu.sh OUT_DIR}
+out=${1:?usage: serve_gpu.sh OUT_DIR [reuse|load|transformers|soak ...]}
+shift
+steps=("$@")
+((${#steps[@]})) || steps=(reuse load transformers soak)
 : "${SHAPE:=llama3-8b}" "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${TOKENIZER:=/root/tok}" "${BENCH:=bench}"
 : "${LENGTH:=16384}" "${MIN_CHARS:=19000}" "${MAX_CHARS:=76000}" "${MAX_PROMPT:=34000}" "${NEW_TOKENS:=64}"
-: "${RATE:=0.3}" "${DURATION:=180}" "${SOAK:=600}" "${PORT:=8400}"
+: "${RATE:=0.3}" "${DURATION:=180}" "${SOAK:=600}" "${PORT:=8400}" "${LOAD_SCHEDULES:=balanced,dense}"
 : "${CKPT:=/root/checkpoint-$SHAPE}"  # outside OUT_DIR: polls bring OUT_DIR back, not 15 GB of weights
 mkdir -p "$out"
 ckpt=$CKPT
 
-python3 "$BENCH/shape_checkpoint.py" --shape "$SHAPE" --tokenizer "$TOKENIZER" --device "$DEVICE" --dtype "$DTYPE" \
-    --out "$ckpt"
-python3 "$BENCH/prefix_reuse.py" --model "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --lengths "$LENGTH" \
-    --schedules dense,balanced --out "$out" --stem "prefix-reuse-$SHAPE"
-
+checkpoint() {
+    [[ -f $ckpt/config.json ]] || python3 "$BENCH/shape_checkpoint.py" --shape "$SHAPE" --tokenizer "$TOKENIZER" \
+        --device "$DEVICE" --dtype "$DTYPE" --out "$ckpt"
+}
 load=(--model "$ckpt" --device "$DEVICE" --dtype "$DTYPE" --max-prompt-tokens "$MAX_PROMPT" --min-chars "$MIN_CHARS"
       --max-chars "$MAX_CHARS" --new-tokens "$NEW_TOKENS" --rate "$RATE")
-# balanced first: its last run had failed steps (NOTES, "Eighth GPU session"), and its server log says why
-python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules balanced,dense --out "$out/load"
-
-transformers serve "$ckpt" --continuous-batching --device "$DEVICE" --dtype "$DTYPE" --port "$PORT" &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
 healthy() { python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:$PORT/health', timeout=2)" 2>/dev/null; }
-for _ in $(seq 120); do healthy && break; sleep 2; done
-healthy || { echo "transformers serve did not come up on port $PORT" >&2; exit 1; }
-python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules "" \
-    --url "transformers-serve=http://localhost:$PORT" --out "$out/load-transformers"
-kill $server 2>/dev/null || true
-wait $server || true  # its GPU memory is free before the soak reads the device's
 
-python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$SOAK" --schedules balanced --out "$out/soak"
+for step in "${steps[@]}"; do
+    echo "== serve step $step $(date -u +%T)"
+    case $step in
+    reuse) python3 "$BENCH/prefix_reuse.py" --model "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --lengths "$LENGTH" \
+               --schedules dense,balanced --out "$out" --stem "prefix-reuse-$SHAPE" ;;
+    load) checkpoint
+          python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules "$LOAD_SCHEDULES" \
+              --out "$out/load" ;;
+    transformers)
+        checkpoint
+        transformers serve "$ckpt" --continuous-batching --device "$DEVICE" --dtype "$DTYPE" --port "$PORT" &
+        server=$!
+        trap 'kill $server 2>/dev/null || true' EXIT
+        for _ in $(seq 120); do healthy && break; sleep 2; done
+        healthy || { echo "transformers serve did not come up on port $PORT" >&2; exit 1; }
+        python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules "" \
+            --url "transformers-serve=http://localhost:$PORT" --out "$out/load-transformers"
+        kill $server 2>/dev/null || true
+        wait $server || true ;;  # its GPU memory is free before the soak reads the device's
+    soak) checkpoint
+          python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$SOAK" --schedules balanced --out "$out/soak" ;;
+    *) echo "unknown step $step: reuse, load, transformers or soak" >&2; exit 2 ;;
+    esac
+done
