@@ -2,10 +2,9 @@
 layout or from the device? (benchmarks/NOTES.md, "Eighth GPU session": `balanced` failed steps on an H100.)
 
 On CUDA a decoding step runs every slot with rows laid out in buckets and the revival bound laid out in full, so
-that it can be captured as a graph; on the CPU it runs only the busy slots at their exact rows. Here CUDA graph
-capture is replaced by running the step as it is, and the engine is told it has graphs, so the CPU takes the GPU's
-layout. Staggered requests of random lengths go through a four-slot scheduler; each must finish with the tokens the
-same request gets alone.
+that it can be captured as a graph; on the CPU it runs only the busy slots at their exact rows.
+DecodeOptions(graph_layout=True) gives the CPU the GPU's layout, run eagerly. Staggered requests of random lengths
+go through a four-slot scheduler; each must finish with the tokens the same request gets alone.
 
     PYTHONPATH=src:tests python benchmarks/serve_layout_cpu.py --schedule balanced --longest 30000 --requests 12
 """
@@ -21,37 +20,9 @@ import transformers as tf
 from helpers import LLAMA3_ROPE, prompt_ids, random_tiny, word_tokenizer
 
 import lazyprefill as lp
-import lazyprefill.engine as engine_module
-from lazyprefill.engine import DecodeOptions, Engine
+from lazyprefill.engine import DecodeOptions
 from lazyprefill.generation import SamplingParams
-from lazyprefill.plan import BOUNDED_MAX_ROWS, waits_mid_step
 from lazyprefill.serving import Event, Scheduler, ServeConfig, ServeRequest
-
-
-class Uncaptured:
-    """decoding.Graphs without capture: each segment runs as it is."""
-
-    captured = 0
-
-    def __call__(self, key: tuple, fn) -> None:
-        fn()
-
-
-def with_graph_layout() -> None:
-    """Engines take the layout of CUDA graphs (all slots, buckets, the bound laid out) and run it eagerly."""
-    build = Engine.__init__
-
-    def init(self, adapter, schedule, capacity, trace=False, decode=DecodeOptions(), batch=None):
-        build(self, adapter, schedule, capacity, trace, decode, None)
-        self.graphs = True
-        bound = schedule.scorer.revival_rows
-        fixed = bound is not None and bound <= BOUNDED_MAX_ROWS and waits_mid_step(schedule)
-        self._bounded = [1] + [bound] * (len(self.segments) - 1) if fixed else None
-        if batch is not None:
-            self._allocate(batch)
-
-    Engine.__init__ = init
-    engine_module.Graphs = Uncaptured
 
 
 class Collector:
@@ -74,8 +45,7 @@ def main() -> None:
     args = p.parse_args()
     model = random_tiny(tf.LlamaConfig, tf.LlamaForCausalLM,
                         {"rope_parameters": LLAMA3_ROPE, "max_position_embeddings": args.longest + 64}, num_layers=8)
-    with_graph_layout()
-    decode = DecodeOptions(compile=args.compile)
+    decode = DecodeOptions(compile=args.compile, graph_layout=True)
     config = ServeConfig(schedule=args.schedule, max_batch=4, max_prompt_tokens=args.longest, max_new_tokens=16,
                          prefill_chunk=256)
     scheduler = Scheduler(model, word_tokenizer(), config, decode=decode, eos=set())

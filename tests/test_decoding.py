@@ -150,11 +150,32 @@ def test_decode_options_say_what_to_change(monkeypatch):
         DecodeOptions(graphs=1)
     with pytest.raises(ValueError, match=r"compile must be True, False or None .*, got 'yes'"):
         DecodeOptions(compile="yes")
+    with pytest.raises(ValueError, match="graphs need the graph layout"):
+        DecodeOptions(graphs=True, graph_layout=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter aside, Triton needs CUDA
     adapter = adapter_for(tiny_model("qwen3"))
     for options in (DecodeOptions(split_kernel=True), DecodeOptions(burst_kernel=True)):
         with pytest.raises(ValueError, match="Triton attention kernels need a CUDA model"):
             Engine(adapter, lp.parse_schedule("paper", adapter.num_layers), 32, decode=options)
+
+
+@pytest.mark.parametrize("schedule", ["balanced", "paper", "revive(rows=2):1:0.4,3:0.5"])
+def test_the_graph_layout_run_eagerly_decodes_what_the_compact_one_does(schedule):
+    """DecodeOptions(graph_layout=True) on the CPU: every slot computes, rows in buckets, the revival bound laid
+    out in full (the GPU's data path without capture); the tokens, statistics and logits are the compact
+    layout's."""
+    model = tiny_model("llama_gqa_rope3")
+    prompts = [prompt_ids(48, seed=2), prompt_ids(30, seed=4), prompt_ids(9, seed=5)]
+    kw = {"max_new_tokens": 10, "eos_token_id": [], "return_logits": True}
+    compact = lp.LazyLLM(model, schedule).generate(prompts, **kw)
+    layout = lp.LazyLLM(model, schedule, decode=DecodeOptions(graph_layout=True))
+    laid_out = layout.generate(prompts, **kw)
+    assert any(o.stats.revived > 0 for o in compact)
+    assert not layout._engine.graphs and not layout._engine.runner.compact
+    for a, b in zip(compact, laid_out, strict=True):
+        assert a.new_tokens == b.new_tokens
+        assert a.stats.to_dict() == b.stats.to_dict()
+        torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("patch", ["lazyprefill.decoding.SDPA_MIN_ROWS", "lazyprefill.engine.GRAPH_MAX_ROWS"])

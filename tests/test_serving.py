@@ -12,6 +12,7 @@ import torch
 from helpers import prompt_ids, tiny_model, word_tokenizer
 
 import lazyprefill as lp
+from lazyprefill.engine import DecodeOptions
 from lazyprefill.generation import SamplingParams
 from lazyprefill.serving import Event, Refused, Scheduler, ServeConfig, ServeRequest, slot_bytes
 
@@ -52,13 +53,17 @@ def wait(collectors: list[Collector], timeout: float = 60.0) -> None:
         assert c.done.wait(timeout), "a request did not finish"
 
 
-@pytest.fixture(params=["paper", "dense"])
+@pytest.fixture(params=[("paper", None), ("dense", None), ("balanced", True)],
+                ids=["paper", "dense", "balanced-graph-layout"])
 def scheduled(request):
+    """A scheduler of three slots; the last runs the GPU's decoding layout eagerly (DecodeOptions.graph_layout):
+    every slot a step, bucketed rows, the revival bound laid out."""
+    schedule, layout = request.param
     model = tiny_model("llama_gqa_rope3")
-    config = ServeConfig(schedule=request.param, max_batch=3, max_prompt_tokens=120, max_new_tokens=16,
+    config = ServeConfig(schedule=schedule, max_batch=3, max_prompt_tokens=120, max_new_tokens=16,
                          prefill_chunk=64)
-    scheduler = Scheduler(model, TOKENIZER, config, eos=set())
-    yield model, scheduler, request.param
+    scheduler = Scheduler(model, TOKENIZER, config, decode=DecodeOptions(graph_layout=layout), eos=set())
+    yield model, scheduler, schedule
     scheduler.close()
 
 

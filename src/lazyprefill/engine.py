@@ -74,6 +74,10 @@ class DecodeOptions:
     ahead: LazyLLM enqueues each decoding step before it reads the previous step's tokens, so that the device
         never waits for the host between steps; a sequence that stops at EOS or a stop string has then taken one
         step more than its tokens show (its output drops it). Pays only where the device runs on its own (CUDA).
+    graph_layout: lay each step out as CUDA graphs need it: every slot computes, rows come in buckets and a small
+        revival bound is laid out in full, so that no count is read from the device mid-step. None: exactly when
+        graphs run. On without graphs, the same layout runs eagerly: how the CPU covers the GPU's data path, and
+        how a failure on the GPU is told apart between capture and layout. Off turns graphs off by default.
     """
 
     graphs: bool | None = None
@@ -81,6 +85,7 @@ class DecodeOptions:
     burst_kernel: bool | None = None
     compile: bool | None = None
     ahead: bool | None = None
+    graph_layout: bool | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -88,6 +93,8 @@ class DecodeOptions:
             if not (isinstance(value, bool) or value is None):
                 raise ValueError(f"DecodeOptions.{f.name} must be True, False or None (the default: by device), "
                                  f"got {value!r}")
+        if self.graphs and self.graph_layout is False:
+            raise ValueError("CUDA graphs need the graph layout: with graphs=True leave graph_layout None or True")
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,9 @@ class Engine:
         on_cuda = adapter.device.type == "cuda"
         if decode.graphs and not (on_cuda and not trace):
             raise ValueError("CUDA graphs need a CUDA model and trace=False")
-        self.graphs = on_cuda and not trace if decode.graphs is None else decode.graphs
+        by_device = on_cuda and not trace and decode.graph_layout is not False
+        self.graphs = by_device if decode.graphs is None else decode.graphs
+        self.graph_layout = self.graphs if decode.graph_layout is None else decode.graph_layout
         if (decode.split_kernel or decode.burst_kernel) and not triton_runs_on(adapter.device):
             raise ValueError("the Triton attention kernels need a CUDA model")
         self.split_kernel = on_cuda if decode.split_kernel is None else decode.split_kernel
@@ -142,7 +151,7 @@ class Engine:
         # in buckets (graphs) needs no count from the device to be laid out: no wait mid-step. Only for bounds
         # that cost about what one row costs (a larger one waits and lays out what it needs)
         bound = schedule.scorer.revival_rows
-        fixed = bound is not None and bound <= BOUNDED_MAX_ROWS and self.graphs and waits_mid_step(schedule)
+        fixed = bound is not None and bound <= BOUNDED_MAX_ROWS and self.graph_layout and waits_mid_step(schedule)
         self._bounded = [1] + [bound] * (len(self.segments) - 1) if fixed else None
         self.recorder: Recorder = Recorder()
         self.cache: LazyCache | None = None
@@ -155,7 +164,7 @@ class Engine:
         L = self.a.num_layers
         c = self.cache = LazyCache(self.a, batch, self.capacity, count_writes=self.trace)
         self.runner = SegmentRunner(self.a, c, self.reselects, len(self.schedule.keep), self.split_kernel,
-                                    self.burst_kernel, self.compile_layers, compact=not self.graphs,
+                                    self.burst_kernel, self.compile_layers, compact=not self.graph_layout,
                                     revival_rows=self.schedule.scorer.revival_rows,
                                     ratios=tuple(self.schedule.keep.values()))
         self._run_segment = Graphs() if self.graphs else eager
@@ -471,7 +480,7 @@ class Engine:
         self.recorder.begin(seqs)
         if self._bounded is not None:
             for index, n in enumerate(self._bounded):
-                self._run(index, layout_rows(n, plan.keys, self.graphs), plan.keys)
+                self._run(index, layout_rows(n, plan.keys, self.graph_layout), plan.keys)
             counts = PendingStats.copy(self.runner.counts)
         else:
             counts = np.zeros((len(self.segments), 3, c.batch), dtype=np.int64)  # entering each segment, revived, |S|
@@ -480,7 +489,7 @@ class Engine:
             for index in range(len(self.segments)):
                 if index > 0 and self.reselects:
                     counts[index] = self.runner.counts[index].tolist()  # a wait per pruning layer
-                self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys, self.graphs), plan.keys)
+                self._run(index, layout_rows(int(counts[index, 0].max()), plan.keys, self.graph_layout), plan.keys)
         self.recorder.end()
         if self.a.tp is not None:  # every rank took this step with the same tokens and selected alike (a wait)
             stepped = self.runner.seqs
