@@ -5,7 +5,7 @@
 #   reuse        a follow-up question's TTFT over a 16K-token document against a fresh request (prefix_reuse.py);
 #   load         one Poisson trace of 8K-32K-token prompts (19K-76K characters of Python: 0.39-0.43 tokens a character
 #                with SmolLM2's tokenizer, so that none is over MAX_PROMPT) on lazyprefill's LOAD_SCHEDULES
-#                (`balanced`, then dense) (serve_load.py);
+#                (`balanced`, then dense) (serve_load.py), each started with SERVER_ARGS (e.g. --decode=graphs=off);
 #   transformers the same trace on `transformers serve --continuous-batching`;
 #   soak         a 10-minute soak of `balanced` on the same kind of trace (every request finished, memory after
 #                warm-up and at the end).
@@ -42,8 +42,10 @@ for step in "${steps[@]}"; do
     reuse) python3 "$BENCH/prefix_reuse.py" --model "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --lengths "$LENGTH" \
                --schedules dense,balanced --out "$out" --stem "prefix-reuse-$SHAPE" ;;
     load) checkpoint
+          server_args=()
+          for arg in ${SERVER_ARGS:-}; do server_args+=("--server-arg=$arg"); done
           python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules "$LOAD_SCHEDULES" \
-              --out "$out/load" ;;
+              "${server_args[@]}" --out "$out/load" ;;
     transformers)
         checkpoint
         transformers serve "$ckpt" --continuous-batching --device "$DEVICE" --dtype "$DTYPE" --port "$PORT" &

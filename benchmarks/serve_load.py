@@ -174,7 +174,8 @@ def start_server(args: argparse.Namespace, schedule: str, log: Path) -> tuple[su
     port = 8300 + random.randrange(600)
     cmd = [sys.executable, "-m", "lazyprefill", "serve", "--model", args.model, "--port", str(port), "--schedule",
            schedule, "--device", args.device, "--dtype", args.dtype, "--max-batch", str(args.max_batch),
-           "--max-prompt-tokens", str(args.max_prompt_tokens), "--max-new-tokens", str(args.new_tokens)]
+           "--max-prompt-tokens", str(args.max_prompt_tokens), "--max-new-tokens", str(args.new_tokens),
+           *args.server_arg]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=os.environ)
     url = f"http://127.0.0.1:{port}"
@@ -288,6 +289,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="passed on to every lazyprefill serve started here, e.g. --server-arg=--decode=graphs=off")
     p.add_argument("--rate", type=float, default=0.1, help="arrivals per second")
     p.add_argument("--duration", type=float, default=300, help="seconds of arrivals")
     p.add_argument("--min-chars", type=int, default=3000)

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from lazyprefill.cli import app
+from lazyprefill.engine import DecodeOptions
 from lazyprefill.schedule import FileRefused, Schedule, parse_schedule
 
 DOC = (Path(__file__).parents[1] / "examples" / "python_license.txt").read_text()
@@ -330,6 +331,39 @@ def test_bad_schedule_files_are_clean_errors_before_the_model_loads(tuned_file, 
     result = runner.invoke(app, ["serve", "--model", str(tmp_path / "no-model"), *args])
     assert_clean_error(result, message)  # the model, which does not exist, is not reached
     assert "--schedule-file" in flat(result.output)
+
+
+@pytest.mark.parametrize("pairs, message", [
+    (["graphs=maybe"], "'graphs=maybe' is not KEY=on or KEY=off"),
+    (["speed=on"], "'speed=on' is not KEY=on or KEY=off with KEY one of graphs, "),
+    (["graphs"], "'graphs' is not KEY=on or KEY=off"),
+    (["graphs=on", "graph_layout=off"], "CUDA graphs need the graph layout"),
+])
+def test_bad_decode_options_are_clean_errors_before_the_model_loads(tmp_path, pairs, message):
+    args = [arg for pair in pairs for arg in ("--decode", pair)]
+    result = runner.invoke(app, ["serve", "--model", str(tmp_path / "no-model"), *args])
+    assert_clean_error(result, message)
+    assert "--decode" in flat(result.output)
+
+
+def test_decode_options_reach_the_scheduler(tmp_path, monkeypatch):
+    """`serve --decode graphs=off --decode graph_layout=on`: the scheduler's engines decode with those options."""
+    import lazyprefill.serving
+
+    seen = []
+
+    class Recorded(lazyprefill.serving.Scheduler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.decode_options)
+
+    monkeypatch.setattr(lazyprefill.serving, "Scheduler", Recorded)
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)
+    tiny = save_tiny_model(tmp_path / "tiny")
+    result = runner.invoke(app, ["serve", "--model", str(tiny), "--max-new-tokens", "16", "--decode", "graphs=off",
+                                 "--decode", "graph_layout=on"])
+    assert result.exit_code == 0, result.output
+    assert seen == [DecodeOptions(graphs=False, graph_layout=True)]
 
 
 def test_a_schedule_file_the_model_cannot_run_names_its_option(tuned_file, tmp_path):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 
 if TYPE_CHECKING:
+    from .engine import DecodeOptions
     from .generation import GenerationOutput
     from .schedule import Preset, Schedule
 
@@ -85,6 +86,26 @@ def check_schedule_syntax(schedule: str | None) -> None:
         parse_schedule(schedule, num_layers=1 << 20, presets=every_family_presets())
     except ValueError as err:
         fail(str(err), "--schedule")
+
+
+def decode_options(pairs: list[str]) -> DecodeOptions:
+    """`--decode KEY=on|off` pairs as DecodeOptions: each default is what measured fastest on the device, and these
+    turn a decoding path off (or on) where it misbehaves or to measure what it gives."""
+    from dataclasses import fields
+
+    from .engine import DecodeOptions
+
+    names = [f.name for f in fields(DecodeOptions)]
+    chosen: dict[str, bool] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in names or value not in ("on", "off"):
+            fail(f"{pair!r} is not KEY=on or KEY=off with KEY one of {', '.join(names)}", "--decode")
+        chosen[key] = value == "on"
+    try:
+        return DecodeOptions(**chosen)
+    except ValueError as err:
+        fail(str(err), "--decode")
 
 
 def schedule_files(pairs: list[str]) -> dict[str, Path]:
@@ -730,6 +751,10 @@ def serve_command(
         1, "--tp", min=1, help="Tensor-parallel ranks: N processes under torchrun (started here unless this already "
         "runs under it), each with 1/N of the heads and MLP; rank 0 serves HTTP and the others step with it."
     ),
+    decode: list[str] | None = typer.Option(
+        None, "--decode", metavar="KEY=on|off", help="A decoding path on or off (graphs, graph_layout, split_kernel, "
+        "burst_kernel, compile, ahead; default: what measured fastest on the device). Repeatable."
+    ),
 ) -> None:
     """Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics),
     with continuous batching: requests join the running batch between decoding steps."""
@@ -749,6 +774,7 @@ def serve_command(
     check_device(device, dtype)
     check_schedule_syntax(schedule)
     files = schedule_files(schedule_file or [])
+    options = decode_options(decode or [])
     join_ranks(tp)
     lm, tokenizer = load(model, device, dtype, tp)
     model_schedule(schedule, lm)  # refuses a schedule this model cannot run, before the server starts
@@ -763,7 +789,7 @@ def serve_command(
                              max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                              kv_budget_gb=kv_budget_gb, max_queue=max_queue, min_reuse_tokens=min_reuse_tokens,
                              reuse_pruned=reuse_pruned, schedules=named)
-        scheduler = Scheduler(lm, tokenizer, config, make_engine=None if leader is None else leader.engine)
+        scheduler = Scheduler(lm, tokenizer, config, options, make_engine=None if leader is None else leader.engine)
     except ValueError as err:
         fail(str(err))
     registered = f"; registered: {', '.join(named)}" if named else ""
