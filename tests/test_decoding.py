@@ -3,13 +3,17 @@ clearing outside the prefill, compact traces, and no process-wide setting change
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from helpers import prompt_ids, tiny_model
+from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
 import lazyprefill as lp
+import lazyprefill.decoding as decoding
 from lazyprefill.adapters import adapter_for
 from lazyprefill.cache import LazyCache
 from lazyprefill.decoding import compile_dynamic, masked_attention, top_k
@@ -176,6 +180,41 @@ def test_the_graph_layout_run_eagerly_decodes_what_the_compact_one_does(schedule
         assert a.new_tokens == b.new_tokens
         assert a.stats.to_dict() == b.stats.to_dict()
         torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-5, rtol=1e-5)
+
+
+def test_a_selection_inductor_cannot_compile_runs_eagerly(monkeypatch, caplog):
+    """Where Inductor fails on a compiled selection (as torch 2.11's Triton code generation did on the GPU over
+    several sequences at once, ending a server's step), the step runs it eagerly and decodes what eager decoding
+    does; the failure is a warning, once, and no later call tries to compile it again."""
+    tries = []
+
+    def compile_failing_selection(fn, **kwargs):  # torch.compile's stand-in: the others stay eager, fast on the CPU
+        if fn is not decoding.score_and_reselect:
+            return fn
+
+        def compiled(*args):
+            tries.append(1)
+            raise BackendCompilerFailed(compiled, TypeError("list indices must be integers or slices, not NoneType"),
+                                        None)
+        return compiled
+
+    model = tiny_model("llama_gqa_rope3")
+    prompts = [prompt_ids(48, seed=2), prompt_ids(30, seed=4)]
+    kw = {"max_new_tokens": 8, "eos_token_id": [], "return_logits": True}
+    want = lp.LazyLLM(model, "balanced").generate(prompts, **kw)
+    monkeypatch.setattr(torch, "compile", compile_failing_selection)
+    decoding.compile_dynamic.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="lazyprefill.decoding"):
+            got = lp.LazyLLM(model, "balanced", decode=DecodeOptions(compile=True)).generate(prompts, **kw)
+    finally:
+        decoding.compile_dynamic.cache_clear()  # later tests compile for real
+    assert any(o.stats.revived > 0 for o in want)
+    for a, b in zip(want, got, strict=True):
+        assert a.new_tokens == b.new_tokens
+        torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-5, rtol=1e-5)
+    assert len(tries) == 1
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == ["torch.compile failed on score_and_reselect"]
 
 
 @pytest.mark.parametrize("patch", ["lazyprefill.decoding.SDPA_MIN_ROWS", "lazyprefill.engine.GRAPH_MAX_ROWS"])

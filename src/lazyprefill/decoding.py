@@ -14,6 +14,7 @@ nothing reads, and no write needs a mask.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
+from torch._dynamo.exc import BackendCompilerFailed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import LlamaAdapter
@@ -29,6 +31,8 @@ from .cache import LazyCache, kv_rows
 from .plan import Segment, StepPlan
 from .recording import Recorder
 from .scoring import ScoreInput, Scorer
+
+logger = logging.getLogger(__name__)
 
 
 class SegmentRunner:
@@ -288,12 +292,28 @@ def compile_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
     offset into its buffer) would be guarded equal, and another batch or layer would compile it again.
     score_and_reselect compiles its versions per scorer (a row or more, a sequence or more), so a process that
     decodes with several scorers (`tune`'s search) needs more versions of one function than Dynamo keeps by default
-    (8): RECOMPILE_LIMIT."""
+    (8): RECOMPILE_LIMIT.
+
+    Where Inductor fails to compile a version, fn runs eagerly from then on in this process (it computes the same;
+    a warning says which error): torch 2.11's Triton code generation failed on score_and_reselect over several
+    sequences at once (symbolic batch) on an H100 and an H200, which ended every request of a server's failed
+    step (benchmarks/NOTES.md, "Ninth GPU session"). The failure comes before any of fn's kernels run, so the
+    eager call repeats nothing."""
     compiled = torch.compile(fn, dynamic=True)
+    eager = False
 
     def call(*args: Any) -> Any:
-        with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return compiled(*args)
+        nonlocal eager
+        if eager:
+            return fn(*args)
+        try:
+            with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return compiled(*args)
+        except BackendCompilerFailed as err:
+            logger.warning("torch.compile failed on %s; it runs eagerly from now on: %s",
+                           fn.__name__, str(err).splitlines()[0])
+            eager = True
+            return fn(*args)
 
     return call
 
