@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 25 on the lent GPU, as one background job whose every result is written as soon as it exists. Steps, in the
-# order given (all four by default), each building the servable llama3-8b-shaped checkpoint with SmolLM2's tokenizer
-# first if it is not there (shape_checkpoint.py):
+# order given (all four by default); those that start a server build the servable llama3-8b-shaped checkpoint with
+# SmolLM2's tokenizer first if it is not there (shape_checkpoint.py):
 #   reuse        a follow-up question's TTFT over a 16K-token document against a fresh request (prefix_reuse.py);
 #   load         one Poisson trace of 8K-32K-token prompts (19K-76K characters of Python: 0.39-0.43 tokens a character
 #                with SmolLM2's tokenizer, so that none is over MAX_PROMPT) on lazyprefill's LOAD_SCHEDULES
@@ -28,9 +28,12 @@ steps=("$@")
 mkdir -p "$out"
 ckpt=$CKPT
 
-checkpoint() {
-    [[ -f $ckpt/config.json ]] || python3 "$BENCH/shape_checkpoint.py" --shape "$SHAPE" --tokenizer "$TOKENIZER" \
-        --device "$DEVICE" --dtype "$DTYPE" --out "$ckpt"
+checkpoint() {  # built aside and moved into place whole, so that one cut off midway is never taken for complete
+    [[ -d $ckpt ]] && return
+    rm -rf "$ckpt.partial"
+    python3 "$BENCH/shape_checkpoint.py" --shape "$SHAPE" --tokenizer "$TOKENIZER" --device "$DEVICE" \
+        --dtype "$DTYPE" --out "$ckpt.partial"
+    mv "$ckpt.partial" "$ckpt"
 }
 load=(--model "$ckpt" --device "$DEVICE" --dtype "$DTYPE" --max-prompt-tokens "$MAX_PROMPT" --min-chars "$MIN_CHARS"
       --max-chars "$MAX_CHARS" --new-tokens "$NEW_TOKENS" --rate "$RATE")
@@ -42,10 +45,11 @@ for step in "${steps[@]}"; do
     reuse) python3 "$BENCH/prefix_reuse.py" --model "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --lengths "$LENGTH" \
                --schedules dense,balanced --out "$out" --stem "prefix-reuse-$SHAPE" ;;
     load) checkpoint
+          read -ra extra <<< "${SERVER_ARGS:-}"
           server_args=()
-          for arg in ${SERVER_ARGS:-}; do server_args+=("--server-arg=$arg"); done
+          for arg in ${extra[@]+"${extra[@]}"}; do server_args+=("--server-arg=$arg"); done
           python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules "$LOAD_SCHEDULES" \
-              "${server_args[@]}" --out "$out/load" ;;
+              ${server_args[@]+"${server_args[@]}"} --out "$out/load" ;;
     transformers)
         checkpoint
         transformers serve "$ckpt" --continuous-batching --device "$DEVICE" --dtype "$DTYPE" --port "$PORT" &
@@ -56,7 +60,8 @@ for step in "${steps[@]}"; do
         python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules "" \
             --url "transformers-serve=http://localhost:$PORT" --out "$out/load-transformers"
         kill $server 2>/dev/null || true
-        wait $server || true ;;  # its GPU memory is free before the soak reads the device's
+        wait $server || true  # its GPU memory is free before the soak reads the device's
+        trap - EXIT ;;
     soak) checkpoint
           python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$SOAK" --schedules balanced --out "$out/soak" ;;
     *) echo "unknown step $step: reuse, load, transformers or soak" >&2; exit 2 ;;

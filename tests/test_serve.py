@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,7 @@ from helpers import assert_clean_error, flat, save_tiny_model
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from lazyprefill.cli import app
+from lazyprefill.cli import SERVE_DECODE_KEYS, app
 from lazyprefill.engine import DecodeOptions
 from lazyprefill.schedule import FileRefused, Schedule, parse_schedule
 
@@ -338,12 +339,24 @@ def test_bad_schedule_files_are_clean_errors_before_the_model_loads(tuned_file, 
     (["speed=on"], "'speed=on' is not KEY=on or KEY=off with KEY one of graphs, "),
     (["graphs"], "'graphs' is not KEY=on or KEY=off"),
     (["graphs=on", "graph_layout=off"], "CUDA graphs need the graph layout"),
+    (["graphs=off", "graphs=on"], "graphs is given twice"),
+    (["ahead=on"], "'ahead=on' is not KEY=on or KEY=off with KEY one of graphs, graph_layout, split_kernel, "
+                   "burst_kernel, compile"),
+    (["graphs=on"], "CUDA graphs need a CUDA model"),
+    (["burst_kernel=on"], "the Triton attention kernels need a CUDA model"),
 ])
-def test_bad_decode_options_are_clean_errors_before_the_model_loads(tmp_path, pairs, message):
+def test_bad_decode_options_are_clean_errors_before_the_model_loads(tmp_path, monkeypatch, pairs, message):
+    """Every --decode a CPU server could not run is refused before the model loads, not at the first request."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter aside, Triton needs CUDA
     args = [arg for pair in pairs for arg in ("--decode", pair)]
     result = runner.invoke(app, ["serve", "--model", str(tmp_path / "no-model"), *args])
     assert_clean_error(result, message)
     assert "--decode" in flat(result.output)
+
+
+def test_serve_takes_every_decode_option_its_steps_read():
+    """`ahead` is generate's alone; a DecodeOptions field added later must be offered to serve or left out here."""
+    assert set(SERVE_DECODE_KEYS) == {f.name for f in fields(DecodeOptions)} - {"ahead"}
 
 
 def test_decode_options_reach_the_scheduler(tmp_path, monkeypatch):

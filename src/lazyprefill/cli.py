@@ -88,24 +88,32 @@ def check_schedule_syntax(schedule: str | None) -> None:
         fail(str(err), "--schedule")
 
 
-def decode_options(pairs: list[str]) -> DecodeOptions:
-    """`--decode KEY=on|off` pairs as DecodeOptions: each default is what measured fastest on the device, and these
-    turn a decoding path off (or on) where it misbehaves or to measure what it gives."""
-    from dataclasses import fields
+# DecodeOptions a server's steps read (`ahead` is generate's: a server reads each step's tokens before the next)
+SERVE_DECODE_KEYS = ("graphs", "graph_layout", "split_kernel", "burst_kernel", "compile")
+
+
+def decode_options(pairs: list[str], device: str) -> DecodeOptions:
+    """`serve --decode KEY=on|off` pairs as DecodeOptions, checked against `device` before the model loads: each
+    default is what measured fastest on the device, and these turn a decoding path off (or on) where it misbehaves
+    or to measure what it gives."""
+    import torch
 
     from .engine import DecodeOptions
 
-    names = [f.name for f in fields(DecodeOptions)]
     chosen: dict[str, bool] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in names or value not in ("on", "off"):
-            fail(f"{pair!r} is not KEY=on or KEY=off with KEY one of {', '.join(names)}", "--decode")
+        if key not in SERVE_DECODE_KEYS or value not in ("on", "off"):
+            fail(f"{pair!r} is not KEY=on or KEY=off with KEY one of {', '.join(SERVE_DECODE_KEYS)}", "--decode")
+        if key in chosen:
+            fail(f"{key} is given twice", "--decode")
         chosen[key] = value == "on"
     try:
-        return DecodeOptions(**chosen)
+        options = DecodeOptions(**chosen)
+        options.check(torch.device(device))
     except ValueError as err:
         fail(str(err), "--decode")
+    return options
 
 
 def schedule_files(pairs: list[str]) -> dict[str, Path]:
@@ -752,8 +760,8 @@ def serve_command(
         "runs under it), each with 1/N of the heads and MLP; rank 0 serves HTTP and the others step with it."
     ),
     decode: list[str] | None = typer.Option(
-        None, "--decode", metavar="KEY=on|off", help="A decoding path on or off (graphs, graph_layout, split_kernel, "
-        "burst_kernel, compile, ahead; default: what measured fastest on the device). Repeatable."
+        None, "--decode", metavar="KEY=on|off", help=f"A decoding path on or off ({', '.join(SERVE_DECODE_KEYS)}; "
+        "default: what measured fastest on the device). Repeatable."
     ),
 ) -> None:
     """Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics),
@@ -774,7 +782,7 @@ def serve_command(
     check_device(device, dtype)
     check_schedule_syntax(schedule)
     files = schedule_files(schedule_file or [])
-    options = decode_options(decode or [])
+    options = decode_options(decode or [], device)
     join_ranks(tp)
     lm, tokenizer = load(model, device, dtype, tp)
     model_schedule(schedule, lm)  # refuses a schedule this model cannot run, before the server starts

@@ -294,11 +294,11 @@ def compile_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
     decodes with several scorers (`tune`'s search) needs more versions of one function than Dynamo keeps by default
     (8): RECOMPILE_LIMIT.
 
-    Where Inductor fails to compile a version, fn runs eagerly from then on in this process (it computes the same;
-    a warning says which error): torch 2.11's Triton code generation failed on score_and_reselect over several
-    sequences at once (symbolic batch) on an H100 and an H200, which ended every request of a server's failed
-    step (benchmarks/NOTES.md, "Ninth GPU session"). The failure comes before any of fn's kernels run, so the
-    eager call repeats nothing."""
+    Where the compiler fails on a version, fn runs eagerly from then on in this process, every version of it (it
+    computes the same; a warning says which error): torch 2.11's Triton code generation failed on
+    score_and_reselect over several sequences at once (a symbolic batch) on an H200, which ended every request of a
+    server's step (benchmarks/NOTES.md, "Ninth GPU session"). Part of fn may have run before the failure (a graph
+    break), so what goes through here must be pure: it returns new tensors and writes nothing it was given."""
     compiled = torch.compile(fn, dynamic=True)
     eager = False
 
@@ -310,8 +310,9 @@ def compile_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
             with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
                 return compiled(*args)
         except BackendCompilerFailed as err:
-            logger.warning("torch.compile failed on %s; it runs eagerly from now on: %s",
-                           fn.__name__, str(err).splitlines()[0])
+            cause = getattr(err, "inner_exception", err)
+            logger.warning("torch.compile failed on %s; it runs eagerly from now on: %s: %s",
+                           fn.__name__, type(cause).__name__, str(cause).splitlines()[0] if str(cause) else "")
             eager = True
             return fn(*args)
 

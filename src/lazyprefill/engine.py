@@ -96,6 +96,14 @@ class DecodeOptions:
         if self.graphs and self.graph_layout is False:
             raise ValueError("CUDA graphs need the graph layout: with graphs=True leave graph_layout None or True")
 
+    def check(self, device: torch.device, trace: bool = False) -> None:
+        """Refuse what cannot run on `device` (with tracing, whose recorder reads the device mid-step): before a
+        server takes requests, not at its first engine."""
+        if self.graphs and not (device.type == "cuda" and not trace):
+            raise ValueError("CUDA graphs need a CUDA model and trace=False")
+        if (self.split_kernel or self.burst_kernel) and not triton_runs_on(device):
+            raise ValueError("the Triton attention kernels need a CUDA model")
+
 
 @dataclass(frozen=True)
 class Held:
@@ -135,13 +143,10 @@ class Engine:
         self.trace = trace
         self.reselects = schedule.scorer.reselects
         on_cuda = adapter.device.type == "cuda"
-        if decode.graphs and not (on_cuda and not trace):
-            raise ValueError("CUDA graphs need a CUDA model and trace=False")
+        decode.check(adapter.device, trace)
         by_device = on_cuda and not trace and decode.graph_layout is not False
         self.graphs = by_device if decode.graphs is None else decode.graphs
         self.graph_layout = self.graphs if decode.graph_layout is None else decode.graph_layout
-        if (decode.split_kernel or decode.burst_kernel) and not triton_runs_on(adapter.device):
-            raise ValueError("the Triton attention kernels need a CUDA model")
         self.split_kernel = on_cuda if decode.split_kernel is None else decode.split_kernel
         self.burst_kernel = on_cuda if decode.burst_kernel is None else decode.burst_kernel
         self.compile_layers = on_cuda if decode.compile is None else decode.compile

@@ -39,8 +39,9 @@ class Preset:
 # candidates each time, ranked by the last token's attention.
 # `long` is for long prompts (issue 24): half the candidates go at ~30% and again at ~60% of depth, and from 16K
 # tokens on the full-attention layers from layer 2 attend block-sparsely (sparse.py), the pruned ones included. On an
-# H200 (llama3-8b, random bf16) it measured 1.82x TTFT at 8K, 2.29x at 32K, 2.86x at 64K and 3.81x at 128K
-# (benchmarks/results/long/long-h200.md; 1.70x-3.81x on an H100, long-h100.md). Its accuracy is measured through
+# H200 (llama3-8b, random bf16) it measured 1.82x TTFT at 8K, 2.29x at 32K, 2.86x at 64K and 3.81x at 128K (a median
+# over rounds that partly overlapped other work; 3.9x in those that did not: benchmarks/results/long/long-h200.md;
+# 1.70x-3.81x on an H100, long-h100.md). Its accuracy is measured through
 # Gemma 3's `long` (results/README.md): at 16K-32K it keeps passkey, recall, niah_single and the multi-query needles
 # and loses multi-key ones (32K: -0.080); at 2K (RULER's needles, results/gemma3-270m-cpu-2048-ruler) it loses
 # retrieval as the old `balanced` did.
