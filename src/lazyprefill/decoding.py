@@ -312,7 +312,7 @@ def compile_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
         except BackendCompilerFailed as err:
             cause = getattr(err, "inner_exception", err)
             logger.warning("torch.compile failed on %s; it runs eagerly from now on: %s: %s",
-                           fn.__name__, type(cause).__name__, str(cause).splitlines()[0] if str(cause) else "")
+                           fn.__name__, type(cause).__name__, (str(cause).splitlines() or [""])[0])
             eager = True
             return fn(*args)
 

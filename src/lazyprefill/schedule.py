@@ -41,10 +41,9 @@ class Preset:
 # tokens on the full-attention layers from layer 2 attend block-sparsely (sparse.py), the pruned ones included. On an
 # H200 (llama3-8b, random bf16) it measured 1.82x TTFT at 8K, 2.29x at 32K, 2.86x at 64K and 3.81x at 128K (a median
 # over rounds that partly overlapped other work; 3.9x in those that did not: benchmarks/results/long/long-h200.md;
-# 1.70x-3.81x on an H100, long-h100.md). Its accuracy is measured through
-# Gemma 3's `long` (results/README.md): at 16K-32K it keeps passkey, recall, niah_single and the multi-query needles
-# and loses multi-key ones (32K: -0.080); at 2K (RULER's needles, results/gemma3-270m-cpu-2048-ruler) it loses
-# retrieval as the old `balanced` did.
+# 1.70x-3.81x on an H100, long-h100.md). Its accuracy is measured through Gemma 3's `long` (results/README.md): at
+# 16K-32K it keeps passkey, recall, niah_single and the multi-query needles and loses multi-key ones (32K: -0.080);
+# at 2K (RULER's needles, results/gemma3-270m-cpu-2048-ruler) it loses retrieval as the old `balanced` did.
 PRESETS: dict[str, Preset] = {
     "balanced": Preset({0.67: 0.3}, "revive(rows=8, of=last)"),
     "paper": Preset({0.3: 0.7, 0.6: 0.7, 0.9: 0.7}),
