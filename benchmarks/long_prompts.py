@@ -51,7 +51,7 @@ def main() -> None:
               "protocol": {"repeats": cfg.repeats, "warmup": cfg.warmup, "dtype": args.dtype},
               "schedules": {name: s.describe() for name, s in schedules.items()}, "ttft": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(lengths) * (len(names) + 1), desc="long prompts") as bar:
+    with tqdm(total=len(lengths) * (len(names) + 1 + cfg.repeats), desc="long prompts") as bar:
         def progress(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update(1)

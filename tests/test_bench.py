@@ -12,8 +12,8 @@ import pytest
 from helpers import tiny_model
 from typer.testing import CliRunner
 
-from lazyprefill import PRESETS
-from lazyprefill.bench import TRANSFORMERS, TRANSFORMERS_FLASH, ModelDims, ideal_speedup, prefill_flops
+from lazyprefill import PRESETS, bench
+from lazyprefill.bench import TRANSFORMERS, TRANSFORMERS_FLASH, BenchConfig, ModelDims, ideal_speedup, prefill_flops
 from lazyprefill.cli import app
 
 # 2 layers, d=4, 2 query heads and 1 K/V head of size 2, FFN 8, vocab 10.
@@ -123,3 +123,14 @@ def test_bench_batches_write_rows_for_every_batch_and_method(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 33 for r in entry["batch_decode"])
     assert "| batch | method | TTFT ms |" in (tmp_path / "b.md").read_text()
     assert (tmp_path / "b-batch.png").stat().st_size > 0
+
+
+def test_the_progress_bar_counts_every_label_run_emits():
+    """`progress_total` is the bar's length: one label per warm-up and per timed round (the rounds are most of the
+    time on long prompts), per decoding method, per batch."""
+    cfg = BenchConfig(lengths={"tiny": [24, 32]}, decode_lengths=[24], repeats=3, warmup=0, decode_tokens=2,
+                      device="cpu", dtype="float32", batch_sizes=[2], batch_length=16, batch_decode_tokens=2)
+    labels = []
+    bench.run(cfg, labels.append)
+    assert len(labels) == bench.progress_total(cfg)
+    assert labels.count("24 x1 round 3/3") == 1

@@ -125,8 +125,9 @@ def configure(
 def progress_total(cfg: BenchConfig, presets: int = len(PRESETS)) -> int:
     """How many progress labels `run` emits (for a progress bar)."""
     per_length = 2 + presets
-    batches = (2 * per_length + 1) * len(cfg.batch_sizes)
-    return sum(per_length * len(ls) + (per_length + 1) * sum(n <= max(ls, default=0) for n in cfg.decode_lengths)
+    ttft = per_length + cfg.repeats  # a warm-up a method, then a label a timed round
+    batches = (ttft + per_length + 1) * len(cfg.batch_sizes)
+    return sum(ttft * len(ls) + (per_length + 1) * sum(n <= max(ls, default=0) for n in cfg.decode_lengths)
                + batches for ls in cfg.lengths.values())
 
 

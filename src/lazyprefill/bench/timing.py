@@ -118,7 +118,8 @@ def bench_ttft(
                 row["note"] = "out of memory"
             row["peak_gb"] = _peak_gb(device)
             reset_peak_memory(device)
-        for i in range(cfg.repeats):
+        for i in range(cfg.repeats):  # a label each: at long prompts the rounds take longer than the warm-ups
+            progress(f"{n} x{batch} round {i + 1}/{cfg.repeats}")
             for name, (fn, _) in methods.items():
                 if not rows[name]["note"]:
                     rows[name]["times_ms"].append(time_once(fn, inputs[i % len(inputs)]))
