@@ -46,10 +46,8 @@ for step in "${steps[@]}"; do
                --schedules dense,balanced --out "$out" --stem "prefix-reuse-$SHAPE" ;;
     load) checkpoint
           read -ra extra <<< "${SERVER_ARGS:-}"
-          server_args=()
-          for arg in ${extra[@]+"${extra[@]}"}; do server_args+=("--server-arg=$arg"); done
           python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$DURATION" --schedules "$LOAD_SCHEDULES" \
-              ${server_args[@]+"${server_args[@]}"} --out "$out/load" ;;
+              "${extra[@]/#/--server-arg=}" --out "$out/load" ;;
     transformers)
         checkpoint
         transformers serve "$ckpt" --continuous-batching --device "$DEVICE" --dtype "$DTYPE" --port "$PORT" &

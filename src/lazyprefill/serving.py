@@ -39,7 +39,7 @@ from .schedule import DEFAULT_PRESET, FileRefused, Schedule, parse_schedule
 # tensor parallelism one whose calls the other ranks repeat (mirror.Leader.engine)
 EngineFactory = Callable[[LlamaAdapter, Schedule, int, DecodeOptions, int], Engine]
 
-log = logging.getLogger(__name__)  # failures with their tracebacks: a client is told only the message
+logger = logging.getLogger(__name__)  # failures with their tracebacks: a client is told only the message
 
 
 def new_engine(adapter: LlamaAdapter, schedule: Schedule, capacity: int, decode: DecodeOptions, batch: int) -> Engine:
@@ -332,7 +332,7 @@ class Scheduler:
                             self._prefill_chunk(pool)
                             self._decode_step(pool)
                     except Exception as err:  # a failed step fails its requests, not the server
-                        log.exception("a step failed: its engines' requests fail and the engines are rebuilt")
+                        logger.exception("a step failed: its engines' requests fail and the engines are rebuilt")
                         self._fail_all(f"{type(err).__name__}: {err}")
                     self._running = sum(len(p.decoding) + len(p.prefilling) for p in self.pools.values())
                     self.observe("running", self._running)
@@ -378,7 +378,7 @@ class Scheduler:
                     continue
                 self._start(pool, request)
             except Exception as err:  # an engine that cannot be built, say: this request fails, not the loop
-                log.exception("a request could not be admitted (schedule %r)", request.schedule)
+                logger.exception("a request could not be admitted (schedule %r)", request.schedule)
                 request.emit(Event(finish_reason="error", error=f"{type(err).__name__}: {err}"))
         self.waiting = held + self.waiting
 
