@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import prompt_ids, tiny_model
 from torch._dynamo.utils import counters
+from torch._inductor.exc import InductorError
 
 import lazyprefill as lp
 import lazyprefill.decoding as decoding
@@ -194,15 +195,19 @@ def test_the_graph_layout_run_eagerly_decodes_what_the_compact_one_does(schedule
         torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), atol=1e-5, rtol=1e-5)
 
 
-def test_a_selection_the_compiler_fails_on_runs_eagerly(monkeypatch, caplog):
+@pytest.mark.parametrize("raised", ["error", "inductor"])
+def test_a_selection_the_compiler_fails_on_runs_eagerly(monkeypatch, caplog, raised):
     """Where the compiler fails on a compiled selection (as torch 2.11's Triton code generation did on the GPU over
     several sequences at once, ending a server's step), the step runs it eagerly and decodes what eager decoding
-    does; the failure is one warning that names its cause, and no later call tries to compile it again."""
+    does; the failure is one warning that names its cause, and no later call tries to compile it again. A backend's
+    own error reaches the caller wrapped by Dynamo; Inductor's reaches it as InductorError, unwrapped (the server's
+    log on the GPU)."""
     tries = []
 
-    def failing_backend(graph, example_inputs):  # Dynamo wraps its error as it wraps Inductor's
+    def failing_backend(graph, example_inputs):
         tries.append(1)
-        raise TypeError("list indices must be integers or slices, not NoneType")
+        cause = TypeError("list indices must be integers or slices, not NoneType")
+        raise cause if raised == "error" else InductorError(cause, None)
 
     real_compile = torch.compile
 
