@@ -8,7 +8,7 @@ example `transformers serve`). Documents are windows of real text nobody in this
 standard library's sources installed with this Python. Writes JSON, a markdown table and a plot.
 
   PYTHONPATH=src python benchmarks/serve_load.py --model smollm2 --schedules balanced,dense --rate 0.1 \\
-      --duration 300 --min-chars 3000 --max-chars 6000 --new-tokens 32 --out benchmarks/results/serve/cpu
+      --duration 300 --min-tokens 750 --max-tokens 1500 --new-tokens 32 --out benchmarks/results/serve/cpu
   PYTHONPATH=src python benchmarks/serve_load.py --schedules balanced --rate 0.05 --duration 1800 ...  # a soak
 """
 
@@ -40,6 +40,7 @@ class Outcome:
 
     sent: float  # seconds after the run began
     prompt_chars: int
+    doc_tokens: int = 0  # the document's tokens (the chat template and the question add a few dozen)
     status: int = 0  # HTTP status, 0: no answer
     ttft_s: float | None = None
     gaps_s: list[float] = field(default_factory=list)  # between streamed text chunks
@@ -63,16 +64,39 @@ def stdlib_text(limit: int = 2_000_000) -> str:
     return "\n".join(parts)
 
 
-def trace(rate: float, duration: float, seed: int, min_chars: int, max_chars: int) -> list[tuple[float, str]]:
-    """(arrival second, document) pairs: Poisson arrivals at `rate` per second over `duration` seconds."""
+def trace(rate: float, duration: float, seed: int, min_tokens: int, max_tokens: int,
+          tokenizer) -> list[tuple[float, str, int]]:
+    """(arrival second, document, its tokens) triples: Poisson arrivals at `rate` per second over `duration` seconds,
+    each document a window of the standard library of a uniformly drawn length in `tokenizer`'s tokens. Lengths are
+    drawn in tokens, not characters, because Python source runs from 0.2 to 0.45 tokens a character: windows of
+    19K-76K characters, taken for 8K-33K tokens, held 5K-20K of SmolLM2's (benchmarks/NOTES.md, "Eleventh GPU
+    session")."""
     rng, text, t, out = random.Random(seed), stdlib_text(), 0.0, []
     while True:
         t += rng.expovariate(rate)
         if t > duration:
             return out
-        size = rng.randint(min_chars, max_chars)
-        start = rng.randrange(0, len(text) - size)
-        out.append((t, text[start : start + size] + QUESTION))
+        n = rng.randint(min_tokens, max_tokens)
+        start, chars = rng.randrange(0, len(text) // 2), 6 * n
+        while True:  # a window of characters that holds n tokens, cut after the nth
+            window = text[start : start + chars]
+            ends = [end for _, end in tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)
+                    ["offset_mapping"]]
+            if len(ends) >= n:
+                break
+            if start + chars >= len(text):
+                raise ValueError(f"the standard library's text from {start} holds {len(ends)} tokens, not {n}")
+            chars *= 2
+        out.append((t, window[: ends[n - 1]] + QUESTION, n))
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of an embedded model's name (lazyprefill.models), a checkpoint's folder or a hub name."""
+    from transformers import AutoTokenizer
+
+    from lazyprefill.models import EMBEDDED, converted_embedded
+
+    return AutoTokenizer.from_pretrained(converted_embedded(name) if name in EMBEDDED else name)
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, doc: str, new: int, begun: float,
@@ -112,13 +136,14 @@ async def one(client: httpx.AsyncClient, url: str, model: str, doc: str, new: in
         outcome.error = f"{type(err).__name__}: {err}"[:200]
 
 
-async def drive(url: str, model: str, arrivals: list[tuple[float, str]], new: int) -> tuple[list[Outcome], float]:
-    outcomes = [Outcome(t, len(doc)) for t, doc in arrivals]
+async def drive(url: str, model: str, arrivals: list[tuple[float, str, int]], new: int
+                ) -> tuple[list[Outcome], float]:
+    outcomes = [Outcome(t, len(doc), n) for t, doc, n in arrivals]
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0)) as client:
         begun = time.perf_counter()
         tasks = []
         with tqdm(total=len(arrivals), desc=url) as bar:
-            for (t, doc), outcome in zip(arrivals, outcomes):
+            for (t, doc, _), outcome in zip(arrivals, outcomes):
                 await asyncio.sleep(max(0.0, t - (time.perf_counter() - begun)))
                 task = asyncio.create_task(one(client, url, model, doc, new, begun, outcome))
                 task.add_done_callback(lambda _t: bar.update(1))
@@ -196,17 +221,19 @@ def run_one(args: argparse.Namespace, name: str, arrivals: list, url: str | None
         proc, url = start_server(args, schedule, args.out.with_name(f"{args.out.name}-server-{name}.log"))
     try:
         # warm-up: the largest documents, one then two at once, so that the memory after it is the working set's
-        warm = [doc for _, doc in trace(1.0, 10.0, args.seed + 1, args.max_chars, args.max_chars)[:3]]
-        warmup = asyncio.run(drive(url, args.model_name, [(0.0, warm[0])], args.new_tokens))[0]
-        warmup += asyncio.run(drive(url, args.model_name, [(0.0, doc) for doc in warm[1:]], args.new_tokens))[0]
+        warm = [(0.0, doc, n) for _, doc, n in trace(1.0, 10.0, args.seed + 1, args.max_tokens, args.max_tokens,
+                                                       args.tokenizer_loaded)[:3]]
+        warmup = asyncio.run(drive(url, args.model_name, warm[:1], args.new_tokens))[0]
+        warmup += asyncio.run(drive(url, args.model_name, warm[1:], args.new_tokens))[0]
         time.sleep(2)  # the server idles: what it holds then is its working set
         before = memory(proc.pid if proc else None)
         samples: list[dict] = []
         sampling = threading.Event()
 
-        def sample() -> None:  # memory every 5 s during the run
+        def sample() -> None:  # memory every 5 s during the run, with its second into the run
+            begun = time.perf_counter()
             while not sampling.wait(5):
-                samples.append(memory(proc.pid if proc else None))
+                samples.append({"s": round(time.perf_counter() - begun, 1), **memory(proc.pid if proc else None)})
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -222,19 +249,30 @@ def run_one(args: argparse.Namespace, name: str, arrivals: list, url: str | None
     peak = {k: max(m.get(k, 0) for m in samples) for k in before} if samples else {}
     return {"name": name, "url": url if proc is None else "started here", "schedule": schedule,
             "memory_after_warmup": before, "memory_at_end": after, "memory_peak_during_run": peak,
+            "memory_samples": samples,
             **summary(outcomes, wall), "outcomes": [asdict(o) for o in outcomes],
             "warmup_outcomes": [asdict(o) for o in warmup]}
 
 
+def paired_speedup(run: dict, base: dict) -> float | None:
+    """The median over requests of base's TTFT / run's: the same trace, request by request, so that a p50 ratio's
+    mix of lengths does not speak for it."""
+    ratios = [b["ttft_s"] / o["ttft_s"] for o, b in zip(run["outcomes"], base["outcomes"], strict=True)
+              if o["ttft_s"] and b["ttft_s"]]
+    return statistics.median(ratios) if ratios else None
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
+    base = next((r for r in result["runs"] if r["name"] == "dense"), None)
     lines = [f"Load: Poisson arrivals at {cfg['rate']} requests/s for {cfg['duration']} s, documents of "
-             f"{cfg['min_chars']}-{cfg['max_chars']} characters of CPython's standard library plus a question, "
+             f"{cfg['min_tokens']}-{cfg['max_tokens']} tokens of CPython's standard library plus a question, "
              f"{cfg['new_tokens']} new tokens (greedy), streamed; model {cfg['model']} on {cfg['device']}; "
              f"command: `{result['command']}`.", "",
-             "| server | finished / sent | errors | TTFT p50 s | TTFT p99 s | per-token p50 ms | per-token p99 ms | "
-             "tokens/s | prefill work | resident / GPU MB: idle after warm-up -> idle at end (peak while loaded) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| server | finished / sent | errors | TTFT p50 s | TTFT p99 s | TTFT vs dense, paired | "
+             "per-token p50 ms | per-token p99 ms | tokens/s | prefill work | "
+             "resident / GPU MB: idle after warm-up -> idle at end (peak while loaded) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def f(x, spec, scale=1.0):
         return "—" if x is None else format(x * scale, spec)
@@ -244,8 +282,10 @@ def markdown(result: dict) -> str:
             f"{r['memory_after_warmup'][k]:.0f} -> {r['memory_at_end'].get(k, 0):.0f} "
             f"({r.get('memory_peak_during_run', {}).get(k, 0):.0f})" for k in ("rss_mb", "gpu_mb")
             if k in r["memory_after_warmup"]) or "—"
+        paired = paired_speedup(r, base) if base is not None and r is not base else None
+        paired_x = "—" if paired is None else f"{paired:.2f}x"
         lines.append(f"| {r['name']} | {r['finished']} / {r['requests']} | {r['errors']} | "
-                     f"{f(r['ttft_p50_s'], '.2f')} | {f(r['ttft_p99_s'], '.2f')} | "
+                     f"{f(r['ttft_p50_s'], '.2f')} | {f(r['ttft_p99_s'], '.2f')} | {paired_x} | "
                      f"{f(r['per_token_p50_s'], '.0f', 1e3)} | {f(r['per_token_p99_s'], '.0f', 1e3)} | "
                      f"{f(r['tokens_per_s'], '.2f')} | "
                      f"{f(r['prefill_work_mean'], '.2f')} | {mem} |")
@@ -258,20 +298,25 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (by_length, over_time, right) = plt.subplots(1, 3, figsize=(17, 4.5))
     for i, r in enumerate(result["runs"]):
         ok = [o for o in r["outcomes"] if o["ttft_s"] is not None]
-        left.scatter([o["sent"] for o in ok], [o["ttft_s"] for o in ok], s=12, color=f"C{i}", label=r["name"])
+        by_length.scatter([o["doc_tokens"] for o in ok], [o["ttft_s"] for o in ok], s=12, color=f"C{i}",
+                          label=r["name"])
+        over_time.scatter([o["sent"] for o in ok], [o["ttft_s"] for o in ok], s=12, color=f"C{i}", label=r["name"])
         gaps = sorted(g * 1e3 for o in ok for g in o["gaps_s"])
         right.plot(gaps, [j / max(len(gaps) - 1, 1) for j in range(len(gaps))], color=f"C{i}", label=r["name"])
-    left.set_xlabel("request sent (s into the run)")
-    left.set_ylabel("TTFT (s)")
-    left.set_title("time to first token, per request")
+    by_length.set_xlabel("document tokens")
+    by_length.set_title("time to first token, by length")
+    over_time.set_xlabel("request sent (s into the run)")
+    over_time.set_title("time to first token, over the run")
+    for ax in (by_length, over_time):
+        ax.set_ylabel("TTFT (s)")
     right.set_xlabel("ms between streamed tokens")
     right.set_ylabel("share of gaps")
     right.set_xscale("log")
     right.set_title("per-token latency (CDF)")
-    for ax in (left, right):
+    for ax in (by_length, over_time, right):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -293,16 +338,21 @@ def main() -> None:
                    help="passed on to every lazyprefill serve started here, e.g. --server-arg=--decode=graphs=off")
     p.add_argument("--rate", type=float, default=0.1, help="arrivals per second")
     p.add_argument("--duration", type=float, default=300, help="seconds of arrivals")
-    p.add_argument("--min-chars", type=int, default=3000)
-    p.add_argument("--max-chars", type=int, default=6000)
+    p.add_argument("--min-tokens", type=int, default=1000, help="the shortest document, in the tokenizer's tokens")
+    p.add_argument("--max-tokens", type=int, default=2000)
+    p.add_argument("--tokenizer", help="whose tokens measure documents (default: --model)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve/load"))
     args = p.parse_args()
+    if not 0 < args.min_tokens <= args.max_tokens:
+        p.error(f"--min-tokens={args.min_tokens} and --max-tokens={args.max_tokens}: need 0 < min <= max")
     args.model_name = args.model_name or args.model
-    arrivals = trace(args.rate, args.duration, args.seed, args.min_chars, args.max_chars)
+    args.tokenizer = args.tokenizer or args.model
     result = {"kind": "serve_load", "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
               "config": {k: v for k, v in vars(args).items() if k != "out"}, "runs": []}
+    args.tokenizer_loaded = load_tokenizer(args.tokenizer)
+    arrivals = trace(args.rate, args.duration, args.seed, args.min_tokens, args.max_tokens, args.tokenizer_loaded)
     import torch
 
     from lazyprefill.env import machine_info

@@ -43,3 +43,25 @@ def test_only_answers_the_server_finished_count(chunks, finished, error):
     assert error in outcome.error and bool(outcome.error) == bool(error)
     result = serve_load.summary([outcome], wall=1.0)
     assert (result["finished"], result["errors"]) == (finished, 1 - finished)
+
+
+def test_documents_are_drawn_by_their_length_in_tokens():
+    """Python source runs from 0.2 to 0.45 tokens a character, so a trace drawn in characters missed its lengths
+    (19K-76K characters taken for 8K-33K tokens held 5K-20K): each document now holds the number of tokens drawn."""
+    from helpers import word_tokenizer
+
+    tok = word_tokenizer()
+    arrivals = serve_load.trace(rate=2.0, duration=10.0, seed=0, min_tokens=300, max_tokens=900, tokenizer=tok)
+    assert len(arrivals) > 5
+    for _, doc, n in arrivals:
+        assert 300 <= n <= 900
+        assert len(tok(doc.removesuffix(serve_load.QUESTION), add_special_tokens=False).input_ids) == n
+    assert len({n for _, _, n in arrivals}) > 1
+    assert serve_load.trace(2.0, 10.0, 0, 300, 900, tok) == arrivals  # every server gets the same trace
+
+
+def test_paired_speedup_is_the_median_of_per_request_ratios():
+    """A p50 ratio compares two mixes of lengths; the paired figure compares each request with itself."""
+    dense = {"outcomes": [{"ttft_s": t} for t in (0.2, 1.0, 2.0, None)]}
+    pruned = {"outcomes": [{"ttft_s": t} for t in (0.2, 0.5, 1.0, 0.4)]}
+    assert serve_load.paired_speedup(pruned, dense) == 2.0  # ratios 1, 2, 2; the unanswered request left out
