@@ -4,9 +4,9 @@ Each sample's prompt is split into a document (all but its last `--question-toke
 rest). A session prefills the document once under the schedule and first answers `--questions` - 1 other samples'
 questions (so the document's Aux Cache and revivals are those real earlier questions left), then this sample's: the
 score of that last answer is set beside the fresh prefill of the whole prompt under the same schedule, and beside
-dense. The scores
-and paired differences go to JSON and a markdown table, rewritten after every sample (a run stopped by a lease's end
-keeps what it measured; the tasks take turns, so it has samples of each).
+dense. The scores, paired differences and each prefill's work (its share of dense's (token, layer) rows: the fresh
+prompt's, and the document's in the session) go to JSON and a markdown table, rewritten after every sample (a run
+stopped by a lease's end keeps what it measured; the tasks take turns, so it has samples of each).
 
     PYTHONPATH=src python3 benchmarks/reuse_accuracy.py --model smollm2 --tasks passkey,recall,code --length 512 \\
         --samples 30 --questions 2 --schedules balanced,paper --out results/smollm2-cpu-512-reuse
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,6 +32,11 @@ from lazyprefill.schedule import split_list
 
 def answer(out: lp.GenerationOutput, sample: tasks.Sample, dense: list[int]) -> float:
     return task_score(sample, out.text, out.new_tokens, dense)
+
+
+def work(computed: list[int], tokens: int) -> float:
+    """A prefill's (token, layer) rows as a share of dense's."""
+    return sum(computed) / (len(computed) * tokens)
 
 
 def main() -> None:
@@ -67,10 +73,14 @@ def main() -> None:
         opts = {"max_new_tokens": sample.max_new_tokens, "eos_token_id": [],
                 "stop_strings": ["\n"] if sample.task == "code" else None}
         ref = dense.generate(ids, **opts)
-        row = {"task": sample.task, "index": sample.index, "dense": answer(ref, sample, ref.new_tokens)}
+        row = {"task": sample.task, "index": sample.index, "dense": answer(ref, sample, ref.new_tokens), "work": {}}
         for name, lazy in lazies.items():
-            row[f"{name} fresh"] = answer(lazy.generate(ids, **opts), sample, ref.new_tokens)
+            fresh = lazy.generate(ids, **opts)
+            row[f"{name} fresh"] = answer(fresh, sample, ref.new_tokens)
             session = lazy.session(ids[:-k], room=k + sample.max_new_tokens + 1)
+            # each prefill's work, so that a run whose every score is dense's can be seen to have pruned
+            row["work"][name] = {"fresh": work(fresh.stats.prefill_computed, len(ids)),
+                                 "document": work(session.prefill_computed, len(ids) - k)}
             for other in others:
                 session.generate(torch.tensor(other.prompt_ids[-k:]), **opts)
             row[f"{name} reused"] = answer(session.generate(ids[-k:], **opts), sample, ref.new_tokens)
@@ -80,14 +90,17 @@ def main() -> None:
 
 
 def write_report(records: list[dict], out: Path) -> None:
-    methods = [m for m in records[0] if m not in ("task", "index")]
+    methods = [m for m in records[0] if m not in ("task", "index", "work")]
     table: dict[str, dict] = {}
     for task in dict.fromkeys(r["task"] for r in records):
         rows = [r for r in records if r["task"] == task]
         table[task] = {}
         for m in methods:
             base = m.replace(" reused", " fresh") if m.endswith(" reused") else "dense"
+            name, _, kind = m.rpartition(" ")  # "<schedule> fresh" or "<schedule> reused"; dense computes every row
+            part = "fresh" if kind == "fresh" else "document"
             table[task][m] = {
+                "prefill_work": statistics.fmean(r["work"][name][part] for r in rows) if name else 1.0,
                 "score": metrics.mean_ci([r[m] for r in rows]).to_dict(),
                 "diff_vs_dense": metrics.paired_diff_ci([r[m] for r in rows], [r["dense"] for r in rows]).to_dict(),
                 "diff_vs_fresh": metrics.paired_diff_ci([r[m] for r in rows], [r[base] for r in rows]).to_dict(),
@@ -95,13 +108,13 @@ def write_report(records: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "reuse.json").write_text(json.dumps({"command": " ".join(sys.argv), "summary": table,
                                                 "records": records}, indent=1))
-    lines = ["| task | method | score | n | diff vs dense [95% CI] | reused vs fresh [95% CI] |",
-             "|---|---|---:|---:|---|---|"]
+    lines = ["| task | method | prefill work | score | n | diff vs dense [95% CI] | reused vs fresh [95% CI] |",
+             "|---|---|---:|---:|---:|---|---|"]
     for task, by in table.items():
         for m, s in by.items():
             d, f = s["diff_vs_dense"], s["diff_vs_fresh"]
             vs_fresh = f"{f['mean']:+.3f} [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}]" if m.endswith(" reused") else ""
-            lines.append(f"| {task} | {m} | {s['score']['mean']:.3f} | {s['score']['n']} | "
+            lines.append(f"| {task} | {m} | {s['prefill_work']:.2f} | {s['score']['mean']:.3f} | {s['score']['n']} | "
                          f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {vs_fresh} |")
     (out / "reuse.md").write_text("\n".join(lines) + "\n")
 

@@ -436,9 +436,10 @@ class Session:
         with torch.inference_mode():
             synchronize(device)
             start = time.perf_counter()
-            self.engine.prefill([self.prompt])
+            _, stats = self.engine.prefill([self.prompt])
             synchronize(device)
             self.prefill_s = time.perf_counter() - start  # the prompt's own TTFT, paid once
+            self.prefill_computed: list[int] = stats[0].computed  # the prompt's tokens computed per layer
             self.engine.settle()
 
     @property
