@@ -93,6 +93,17 @@ def test_pruned_continuations_compute_each_token_and_layer_once(schedule):
         assert resumed > 0, "the questions revived tokens that their document's own last token had dropped"
 
 
+def test_the_document_prefill_work_is_the_fresh_prefills():
+    """What the document's own prefill computed, per layer: what a fresh prefill of it computes (a run whose every
+    answer equals dense's shows by it that it pruned)."""
+    model = tiny_model("llama_gqa_rope3")
+    document = prompt_ids(60, seed=8)
+    session = lp.LazyLLM(model, "0:0.5,2:0.5+min=0").session(document, room=4)
+    fresh = lp.LazyLLM(model, "0:0.5,2:0.5+min=0").generate(document, max_new_tokens=1, eos_token_id=[])
+    assert session.prefill_computed == fresh.stats.prefill_computed == [60, 30, 30, 15, 15, 15]
+    assert lp.LazyLLM(model, None).session(document, room=4).prefill_computed == [60] * 6
+
+
 def test_a_one_token_continuation_is_a_decoding_step():
     """A pruned continuation treats the held prompt as a decoding step treats its context: scored by the new
     rows, kept as many as the step keeps, revived from the Aux Cache where they stopped. One token of it is that
