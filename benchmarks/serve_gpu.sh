@@ -7,8 +7,9 @@
 #                checkpoint's tokens, so that none is over MAX_PROMPT) on lazyprefill's LOAD_SCHEDULES
 #                (`balanced`, then dense) (serve_load.py), each started with SERVER_ARGS (e.g. --decode=graphs=off);
 #   transformers the same trace on `transformers serve --continuous-batching`;
-#   probe        lone requests of PROBE_LENGTHS tokens through the scheduler against `LazyLLM.generate`, dense and
-#                `balanced` (serve_probe.py: does serving cost a pruned prefill more than a dense one?);
+#   probe        lone requests of about PROBE_LENGTHS tokens, each of a new length, through the scheduler against
+#                the same prompt again through `LazyLLM.generate`, dense, `balanced` and `long` (serve_probe.py:
+#                does a new length or the scheduler cost a pruned prefill more than a dense one?);
 #   soak         a 10-minute soak of `balanced` on the same kind of trace (every request finished, memory after
 #                warm-up and at the end).
 # On the device, after `lent_gpu.sh setup` and `assemble`, with the tokenizer's files carried in .gpu/tok
@@ -25,7 +26,8 @@ steps=("$@")
 ((${#steps[@]})) || steps=(reuse load transformers soak)
 : "${SHAPE:=llama3-8b}" "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${TOKENIZER:=/root/tok}" "${BENCH:=bench}"
 : "${LENGTH:=16384}" "${MIN_TOKENS:=8192}" "${MAX_TOKENS:=32768}" "${MAX_PROMPT:=34000}" "${NEW_TOKENS:=64}"
-: "${PROBE_LENGTHS:=4096,8192,16384}" "${RATE:=0.3}" "${DURATION:=180}" "${SOAK:=600}" "${PORT:=8400}" "${LOAD_SCHEDULES:=balanced,dense}"
+: "${PROBE_LENGTHS:=4096,8192,16384,32768}"
+: "${RATE:=0.3}" "${DURATION:=180}" "${SOAK:=600}" "${PORT:=8400}" "${LOAD_SCHEDULES:=balanced,dense}"
 : "${CKPT:=/root/checkpoint-$SHAPE}"  # outside OUT_DIR: polls bring OUT_DIR back, not 15 GB of weights
 mkdir -p "$out"
 ckpt=$CKPT
@@ -63,7 +65,7 @@ for step in "${steps[@]}"; do
         wait $server || true  # its GPU memory is free before the soak reads the device's
         trap - EXIT ;;
     probe) python3 "$BENCH/serve_probe.py" --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
-               --lengths "$PROBE_LENGTHS" --out "$out" ;;
+               --lengths "$PROBE_LENGTHS" --schedules dense,balanced,long --out "$out" ;;
     soak) checkpoint
           python3 "$BENCH/serve_load.py" "${load[@]}" --duration "$SOAK" --schedules balanced --out "$out/soak" ;;
     *) echo "unknown step $step: reuse, load, transformers, probe or soak" >&2; exit 2 ;;

@@ -21,6 +21,12 @@ import torch
 import torch.nn.functional as F
 
 WINDOW_ROWS = 1024  # rows per call of a sliding-window layer's prefill (at least twice the window)
+# SDPA's cuDNN kernel, the fastest on an H100 (0.94 against flash's 1.74 ms a layer at 8K tokens), builds a graph
+# for every sequence length it meets: 45-70 ms and 1.4 MB of host memory each (H100, torch 2.11, cuDNN 9.19;
+# benchmarks/NOTES.md, "Eleventh GPU session"). Every new prompt length paid it once per row count (a pruned prefill
+# has two or more), and a server's memory grew with each. Causal rows are laid out in steps of this many instead:
+# at most 255 padded rows, whose extra attention costs less than a build at every length up to 128K.
+CAUSAL_ROWS_STEP = 256
 
 
 def prefill_attention(
@@ -32,12 +38,15 @@ def prefill_attention(
     longest: int,
     scaling: float,
     rows_per_call: int | None = None,
+    bucket: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention over a right-padded, compacted batch: q: [B, H, W, dh], k/v: [B, Hkv, W, dh] -> [B, H, W, dh].
 
     pos: [B, W] original position of each row (any value in padding); window: the layer's window or
     None; longest: the longest prompt (host int), so that no mask is built when the window cannot bite.
     Rows are in original order, so causality by index is causality by position; the window is not.
+    bucket: lay the causal call's rows out in steps of CAUSAL_ROWS_STEP (default: on CUDA), so that SDPA's cuDNN
+    kernel meets few lengths; the added rows come after every real one, which causality keeps them from seeing.
 
     A windowed layer runs in slices of `rows_per_call` rows (default: WINDOW_ROWS or twice the window),
     each against only the keys its window can reach: positions are distinct and increasing, so the row at
@@ -46,7 +55,7 @@ def prefill_attention(
     tokens that is most of Gemma 3's prefill, whose layers are five in six windowed.
     """
     if window is None or longest <= window:
-        return sdpa(q, k, v, is_causal=True, scale=scaling)
+        return causal_attention(q, k, v, scaling, q.is_cuda if bucket is None else bucket)
     W = pos.shape[1]
     step = rows_per_call or max(WINDOW_ROWS, 2 * window)
     out = torch.empty_like(q)
@@ -58,6 +67,17 @@ def prefill_attention(
         mask = (causal & in_window)[:, None]
         out[:, :, start:end] = sdpa(q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end], attn_mask=mask, scale=scaling)
     return out
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, bucket: bool) -> torch.Tensor:
+    """Causal SDPA, q: [B, H, W, dh], k/v: [B, Hkv, W, dh] -> [B, H, W, dh]; with `bucket`, over W rounded up to a
+    multiple of CAUSAL_ROWS_STEP (zero rows added after the last, kept in the rows-major layout q/k/v come in)."""
+    W = q.shape[2]
+    extra = -W % CAUSAL_ROWS_STEP if bucket else 0
+    if not extra:
+        return sdpa(q, k, v, is_causal=True, scale=scaling)
+    q, k, v = (F.pad(x.transpose(1, 2), (0, 0, 0, 0, 0, extra)).transpose(1, 2) for x in (q, k, v))
+    return sdpa(q, k, v, is_causal=True, scale=scaling)[:, :, :W]
 
 
 def sdpa(

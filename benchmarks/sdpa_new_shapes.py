@@ -1,0 +1,81 @@
+"""What SDPA's kernels cost at a sequence length they have not met (benchmarks/NOTES.md, "Eleventh GPU session").
+
+Causal attention with llama3-8b's heads (32 query, 8 K/V, 128 wide) in bf16 on CUDA:
+  builds   the first call at each of a few new lengths against the same call again, for the cuDNN and flash
+           backends, in the heads-major layout ([B, H, S, dh] contiguous) and the engine's rows-major one (a
+           [B, S, H, dh] tensor seen as [B, H, S, dh]); then 40 new lengths in a row, with the host memory they leave;
+  kernels  each backend's steady time at 2K-32K.
+Run it twice to see PyTorch's opt-in that reuses cuDNN graphs across lengths:
+
+    python3 benchmarks/sdpa_new_shapes.py builds kernels
+    TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 benchmarks/sdpa_new_shapes.py builds
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
+
+
+def inputs(n: int, rows_major: bool) -> tuple[torch.Tensor, ...]:
+    def make(heads: int) -> torch.Tensor:
+        if rows_major:
+            return torch.randn(1, n, heads, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        return torch.randn(1, heads, n, 128, device="cuda", dtype=torch.bfloat16)
+
+    return make(32), make(8), make(8)
+
+
+def timed_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend) -> float:
+    with sdpa_kernel([backend]):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def resident_mb() -> float:
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def builds() -> None:
+    for rows_major in (False, True):
+        layout = "rows-major" if rows_major else "heads-major"
+        for backend in BACKENDS:
+            timed_ms(*inputs(4096, rows_major), backend)  # the backend's own first call
+            cells = []
+            for n in (5000, 5311, 8191, 1229, 16001, 32000):
+                x = inputs(n, rows_major)
+                cells.append(f"{n}: first {timed_ms(*x, backend):.1f}, again {timed_ms(*x, backend):.2f}")
+            print(f"{layout} {backend.name} (ms) " + "; ".join(cells), flush=True)
+    for backend in BACKENDS:
+        before, start = resident_mb(), time.perf_counter()
+        for i in range(40):
+            timed_ms(*inputs(3000 + 37 * i, True), backend)
+        print(f"{backend.name}: 40 new lengths in {time.perf_counter() - start:.2f} s, "
+              f"host memory +{resident_mb() - before:.0f} MB", flush=True)
+
+
+def kernels() -> None:
+    for n in (2048, 8192, 16384, 32768):
+        x = inputs(n, True)
+        cells = []
+        for backend in BACKENDS:
+            timed_ms(*x, backend)
+            cells.append(f"{backend.name} {sorted(timed_ms(*x, backend) for _ in range(3))[1]:.2f} ms")
+        print(f"{n}: " + "; ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}, "
+          f"TORCH_CUDNN_SDPA_AVOID_RECOMPILE={os.environ.get('TORCH_CUDNN_SDPA_AVOID_RECOMPILE')}")
+    for part in sys.argv[1:] or ["builds", "kernels"]:
+        {"builds": builds, "kernels": kernels}[part]()
