@@ -1,13 +1,17 @@
-"""What SDPA's kernels cost at a sequence length they have not met (benchmarks/NOTES.md, "Eleventh GPU session").
+"""What attention kernels cost at a sequence length they have not met (benchmarks/NOTES.md, "Eleventh GPU session").
 
 Causal attention with llama3-8b's heads (32 query, 8 K/V, 128 wide) in bf16 on CUDA:
   builds   the first call at each of a few new lengths against the same call again, for the cuDNN and flash
            backends, in the heads-major layout ([B, H, S, dh] contiguous) and the engine's rows-major one (a
            [B, S, H, dh] tensor seen as [B, H, S, dh]); then 40 new lengths in a row, with the host memory they leave;
-  kernels  each backend's steady time at 2K-32K.
+  kernels  each backend's steady time at 2K-32K;
+  flex     the `long` preset's block-sparse attention (sparse.py's pattern and BlockMask) at new lengths from 16K,
+           through FlexAttention compiled as sparse.py compiles it (dynamic=False: once per shape) and with dynamic
+           shapes: the first call against the same call again, and how far the two compiled versions' outputs lie
+           apart.
 Run it twice to see PyTorch's opt-in that reuses cuDNN graphs across lengths:
 
-    python3 benchmarks/sdpa_new_shapes.py builds kernels
+    PYTHONPATH=src python3 benchmarks/sdpa_new_shapes.py builds kernels flex
     TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 benchmarks/sdpa_new_shapes.py builds
 """
 
@@ -16,6 +20,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +39,17 @@ def inputs(n: int, rows_major: bool) -> tuple[torch.Tensor, ...]:
     return make(32), make(8), make(8)
 
 
+def elapsed_ms(call: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
 def timed_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend) -> float:
     with sdpa_kernel([backend]):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
+        return elapsed_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
 
 
 def resident_mb() -> float:
@@ -74,8 +84,29 @@ def kernels() -> None:
         print(f"{n}: " + "; ".join(cells), flush=True)
 
 
+def flex() -> None:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from lazyprefill.sparse import Sparse
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)  # as sparse.py sets it
+    versions = {"dynamic=False": torch.compile(flex_attention, dynamic=False),
+                "dynamic=True": torch.compile(flex_attention, dynamic=True)}
+    for n in (16001, 16437, 20000, 32000):
+        q, k, v = inputs(n, True)
+        mask = Sparse().block_mask(q, k, [n], 128**-0.5)
+        outs, cells = [], []
+        for name, attend in versions.items():
+            call = partial(attend, q, k, v, block_mask=mask, scale=128**-0.5, enable_gqa=True)
+            first, again = elapsed_ms(call), elapsed_ms(call)
+            outs.append(call())
+            cells.append(f"{name} first {first:.0f}, again {again:.2f}")
+        diff = (outs[0].float() - outs[1].float()).abs().max().item()
+        print(f"flex {n} (ms): " + "; ".join(cells) + f"; max |difference| {diff:.2e}", flush=True)
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}, "
           f"TORCH_CUDNN_SDPA_AVOID_RECOMPILE={os.environ.get('TORCH_CUDNN_SDPA_AVOID_RECOMPILE')}")
     for part in sys.argv[1:] or ["builds", "kernels"]:
-        {"builds": builds, "kernels": kernels}[part]()
+        {"builds": builds, "kernels": kernels, "flex": flex}[part]()
