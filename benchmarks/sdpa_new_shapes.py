@@ -4,6 +4,8 @@ Causal attention with llama3-8b's heads (32 query, 8 K/V, 128 wide) in bf16 on C
   builds   the first call at each of a few new lengths against the same call again, for the cuDNN and flash
            backends, in the heads-major layout ([B, H, S, dh] contiguous) and the engine's rows-major one (a
            [B, S, H, dh] tensor seen as [B, H, S, dh]); then 40 new lengths in a row, with the host memory they leave;
+  masked   a continuation's attention (Engine.extend: 48 new rows against every held key, a boolean mask) at new
+           numbers of keys, with SDPA choosing its backend as the engine lets it: does it build per length too?
   kernels  each backend's steady time at 2K-32K;
   flex     the `long` preset's block-sparse attention (sparse.py's pattern and BlockMask) at new lengths from 16K,
            through FlexAttention compiled as sparse.py compiles it (dynamic=False: once per shape) and with dynamic
@@ -11,7 +13,7 @@ Causal attention with llama3-8b's heads (32 query, 8 K/V, 128 wide) in bf16 on C
            apart.
 Run it twice to see PyTorch's opt-in that reuses cuDNN graphs across lengths:
 
-    PYTHONPATH=src python3 benchmarks/sdpa_new_shapes.py builds kernels flex
+    PYTHONPATH=src python3 benchmarks/sdpa_new_shapes.py builds masked kernels flex
     TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 benchmarks/sdpa_new_shapes.py builds
 """
 
@@ -74,6 +76,19 @@ def builds() -> None:
               f"host memory +{resident_mb() - before:.0f} MB", flush=True)
 
 
+def masked() -> None:
+    from lazyprefill.attention import sdpa  # the engine's call: K/V repeated where no fused kernel takes GQA and a mask
+
+    cells = []
+    for n in (5000, 5311, 8191, 16001, 32000):
+        q = inputs(48, True)[0]
+        _, k, v = inputs(n, True)
+        mask = torch.ones(48, n, dtype=torch.bool, device="cuda").tril(n - 48)  # the new rows are the last keys
+        call = partial(sdpa, q, k, v, attn_mask=mask[None, None])
+        cells.append(f"{n}: first {elapsed_ms(call):.1f}, again {elapsed_ms(call):.2f}")
+    print("masked, 48 rows (ms): " + "; ".join(cells), flush=True)
+
+
 def kernels() -> None:
     for n in (2048, 8192, 16384, 32768):
         x = inputs(n, True)
@@ -108,5 +123,5 @@ def flex() -> None:
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}, "
           f"TORCH_CUDNN_SDPA_AVOID_RECOMPILE={os.environ.get('TORCH_CUDNN_SDPA_AVOID_RECOMPILE')}")
-    for part in sys.argv[1:] or ["builds", "kernels"]:
-        {"builds": builds, "kernels": kernels, "flex": flex}[part]()
+    for part in sys.argv[1:] or ["builds", "masked", "kernels", "flex"]:
+        {"builds": builds, "masked": masked, "kernels": kernels, "flex": flex}[part]()
