@@ -134,3 +134,29 @@ def test_the_progress_bar_counts_every_label_run_emits():
     bench.run(cfg, labels.append)
     assert len(labels) == bench.progress_total(cfg)
     assert labels.count("24 x1 round 3/3") == 1
+
+
+def test_ttft_at_new_lengths_times_each_method_at_lengths_no_other_met(monkeypatch):
+    """bench_ttft(new_length=True): after the rounds, each method once at each of NEW_LENGTHS lengths under n, none
+    shared between methods (a kernel's per-length build, which one method paid, would be missing from the next's)."""
+    from lazyprefill.bench import timing
+
+    seen: dict[str, list[int]] = {}
+    real = timing.time_once
+
+    def recording(fn, x):
+        seen.setdefault(fn.__qualname__ + str(id(fn)), []).append(x[0].shape[0])
+        return real(fn, x)
+
+    monkeypatch.setattr(timing, "time_once", recording)
+    cfg = BenchConfig(lengths={"tiny": [64]}, repeats=1, warmup=0, device="cpu", dtype="float32")
+    model = tiny_model("llama_gqa_rope3")
+    rows = timing.bench_ttft(model, 64, cfg, lambda _label: None, new_length=True)
+    fresh = [lengths[1:] for lengths in seen.values()]  # the first call of each method is its round at 64
+    assert [len(f) for f in fresh] == [timing.NEW_LENGTHS] * len(rows)
+    flat = [m for f in fresh for m in f]
+    assert len(set(flat)) == len(flat) and max(flat) < 64
+    for row in rows:
+        assert len(row["new_length_times_ms"]) == timing.NEW_LENGTHS and row["new_length_ms"] > 0
+        assert row["new_length_speedup"] > 0
+    assert all("new_length_ms" not in r for r in timing.bench_ttft(model, 64, cfg, lambda _label: None))

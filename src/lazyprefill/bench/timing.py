@@ -19,6 +19,8 @@ from ..generation import GenerationOutput, LazyLLM
 from ..schedule import PRESETS, Schedule, preset
 from .config import DENSE, TRANSFORMERS, TRANSFORMERS_FLASH, BenchConfig
 
+NEW_LENGTHS = 3  # lengths each method is timed at once, with `bench_ttft(new_length=True)`
+
 
 def time_once(fn: Callable[[list[torch.Tensor]], object], x: list[torch.Tensor]) -> float:
     """Milliseconds of one call on a batch of prompts: CUDA events on a GPU, perf_counter on a CPU."""
@@ -84,13 +86,16 @@ def _is_oom(err: BaseException) -> bool:
 
 def bench_ttft(
     model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[[str], None], batch: int = 1,
-    schedules: dict[str, Schedule] | None = None,
+    schedules: dict[str, Schedule] | None = None, new_length: bool = False,
 ) -> list[dict]:
     """One row per method for a batch of `batch` prompts of n tokens; running out of memory is a note, not a crash.
     `schedules`: the methods beside transformers (default: dense and every preset, `schedules_for`).
 
     Methods are timed in rounds (each method once per round, inputs rotating between rounds), so that a
-    GPU whose clocks drift during the run slows every method alike.
+    GPU whose clocks drift during the run slows every method alike. `new_length`: also time each method once, after
+    the rounds, at NEW_LENGTHS lengths a little under n that no method has met (the median), as a user's next prompts
+    would be: what a kernel builds or compiles per length (SDPA's cuDNN graphs, FlexAttention, oneDNN's primitives on
+    the CPU) is in it, and not in the rounds.
     """
     adapter = adapter_for(model)
     device, dims = adapter.device, ModelDims.of(model)
@@ -123,7 +128,15 @@ def bench_ttft(
             for name, (fn, _) in methods.items():
                 if not rows[name]["note"]:
                     rows[name]["times_ms"].append(time_once(fn, inputs[i % len(inputs)]))
+        for j, (name, (fn, _)) in enumerate(methods.items()):
+            lengths = [n - 1 - NEW_LENGTHS * j - r for r in range(NEW_LENGTHS)]  # no two methods share one
+            if new_length and not rows[name]["note"] and min(lengths) > 0:
+                progress(f"{n} x{batch} {name} at new lengths")
+                rows[name]["new_length_times_ms"] = [
+                    time_once(fn, random_prompts(m, adapter.vocab_size, batch, device, cfg.seed)) for m in lengths]
+                rows[name]["new_length_ms"] = statistics.median(rows[name]["new_length_times_ms"])
     base = statistics.median(rows[TRANSFORMERS]["times_ms"]) if rows[TRANSFORMERS]["times_ms"] else None
+    new_base = rows[TRANSFORMERS].get("new_length_ms")
     for name, row in rows.items():
         schedule = methods[name][1]
         sparse = schedule.sparse if schedule is not None and n >= schedule.min_prompt(device.type) else None
@@ -131,6 +144,8 @@ def bench_ttft(
         row["ms"] = statistics.median(row["times_ms"]) if row["times_ms"] else None
         row["speedup"] = base / row["ms"] if base and row["ms"] else None
         row["efficiency"] = row["speedup"] / row["ideal"] if row["speedup"] else None
+        if "new_length_ms" in row and new_base:
+            row["new_length_speedup"] = new_base / row["new_length_ms"]
         row["prefill_tokens_per_s"] = batch * n * 1e3 / row["ms"] if row["ms"] else None
     return list(rows.values())
 
