@@ -90,15 +90,6 @@ def trace(rate: float, duration: float, seed: int, min_tokens: int, max_tokens: 
         out.append((t, window[: ends[n - 1]] + QUESTION, n))
 
 
-def load_tokenizer(name: str):
-    """The tokenizer of an embedded model's name (lazyprefill.models), a checkpoint's folder or a hub name."""
-    from transformers import AutoTokenizer
-
-    from lazyprefill.models import EMBEDDED, converted_embedded
-
-    return AutoTokenizer.from_pretrained(converted_embedded(name) if name in EMBEDDED else name)
-
-
 async def one(client: httpx.AsyncClient, url: str, model: str, doc: str, new: int, begun: float,
               outcome: Outcome) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": doc}], "max_tokens": new, "temperature": 0,
@@ -351,11 +342,13 @@ def main() -> None:
     args.tokenizer = args.tokenizer or args.model
     result = {"kind": "serve_load", "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
               "config": {k: v for k, v in vars(args).items() if k != "out"}, "runs": []}
-    args.tokenizer_loaded = load_tokenizer(args.tokenizer)
-    arrivals = trace(args.rate, args.duration, args.seed, args.min_tokens, args.max_tokens, args.tokenizer_loaded)
     import torch
 
     from lazyprefill.env import machine_info
+    from lazyprefill.models import load_tokenizer
+
+    args.tokenizer_loaded = load_tokenizer(args.tokenizer)
+    arrivals = trace(args.rate, args.duration, args.seed, args.min_tokens, args.max_tokens, args.tokenizer_loaded)
 
     result["machine"] = machine_info(torch.device(args.device))
     targets = [(s, None, s) for s in args.schedules.split(",") if s] + [

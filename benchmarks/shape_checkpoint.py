@@ -16,28 +16,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from lazyprefill.bench import random_model
 from lazyprefill.bench.config import SHAPES
 from lazyprefill.env import DTYPES
-
-
-def tokenizer_from(source: str):
-    """A tokenizer from a folder, or an embedded model's (converted once: models.converted_embedded)."""
-    if Path(source).is_dir():
-        return AutoTokenizer.from_pretrained(source)
-    from lazyprefill.models import EMBEDDED, converted_embedded
-
-    if source not in EMBEDDED:
-        raise SystemExit(f"--tokenizer {source!r}: not a folder, nor one of the embedded models {', '.join(EMBEDDED)}")
-    return AutoTokenizer.from_pretrained(converted_embedded(source))
+from lazyprefill.models import load_tokenizer
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
-    p.add_argument("--tokenizer", default="smollm2", help="a tokenizer folder, or an embedded model's name")
+    p.add_argument("--tokenizer", default="smollm2", help="a tokenizer folder, an embedded model's name or a hub name")
     p.add_argument("--tokenizer-only", metavar="SOURCE", help="write only SOURCE's tokenizer files to --out")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
@@ -45,9 +33,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if args.tokenizer_only:
-        tokenizer_from(args.tokenizer_only).save_pretrained(args.out)
+        load_tokenizer(args.tokenizer_only).save_pretrained(args.out)
         return
-    tok = tokenizer_from(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     special = {f"{name}_id": getattr(tok, f"{name}_id") for name in ("bos_token", "eos_token", "pad_token")}
     model = random_model(args.shape, args.device, DTYPES[args.dtype], args.seed, vocab_size=len(tok), **special)
     model.save_pretrained(args.out)

