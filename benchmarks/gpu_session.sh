@@ -6,8 +6,8 @@
 #   profile  a decoding step's kernels after a 32K prompt (decode_ab.sh profile)
 #   prefill  short prompts' prefill under the profiler, lazyprefill against transformers (profile_stages.py)
 #   check    check_gpu.py's sliding-window and block-sparse parts
-#   shapes   what attention costs at a length it has not met: a continuation's masked SDPA, FlexAttention compiled
-#            per shape against dynamic shapes (sdpa_new_shapes.py masked flex)
+#   shapes   what attention costs at a length it has not met: the engine's bucketed causal call, a continuation's
+#            masked SDPA, FlexAttention compiled per shape against dynamic shapes (sdpa_new_shapes.py bucketed masked flex)
 #   serve    serve_gpu.sh's SERVE_STEPS (default: prefix reuse at 16K, load, transformers serve, soak) into
 #            $KEEP/$SERVE_DIR (default serve)
 # On the device, started in the background by `lent_gpu.sh session PART...` (which sets the machine up first; bring
@@ -39,7 +39,7 @@ for part in "$@"; do
                    > "$KEEP/check_gpu-$only.txt" 2>&1
                echo "check_gpu $only: rc $?"
            done ;;
-    shapes) timeout 600 "$PYTHON" benchmarks/sdpa_new_shapes.py masked flex > "$KEEP/sdpa-new-shapes.txt" 2>&1 ;;
+    shapes) timeout 600 "$PYTHON" benchmarks/sdpa_new_shapes.py bucketed masked flex > "$KEEP/sdpa-new-shapes.txt" 2>&1 ;;
     serve) BENCH=benchmarks bash benchmarks/serve_gpu.sh "$KEEP/${SERVE_DIR:-serve}" ${SERVE_STEPS:-} ;;
     *) echo "unknown part $part: answers, long, profile, prefill, check, shapes or serve" >&2 ;;
     esac

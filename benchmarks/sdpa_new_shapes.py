@@ -4,6 +4,8 @@ Causal attention with llama3-8b's heads (32 query, 8 K/V, 128 wide) in bf16 on C
   builds   the first call at each of a few new lengths against the same call again, for the cuDNN and flash
            backends, in the heads-major layout ([B, H, S, dh] contiguous) and the engine's rows-major one (a
            [B, S, H, dh] tensor seen as [B, H, S, dh]); then 40 new lengths in a row, with the host memory they leave;
+  bucketed the engine's causal prefill call (attention.causal_attention, rows laid out in steps of CAUSAL_ROWS_STEP)
+           at new lengths: a length in a bucket already met should build nothing;
   masked   a continuation's attention (Engine.extend: 48 new rows against every held key, a boolean mask) at new
            numbers of keys, with SDPA choosing its backend as the engine lets it: does it build per length too?
   kernels  each backend's steady time at 2K-32K;
@@ -13,7 +15,7 @@ Causal attention with llama3-8b's heads (32 query, 8 K/V, 128 wide) in bf16 on C
            apart.
 Run it twice to see PyTorch's opt-in that reuses cuDNN graphs across lengths:
 
-    PYTHONPATH=src python3 benchmarks/sdpa_new_shapes.py builds masked kernels flex
+    PYTHONPATH=src python3 benchmarks/sdpa_new_shapes.py builds bucketed masked kernels flex
     TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 benchmarks/sdpa_new_shapes.py builds
 """
 
@@ -76,6 +78,17 @@ def builds() -> None:
               f"host memory +{resident_mb() - before:.0f} MB", flush=True)
 
 
+def bucketed() -> None:
+    from lazyprefill.attention import causal_attention
+
+    for bucket in (False, True):
+        cells = []
+        for n in (5000, 5011, 5100, 8000, 8191, 16001, 16100, 32000):
+            call = partial(causal_attention, *inputs(n, True), 128**-0.5, bucket)
+            cells.append(f"{n}: first {elapsed_ms(call):.1f}, again {elapsed_ms(call):.2f}")
+        print(f"causal_attention bucket={bucket} (ms): " + "; ".join(cells), flush=True)
+
+
 def masked() -> None:
     from lazyprefill.attention import sdpa  # the engine's call: K/V repeated where no fused kernel takes GQA and a mask
 
@@ -123,5 +136,6 @@ def flex() -> None:
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}, "
           f"TORCH_CUDNN_SDPA_AVOID_RECOMPILE={os.environ.get('TORCH_CUDNN_SDPA_AVOID_RECOMPILE')}")
-    for part in sys.argv[1:] or ["builds", "masked", "kernels", "flex"]:
-        {"builds": builds, "masked": masked, "kernels": kernels, "flex": flex}[part]()
+    parts = {"builds": builds, "bucketed": bucketed, "masked": masked, "kernels": kernels, "flex": flex}
+    for part in sys.argv[1:] or list(parts):
+        parts[part]()
