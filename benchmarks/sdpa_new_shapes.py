@@ -7,12 +7,13 @@ Causal attention with llama3-8b's heads (32 query, 8 K/V, 128 wide) in bf16 on C
   bucketed the engine's causal prefill call (attention.causal_attention, rows laid out in steps of CAUSAL_ROWS_STEP)
            at new lengths: a length in a bucket already met should build nothing;
   masked   a continuation's attention (Engine.extend: 48 new rows against every held key, a boolean mask) at new
-           numbers of keys, with SDPA choosing its backend as the engine lets it: does it build per length too?
+           numbers of keys, with SDPA choosing its backend (cuDNN: a build per length) and through
+           attention.continuation_sdpa (the memory-efficient kernel, as Engine.extend now runs it);
   kernels  each backend's steady time at 2K-32K;
   flex     the `long` preset's block-sparse attention (sparse.py's pattern and BlockMask) at new lengths from 16K,
-           through FlexAttention compiled as sparse.py compiles it (dynamic=False: once per shape) and with dynamic
-           shapes: the first call against the same call again, and how far the two compiled versions' outputs lie
-           apart.
+           through FlexAttention compiled per shape (dynamic=False, as sparse.py did until the twelfth GPU session)
+           and with dynamic shapes (as it does now): the first call against the same call again, and how far the two
+           compiled versions' outputs lie apart.
 Run it twice to see PyTorch's opt-in that reuses cuDNN graphs across lengths:
 
     PYTHONPATH=src python3 benchmarks/sdpa_new_shapes.py builds bucketed masked kernels flex
@@ -90,16 +91,19 @@ def bucketed() -> None:
 
 
 def masked() -> None:
-    from lazyprefill.attention import sdpa  # the engine's call: K/V repeated where no fused kernel takes GQA and a mask
+    from lazyprefill.attention import continuation_sdpa, sdpa  # with a mask, K/V repeated: no fused kernel takes GQA
 
-    cells = []
-    for n in (5000, 5311, 8191, 16001, 32000):
-        q = inputs(48, True)[0]
-        _, k, v = inputs(n, True)
-        mask = torch.ones(48, n, dtype=torch.bool, device="cuda").tril(n - 48)  # the new rows are the last keys
-        call = partial(sdpa, q, k, v, attn_mask=mask[None, None])
-        cells.append(f"{n}: first {elapsed_ms(call):.1f}, again {elapsed_ms(call):.2f}")
-    print("masked, 48 rows (ms): " + "; ".join(cells), flush=True)
+    calls = {"as SDPA chooses": lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
+             "continuation_sdpa": lambda q, k, v, m: continuation_sdpa(q, k, v, m, 128**-0.5)}
+    for name, attend in calls.items():
+        cells = []
+        for n in (5000, 5311, 8191, 16001, 32000):
+            q = inputs(48, True)[0]
+            _, k, v = inputs(n, True)
+            mask = torch.ones(48, n, dtype=torch.bool, device="cuda").tril(n - 48)  # the new rows are the last keys
+            call = partial(attend, q, k, v, mask[None, None])
+            cells.append(f"{n}: first {elapsed_ms(call):.1f}, again {elapsed_ms(call):.2f}")
+        print(f"masked, 48 rows, {name} (ms): " + "; ".join(cells), flush=True)
 
 
 def kernels() -> None:

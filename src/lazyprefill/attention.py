@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 WINDOW_ROWS = 1024  # rows per call of a sliding-window layer's prefill (at least twice the window)
 # SDPA's cuDNN kernel, the fastest on an H100 (0.94 against flash's 1.74 ms a layer at 8K tokens), builds a graph
@@ -95,6 +96,19 @@ def sdpa(
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         group = 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=group > 1, **kwargs)
+
+
+def continuation_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
+                      ) -> torch.Tensor:
+    """`sdpa` under a mask for rows whose number of keys changes with every call (a continuation's rows against all
+    it holds): q: [B, H, R, dh], k/v: [B, Hkv, T, dh], mask: [B, 1, R, T]. On CUDA SDPA would choose cuDNN there,
+    which builds a graph the first time it meets each number of keys, 80 ms to 1.9 s on an H100 against 0.7-1.6 ms
+    for the call itself (benchmarks/results/profiles/sdpa-new-shapes-h100-2026-12-07b.md), so the memory-efficient
+    kernel, which builds nothing, runs it."""
+    if not q.is_cuda:
+        return sdpa(q, k, v, attn_mask=mask, scale=scaling)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return sdpa(q, k, v, attn_mask=mask, scale=scaling)
 
 
 def fused_gqa(q: torch.Tensor, masked: bool) -> bool:

@@ -172,11 +172,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
 
 @cache
 def _compiled_flex():
-    """FlexAttention's fused kernel (uncompiled it materializes every score); compiled once per shape: a pruned
-    prefill has a few row counts per prompt length, more than dynamo's default limit of recompiles over a run of
-    lengths, past which it would fall back to the unfused path (whose [H, W, W] scores do not fit at 32K)."""
+    """FlexAttention's fused kernel (uncompiled it materializes every score), compiled with dynamic shapes: every
+    prompt brings new row counts (a pruned prefill three per length), and compiled per shape each cost 2.7-7 s on
+    an H100, where the dynamic version compiled once in 4.2 s and then met new lengths in 3-5 ms with the same
+    output (benchmarks/results/profiles/sdpa-new-shapes-h100-2026-12-07b.md). Its kernel ran 4-29% slower than a
+    per-shape one at 16K-32K. The limit of recompiles is raised so that the versions a run of prompts still makes
+    (batch sizes, block-mask layouts) never send it to the unfused path, whose [H, W, W] scores do not fit at 32K."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def _pattern_mod(seen: torch.Tensor, block: int):
