@@ -10,6 +10,7 @@ bf16 rounding; and each faster variant (split kernel, burst kernel, compiled lay
 from an fp32 copy of the model than the path it replaces. Then the sliding-window family (Gemma 3 270M's
 shape, fp32): dense against transformers, `paper` under graphs against eager (`check_gpu.py windowed` runs only this).
 Then block-sparse prefill attention (sparse.py) against SDPA over the same keys (`check_gpu.py sparse` runs only this).
+A dense session's follow-up question (Engine.extend) is checked against a fresh prefill of the whole, fp32 and bf16.
 Exits non-zero if fp32 differs by more than 1e-3, the graphs differ from eager or a variant is less
 accurate than what it replaces.
 """
@@ -82,6 +83,22 @@ def compare(dtype: torch.dtype, n: int = 2000, steps: int = 8, model: torch.nn.M
     print(f"{dtype}: paper logits {'finite' if finite else 'NOT FINITE'}, prefill computed per layer "
           f"{paper.stats.prefill_computed}, {paper.stats.revived} rows revived")
     return worst
+
+
+def compare_continuation(dtype: torch.dtype, n: int = 2000, m: int = 37, steps: int = 4) -> float:
+    """A dense session's follow-up (Engine.extend, whose masked attention runs on the memory-efficient kernel on
+    CUDA) against a fresh prefill of document + question: the same greedy tokens, logits within rounding."""
+    model = small_model(0, dtype)[0]
+    ids = torch.randint(0, model.config.vocab_size, (n + m,), device="cuda")
+    lazy = lp.LazyLLM(model, schedule="dense")
+    fresh = lazy.generate(ids, max_new_tokens=steps, eos_token_id=[], return_logits=True)
+    follow = lazy.session(ids[:n], room=m + steps).generate(ids[n:], max_new_tokens=steps, eos_token_id=[],
+                                                           return_logits=True)
+    worst = max((a - b).abs().max().item() for a, b in zip(follow.logits, fresh.logits))
+    same = follow.new_tokens == fresh.new_tokens
+    print(f"{dtype} continuation against a fresh prefill: max abs {worst:.2e}, greedy tokens "
+          f"{'agree' if same else 'DIFFER'}")
+    return worst if same else float("inf")
 
 
 def compare_reference(n: int = 160, steps: int = 12) -> float:
@@ -299,8 +316,9 @@ def main() -> None:
         from profile_stages import use_split_setting
 
         use_split_setting(sys.argv[1])
-    fp32 = max(compare(torch.float32), compare_reference(), compare_batch())
+    fp32 = max(compare(torch.float32), compare_reference(), compare_batch(), compare_continuation(torch.float32))
     compare(torch.bfloat16)
+    compare_continuation(torch.bfloat16)
     split = compare_split_kernel()
     graphs = compare_scorers() & compare_graphs() & compare_windowed()
     sparse = compare_sparse()

@@ -66,7 +66,7 @@ def prefill_attention(
         causal = index[lo:end] <= index[start:end, None]  # [r, keys] by index
         in_window = pos[:, None, lo:end] > pos[:, start:end, None] - window  # [B, r, keys]; the diagonal is in
         mask = (causal & in_window)[:, None]
-        out[:, :, start:end] = sdpa(q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end], attn_mask=mask, scale=scaling)
+        out[:, :, start:end] = masked_sdpa(q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end], mask, scaling)
     return out
 
 
@@ -98,13 +98,14 @@ def sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=group > 1, **kwargs)
 
 
-def continuation_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
-                      ) -> torch.Tensor:
-    """`sdpa` under a mask for rows whose number of keys changes with every call (a continuation's rows against all
-    it holds): q: [B, H, R, dh], k/v: [B, Hkv, T, dh], mask: [B, 1, R, T]. On CUDA SDPA would choose cuDNN there,
-    which builds a graph the first time it meets each number of keys, 80 ms to 1.9 s on an H100 against 0.7-1.6 ms
-    for the call itself (benchmarks/results/profiles/sdpa-new-shapes-h100-2026-12-07b.md), so the memory-efficient
-    kernel, which builds nothing, runs it."""
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
+                ) -> torch.Tensor:
+    """`sdpa` under a mask whose shape changes from prompt to prompt (a continuation's rows against all it holds, a
+    sliding-window layer's last slice): q: [B, H, R, dh], k/v: [B, Hkv, T, dh], mask: [B, 1, R, T]. On CUDA in 16-bit
+    types SDPA would choose cuDNN there, which builds a graph the first time it meets each shape, 80 ms to 1.9 s on
+    an H100 against 0.7-1.6 ms for a 48-row call itself
+    (benchmarks/results/profiles/sdpa-new-shapes-h100-2026-12-07b.md), so the memory-efficient kernel, which builds
+    nothing, runs it."""
     if not q.is_cuda:
         return sdpa(q, k, v, attn_mask=mask, scale=scaling)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
