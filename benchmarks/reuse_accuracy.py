@@ -26,17 +26,13 @@ from tqdm import tqdm
 import lazyprefill as lp
 from lazyprefill.eval import metrics, tasks
 from lazyprefill.eval.runner import task_score
+from lazyprefill.flops import prefill_work
 from lazyprefill.models import load_model
 from lazyprefill.schedule import split_list
 
 
 def answer(out: lp.GenerationOutput, sample: tasks.Sample, dense: list[int]) -> float:
     return task_score(sample, out.text, out.new_tokens, dense)
-
-
-def work(computed: list[int], tokens: int) -> float:
-    """A prefill's (token, layer) rows as a share of dense's."""
-    return sum(computed) / (len(computed) * tokens)
 
 
 def main() -> None:
@@ -79,8 +75,8 @@ def main() -> None:
             row[f"{name} fresh"] = answer(fresh, sample, ref.new_tokens)
             session = lazy.session(ids[:-k], room=k + sample.max_new_tokens + 1)
             # each prefill's work, so that a run whose every score is dense's can be seen to have pruned
-            row["work"][name] = {"fresh": work(fresh.stats.prefill_computed, len(ids)),
-                                 "document": work(session.prefill_computed, len(ids) - k)}
+            row["work"][name] = {"fresh": fresh.stats.prefill_work,
+                                 "document": prefill_work(session.prefill_computed, len(ids) - k)}
             for other in others:
                 session.generate(torch.tensor(other.prompt_ids[-k:]), **opts)
             row[f"{name} reused"] = answer(session.generate(ids[-k:], **opts), sample, ref.new_tokens)

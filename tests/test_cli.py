@@ -41,6 +41,7 @@ def test_json_reports_the_answer_and_per_layer_work(doc):
     computed = out["prefill_computed"]
     assert len(computed) == 30 and computed[0] == out["prompt_tokens"]
     assert computed[20] == out["prompt_tokens"] and computed[21] < computed[20]  # pruned after layer 20
+    assert out["prefill_work"] == pytest.approx(sum(computed) / (30 * out["prompt_tokens"])) and out["prefill_work"] < 1
     assert "dense_ttft_s" not in out
 
 

@@ -377,7 +377,7 @@ class GenerateRun:
                 "token_ids": lazy.new_tokens,
                 "finish_reason": lazy.finish_reason,
                 "prefill_computed": lazy.stats.prefill_computed,
-                "prefill_work": sum(lazy.stats.prefill_computed) / (self.num_layers * len(prompt)),
+                "prefill_work": lazy.stats.prefill_work,
             }
             if self.compare:
                 dense = self.outputs["dense"][i]

@@ -51,6 +51,11 @@ class ModelDims:
         return 4 * self.heads * self.head_dim
 
 
+def prefill_work(computed: list[int], tokens: int) -> float:
+    """A prefill's (token, layer) rows as a share of dense's: the work pruning left, before FLOPs weigh the layers."""
+    return sum(computed) / (len(computed) * tokens)
+
+
 def attention_pairs(n: int, prompt: int, window: int | None) -> float:
     """(query, key) pairs of causal attention among n of a `prompt`-token prompt's tokens.
 

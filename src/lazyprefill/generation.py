@@ -18,6 +18,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from .adapters import LlamaAdapter, adapter_for
 from .engine import DecodeOptions, Engine, PendingStats, StepStats, StepTrace
 from .env import synchronize
+from .flops import prefill_work
 from .plan import key_length
 from .schedule import DEFAULT_PRESET, Schedule, parse_schedule
 
@@ -39,6 +40,11 @@ class GenerationStats:
     def prefill_computed(self) -> list[int]:
         """Tokens computed per layer in prefill."""
         return self.steps[0].computed
+
+    @property
+    def prefill_work(self) -> float:
+        """Prefill's (token, layer) rows as a share of dense's."""
+        return prefill_work(self.prefill_computed, len(self.prefill_depth))
 
     @property
     def revived(self) -> int:

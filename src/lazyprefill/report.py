@@ -268,7 +268,7 @@ def _render(
     }
     depths = sorted(set(pre) | set(fin))
     spans = "".join(f'<span class="d{d}">{html.escape(t, quote=False)}</span>' for d, t in zip(pre, tokens))
-    work = sum(stats.prefill_computed) / (n * L)
+    work = stats.prefill_work
     cards = [("TTFT LazyLLM", _duration(lazy.ttft_s))]
     if dense is not None:
         cards += [("TTFT dense", _duration(dense.ttft_s)), ("speedup", f"{dense.ttft_s / lazy.ttft_s:.2f}×")]

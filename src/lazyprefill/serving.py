@@ -32,6 +32,7 @@ from torch import nn
 
 from .adapters import LlamaAdapter, adapter_for
 from .engine import DecodeOptions, Engine, Held, StepStats
+from .flops import prefill_work
 from .generation import SamplingParams, eos_ids
 from .schedule import DEFAULT_PRESET, FileRefused, Schedule, parse_schedule
 
@@ -150,7 +151,7 @@ class ServeRequest:
         """Prefill's (token, layer) rows as a share of dense's."""
         if self.prefill is None:
             return None
-        return sum(self.prefill.computed) / (len(self.prefill.computed) * len(self.prompt))
+        return prefill_work(self.prefill.computed, len(self.prompt))
 
 
 @dataclass
