@@ -7,6 +7,7 @@ keeps SPEC's invariants, and a prompt below `min_prompt_tokens` gets exactly wha
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -14,8 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import prompt_ids, tiny_model
+from torch.nn.attention.flex_attention import flex_attention
 
 import lazyprefill as lp
+from lazyprefill import sparse as sparse_module
 from lazyprefill.adapters import adapter_for
 from lazyprefill.engine import Engine
 from lazyprefill.schedule import MIN_PROMPT_TOKENS, Schedule, load_schedule, parse_schedule
@@ -51,6 +54,45 @@ def test_flex_attention_equals_sdpa_over_the_same_keys(sparse):
     torch.testing.assert_close(out[0], ref[0])
     torch.testing.assert_close(out[1, :, :130], ref[1, :, :130])
     assert seen.float().mean() < 0.8, "the pattern must skip blocks, or this test checks nothing"
+
+
+def test_flex_attention_that_fails_to_compile_for_any_length_compiles_per_shape(monkeypatch, caplog):
+    """Where FlexAttention does not compile with dynamic shapes (a symbolic batch, or a batch-dependent block mask),
+    the process compiles it per shape from then on: the same output, one warning naming the cause, and the dynamic
+    version never tried again. The per-shape compile is stood in for by the uncompiled function (the CPU's)."""
+    tries = []
+
+    def failing_backend(graph, example_inputs):
+        tries.append(1)
+        raise TypeError("list indices must be integers or slices, not NoneType")
+
+    real_compile = torch.compile
+
+    def compile_failing_dynamic(fn, dynamic=None, **kwargs):  # FlexAttention's eager path compiles its own wrapper
+        if fn is not flex_attention:
+            return real_compile(fn, dynamic=dynamic, **kwargs)
+        return real_compile(fn, backend=failing_backend) if dynamic else fn
+
+    monkeypatch.setattr(torch, "compile", compile_failing_dynamic)
+    sparse_module._compiled_flex.cache_clear()
+    q, k, v = _qkv()
+    sparse = Sparse(top=0.2, local=2, sink=1, **SMALL)
+    mask = sparse.block_mask(q, k, [200, 130], 0.25)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lazyprefill.sparse"):
+            attend = sparse_module._compiled_flex()
+            out = attend(q, k, v, block_mask=mask, scale=0.25, enable_gqa=True)
+            tried = len(tries)
+            again = attend(q, k, v, block_mask=mask, scale=0.25, enable_gqa=True)
+    finally:
+        sparse_module._compiled_flex.cache_clear()
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, sparse_attention(q, k, v, mask, 0.25))
+    torch.testing.assert_close(again, out)
+    assert tried >= 1 and len(tries) == tried
+    assert [r.getMessage() for r in caplog.records if r.name == "lazyprefill.sparse"] == [
+        "FlexAttention failed to compile with dynamic shapes; it compiles per shape from now on: "
+        "TypeError: list indices must be integers or slices, not NoneType"]
 
 
 def test_pattern_keeps_sinks_local_window_top_blocks_and_the_last_rows():

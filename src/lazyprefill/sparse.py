@@ -21,16 +21,21 @@ Legend: B sequences, H query heads, Hkv key/value heads, W padded rows of a sequ
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .packing import upload
+
+logger = logging.getLogger(__name__)
 
 # Bytes of float32 attention probabilities the block ranking holds at once (its chunks of K/V heads)
 SCORE_BYTES = 256 * 2**20
@@ -171,15 +176,34 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
 
 
 @cache
-def _compiled_flex():
+def _compiled_flex() -> Callable[..., torch.Tensor]:
     """FlexAttention's fused kernel (uncompiled it materializes every score), compiled with dynamic shapes: every
     prompt brings new row counts (a pruned prefill three per length), and compiled per shape each cost 2.7-7 s on
     an H100, where the dynamic version compiled once in 4.2 s and then met new lengths in 3-5 ms with the same
     output (benchmarks/results/profiles/sdpa-new-shapes-h100-2026-12-07b.md). Its kernel ran 4-29% slower than a
-    per-shape one at 16K-32K. The limit of recompiles is raised so that the versions a run of prompts still makes
-    (batch sizes, block-mask layouts) never send it to the unfused path, whose [H, W, W] scores do not fit at 32K."""
+    per-shape one at 16K-32K. A batch of several prompts gives it a symbolic batch too, the kind of size on which
+    torch 2.11's Triton code generation once failed for the decoding step's selection (benchmarks/NOTES.md, "Ninth
+    GPU session"), and FlexAttention's batch-dependent block masks had bugs of their own under dynamic shapes: where
+    the dynamic version fails to compile, the process compiles per shape from then on, with one warning. The limit
+    of recompiles is raised so that the versions a run of prompts makes never send it to the unfused path, whose
+    [H, W, W] scores do not fit at 32K."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    return torch.compile(flex_attention, dynamic=True)
+    dynamic, per_shape = torch.compile(flex_attention, dynamic=True), torch.compile(flex_attention, dynamic=False)
+    failed = False
+
+    def attend(*args: torch.Tensor, **kwargs) -> torch.Tensor:
+        nonlocal failed
+        if not failed:
+            try:
+                return dynamic(*args, **kwargs)
+            except BackendCompilerFailed as err:
+                cause = getattr(err, "inner_exception", err)
+                logger.warning("FlexAttention failed to compile with dynamic shapes; it compiles per shape from now "
+                               "on: %s: %s", type(cause).__name__, (str(cause).splitlines() or [""])[0])
+                failed = True
+        return per_shape(*args, **kwargs)
+
+    return attend
 
 
 def _pattern_mod(seen: torch.Tensor, block: int):
