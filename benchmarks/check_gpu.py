@@ -10,7 +10,8 @@ bf16 rounding; and each faster variant (split kernel, burst kernel, compiled lay
 from an fp32 copy of the model than the path it replaces. Then the sliding-window family (Gemma 3 270M's
 shape, fp32): dense against transformers, `paper` under graphs against eager (`check_gpu.py windowed` runs only this).
 Then block-sparse prefill attention (sparse.py) against SDPA over the same keys (`check_gpu.py sparse` runs only this).
-A dense session's follow-up question (Engine.extend) is checked against a fresh prefill of the whole, fp32 and bf16.
+A dense session's follow-up question (Engine.extend) is checked against a fresh prefill of the whole, fp32 and bf16
+(`check_gpu.py continuation` runs only this).
 Exits non-zero if fp32 differs by more than 1e-3, the graphs differ from eager or a variant is less
 accurate than what it replaces.
 """
@@ -307,6 +308,12 @@ def main() -> None:
     if sys.argv[1:] == ["sparse"]:
         if not compare_sparse():
             sys.exit("block-sparse attention differs from SDPA over the same keys")
+        return
+    if sys.argv[1:] == ["continuation"]:
+        fp32 = compare_continuation(torch.float32)
+        compare_continuation(torch.bfloat16)  # printed only: bf16 rounds differently in the two kernels
+        if fp32 > 1e-3:
+            sys.exit(f"a session's fp32 follow-up differs from a fresh prefill of the whole by {fp32:.2e} > 1e-3")
         return
     if sys.argv[1:] == ["windowed"]:
         if not compare_windowed():

@@ -5,7 +5,7 @@
 #   long     TTFT and peak memory at 8K-128K, dense / balanced / long against transformers SDPA (long_prompts.py)
 #   profile  a decoding step's kernels after a 32K prompt (decode_ab.sh profile)
 #   prefill  short prompts' prefill under the profiler, lazyprefill against transformers (profile_stages.py)
-#   check    check_gpu.py's sliding-window and block-sparse parts
+#   check    check_gpu.py's sliding-window, block-sparse and continuation parts
 #   shapes   what attention costs at a length it has not met: the engine's bucketed causal call, a continuation's
 #            masked SDPA, FlexAttention compiled per shape against dynamic shapes (sdpa_new_shapes.py bucketed masked flex)
 #   serve    serve_gpu.sh's SERVE_STEPS (default: prefix reuse at 16K, load, transformers serve, soak) into
@@ -34,7 +34,7 @@ for part in "$@"; do
                      --length $n --methods dense --decode-steps 2 --warmup-steps 1 --profile-steps 1 --host-profile 20 \
                      > "$KEEP/prefill-$n.txt" 2>&1
              done ;;
-    check) for only in windowed sparse; do
+    check) for only in windowed sparse continuation; do
                timeout 300 "$PYTHON" benchmarks/check_gpu.py "$only" \
                    > "$KEEP/check_gpu-$only.txt" 2>&1
                echo "check_gpu $only: rc $?"
