@@ -43,11 +43,13 @@ def measure(model: torch.nn.Module, schedule: str, n: int, args: argparse.Namesp
     fresh = [lazy.generate(torch.cat([document, q]), max_new_tokens=1).ttft_s for q in questions]
     lazy.release()
     session = lazy.session(document, room=args.question_tokens + args.repeats + 1)
-    follow = [session.generate(q, max_new_tokens=1).ttft_s for q in questions]
+    answers = [session.generate(q, max_new_tokens=1) for q in questions]
+    follow = [a.ttft_s for a in answers]
     return {
         "schedule": schedule, "document_tokens": n, "question_tokens": [len(q) for q in questions],
         "fresh_ttft_s": statistics.median(fresh[1:]), "follow_up_ttft_s": statistics.median(follow[1:]),
         "session_prefill_s": session.prefill_s, "runs": {"fresh": fresh, "follow_up": follow},
+        "follow_up_revived": [sum(a.stats.steps[0].revived) for a in answers],  # deferred tokens each brought back
     }
 
 
