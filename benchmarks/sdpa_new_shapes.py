@@ -8,7 +8,7 @@ Causal attention with llama3-8b's heads (32 query, 8 K/V, 128 wide) in bf16 on C
            at new lengths: a length in a bucket already met should build nothing;
   masked   a continuation's attention (Engine.extend: 48 new rows against every held key, a boolean mask) at new
            numbers of keys, with SDPA choosing its backend (cuDNN: a build per length) and through
-           attention.masked_sdpa (the memory-efficient kernel, as Engine.extend and windowed slices now run it);
+           attention.masked_kernels (the memory-efficient kernel, as Engine.extend and windowed slices now run it);
   kernels  each backend's steady time at 2K-32K;
   flex     the `long` preset's block-sparse attention (sparse.py's pattern and BlockMask) at new lengths from 16K,
            through FlexAttention compiled per shape (dynamic=False, as sparse.py did until the twelfth GPU session)
@@ -91,10 +91,13 @@ def bucketed() -> None:
 
 
 def masked() -> None:
-    from lazyprefill.attention import masked_sdpa, sdpa  # with a mask, K/V repeated: no fused kernel takes GQA
+    from lazyprefill.attention import masked_kernels, sdpa  # with a mask, K/V repeated: no fused kernel takes GQA
 
-    calls = {"as SDPA chooses": lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
-             "masked_sdpa": lambda q, k, v, m: masked_sdpa(q, k, v, m, 128**-0.5)}
+    def chosen(q, k, v, m):
+        with masked_kernels(q):
+            return sdpa(q, k, v, attn_mask=m)
+
+    calls = {"as SDPA chooses": lambda q, k, v, m: sdpa(q, k, v, attn_mask=m), "masked_kernels": chosen}
     for name, attend in calls.items():
         cells = []
         for n in (5000, 5311, 8191, 16001, 32000):

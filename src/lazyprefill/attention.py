@@ -17,6 +17,8 @@ decoding step, T cached positions, dh head size.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -61,12 +63,14 @@ def prefill_attention(
     step = rows_per_call or max(WINDOW_ROWS, 2 * window)
     out = torch.empty_like(q)
     index = torch.arange(W, device=pos.device)
-    for start in range(0, W, step):
-        end, lo = min(W, start + step), max(0, start - window + 1)
-        causal = index[lo:end] <= index[start:end, None]  # [r, keys] by index
-        in_window = pos[:, None, lo:end] > pos[:, start:end, None] - window  # [B, r, keys]; the diagonal is in
-        mask = (causal & in_window)[:, None]
-        out[:, :, start:end] = masked_sdpa(q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end], mask, scaling)
+    with masked_kernels(q):
+        for start in range(0, W, step):
+            end, lo = min(W, start + step), max(0, start - window + 1)
+            causal = index[lo:end] <= index[start:end, None]  # [r, keys] by index
+            in_window = pos[:, None, lo:end] > pos[:, start:end, None] - window  # [B, r, keys]; the diagonal is in
+            mask = (causal & in_window)[:, None]
+            out[:, :, start:end] = sdpa(q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end], attn_mask=mask,
+                                        scale=scaling)
     return out
 
 
@@ -98,18 +102,13 @@ def sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=group > 1, **kwargs)
 
 
-def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
-                ) -> torch.Tensor:
-    """`sdpa` under a mask whose shape changes from prompt to prompt (a continuation's rows against all it holds, a
-    sliding-window layer's last slice): q: [B, H, R, dh], k/v: [B, Hkv, T, dh], mask: [B, 1, R, T]. On CUDA in 16-bit
-    types SDPA would choose cuDNN there, which builds a graph the first time it meets each shape, 80 ms to 1.9 s on
-    an H100 against 0.7-1.6 ms for a 48-row call itself
-    (benchmarks/results/profiles/sdpa-new-shapes-h100-2026-12-07b.md), so the memory-efficient kernel, which builds
-    nothing, runs it."""
-    if not q.is_cuda:
-        return sdpa(q, k, v, attn_mask=mask, scale=scaling)
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return sdpa(q, k, v, attn_mask=mask, scale=scaling)
+def masked_kernels(q: torch.Tensor) -> AbstractContextManager:
+    """The SDPA kernels for masked attention whose shape changes from prompt to prompt (a continuation's rows against
+    all it holds, a sliding-window layer's last slice). On CUDA in 16-bit types SDPA would choose cuDNN there, which
+    builds a graph the first time it meets each shape, 80 ms to 1.9 s on an H100 against 0.7-1.6 ms for a 48-row call
+    itself (benchmarks/results/profiles/sdpa-new-shapes-h100-2026-12-07b.md), so the memory-efficient kernel, which
+    builds nothing, runs it. Entered once around a loop of calls: entering costs about 20 us of host time."""
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if q.is_cuda else nullcontext()
 
 
 def fused_gqa(q: torch.Tensor, masked: bool) -> bool:

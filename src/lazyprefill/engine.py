@@ -28,7 +28,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from .adapters import LlamaAdapter
-from .attention import masked_sdpa, prefill_attention
+from .attention import masked_kernels, prefill_attention, sdpa
 from .cache import LazyCache
 from .decoding import Graphs, SegmentRunner, eager
 from .env import triton_runs_on
@@ -349,8 +349,9 @@ class Engine:
             seen = (keys <= pos[:, None]) & visible  # [R, T]
             if window is not None:
                 seen &= keys > pos[:, None] - window
-            o = masked_sdpa(q.transpose(0, 1)[None], c.k[l, slot, :, :end][None], c.v[l, slot, :, :end][None],
-                            seen[None, None], a.scaling)  # [1, H, R, dh]
+            with masked_kernels(q):  # not around the loop: it yields to the caller between layers
+                o = sdpa(q.transpose(0, 1)[None], c.k[l, slot, :, :end][None], c.v[l, slot, :, :end][None],
+                         attn_mask=seen[None, None], scale=a.scaling)  # [1, H, R, dh]
             h = a.finish(l, h, o[0].transpose(0, 1))
             computed.append(pos.shape[0])
             resumed.append(revived)

@@ -128,9 +128,9 @@ def bench_ttft(
             for name, (fn, _) in methods.items():
                 if not rows[name]["note"]:
                     rows[name]["times_ms"].append(time_once(fn, inputs[i % len(inputs)]))
-        for j, (name, (fn, _)) in enumerate(methods.items()):
+        for j, (name, (fn, _)) in enumerate(methods.items() if new_length else ()):
             lengths = [n - 1 - NEW_LENGTHS * j - r for r in range(NEW_LENGTHS)]  # no two methods share one
-            if new_length and not rows[name]["note"] and min(lengths) > 0:
+            if not rows[name]["note"] and min(lengths) > 0:
                 progress(f"{n} x{batch} {name} at new lengths")
                 rows[name]["new_length_times_ms"] = [
                     time_once(fn, random_prompts(m, adapter.vocab_size, batch, device, cfg.seed)) for m in lengths]
