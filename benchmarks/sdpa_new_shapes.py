@@ -11,9 +11,10 @@ Causal attention with llama3-8b's heads (32 query, 8 K/V, 128 wide) in bf16 on C
            attention.masked_kernels (the memory-efficient kernel, as Engine.extend and windowed slices now run it);
   kernels  each backend's steady time at 2K-32K;
   flex     the `long` preset's block-sparse attention (sparse.py's pattern and BlockMask) at new lengths from 16K,
-           through FlexAttention compiled per shape (dynamic=False, as sparse.py did until the twelfth GPU session)
-           and with dynamic shapes (as it does now): the first call against the same call again, and how far the two
-           compiled versions' outputs lie apart.
+           through FlexAttention compiled per shape (dynamic=False, as sparse.py did until the twelfth GPU session),
+           with dynamic shapes (as it did then), with dynamic shapes told that the rows fill the kernel's tiles, and
+           sparse.py's own call (which pads the rows and tells it so): the first call, the median of five after it,
+           and how far the outputs lie from the per-shape version's.
 Run it twice to see PyTorch's opt-in that reuses cuDNN graphs across lengths:
 
     PYTHONPATH=src python3 benchmarks/sdpa_new_shapes.py builds bucketed masked kernels flex
@@ -122,22 +123,31 @@ def kernels() -> None:
 def flex() -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
-    from lazyprefill.sparse import Sparse
+    from lazyprefill.sparse import Sparse, sparse_attention
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)  # as sparse.py sets it
-    versions = {"dynamic=False": torch.compile(flex_attention, dynamic=False),
-                "dynamic=True": torch.compile(flex_attention, dynamic=True)}
-    for n in (16001, 16437, 20000, 32000):
+    per_shape, dynamic = torch.compile(flex_attention, dynamic=False), torch.compile(flex_attention, dynamic=True)
+    scale = 128**-0.5
+    versions = {  # the first three on rows padded to whole blocks (the mask's width), sparse.py's call on the rows
+        "per shape": lambda q, k, v, m: per_shape(q, k, v, block_mask=m, scale=scale, enable_gqa=True),
+        "dynamic": lambda q, k, v, m: dynamic(q, k, v, block_mask=m, scale=scale, enable_gqa=True),
+        "dynamic+IS_DIVISIBLE": lambda q, k, v, m: dynamic(q, k, v, block_mask=m, scale=scale, enable_gqa=True,
+                                                           kernel_options={"IS_DIVISIBLE": True}),
+    }
+    for n in (16001, 20000, 32000, 65000):
         q, k, v = inputs(n, True)
-        mask = Sparse().block_mask(q, k, [n], 128**-0.5)
+        mask = Sparse().block_mask(q, k, [n], scale)
+        padded = [F.pad(x, (0, 0, 0, mask.seq_lengths[0] - n)) for x in (q, k, v)]
         outs, cells = [], []
-        for name, attend in versions.items():
-            call = partial(attend, q, k, v, block_mask=mask, scale=128**-0.5, enable_gqa=True)
-            first, again = elapsed_ms(call), elapsed_ms(call)
-            outs.append(call())
-            cells.append(f"{name} first {first:.0f}, again {again:.2f}")
-        diff = (outs[0].float() - outs[1].float()).abs().max().item()
-        print(f"flex {n} (ms): " + "; ".join(cells) + f"; max |difference| {diff:.2e}", flush=True)
+        calls = {name: partial(attend, *padded, mask) for name, attend in versions.items()}
+        calls["sparse_attention"] = partial(sparse_attention, q, k, v, mask, scale)
+        for name, call in calls.items():
+            first = elapsed_ms(call)
+            steady = sorted(elapsed_ms(call) for _ in range(5))[2]
+            outs.append(call()[:, :, :n].float())
+            cells.append(f"{name} first {first:.0f}, median {steady:.2f}")
+        diff = max((out - outs[0]).abs().max().item() for out in outs[1:])
+        print(f"flex {n} (ms): " + "; ".join(cells) + f"; max |difference| from per shape {diff:.2e}", flush=True)
 
 
 if __name__ == "__main__":

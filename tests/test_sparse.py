@@ -43,14 +43,16 @@ def _element_mask(seen: torch.Tensor, block: int, W: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("sparse", [Sparse(top=0.2, local=2, sink=1, **SMALL), Sparse(top=0.1, local=1, sink=0,
                                                                                           **SMALL)])
-def test_flex_attention_equals_sdpa_over_the_same_keys(sparse):
-    q, k, v = _qkv()
-    counts = [200, 130]
+@pytest.mark.parametrize("W", [200, 256], ids=["rows-padded-to-whole-blocks", "rows-filling-the-kernel-tiles"])
+def test_flex_attention_equals_sdpa_over_the_same_keys(sparse, W):
+    q, k, v = _qkv(W=W)
+    counts = [W, 130]
     mask = sparse.block_mask(q, k, counts, 0.25)
     seen = sparse.blocks(q, k, counts, 0.25, [True, True])
     out = sparse_attention(q, k, v, mask, 0.25)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=_element_mask(seen, sparse.block, 200), scale=0.25,
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=_element_mask(seen, sparse.block, W), scale=0.25,
                                          enable_gqa=True)
+    assert out.shape == q.shape
     torch.testing.assert_close(out[0], ref[0])
     torch.testing.assert_close(out[1, :, :130], ref[1, :, :130])
     assert seen.float().mean() < 0.8, "the pattern must skip blocks, or this test checks nothing"
@@ -80,14 +82,13 @@ def test_flex_attention_that_fails_to_compile_for_any_length_compiles_per_shape(
     mask = sparse.block_mask(q, k, [200, 130], 0.25)
     try:
         with caplog.at_level(logging.WARNING, logger="lazyprefill.sparse"):
-            attend = sparse_module._compiled_flex()
-            out = attend(q, k, v, block_mask=mask, scale=0.25, enable_gqa=True)
+            out = sparse_attention(q, k, v, mask, 0.25, compiled=True)
             tried = len(tries)
-            again = attend(q, k, v, block_mask=mask, scale=0.25, enable_gqa=True)
+            again = sparse_attention(q, k, v, mask, 0.25, compiled=True)
     finally:
         sparse_module._compiled_flex.cache_clear()
         torch._dynamo.reset()
-    torch.testing.assert_close(out, sparse_attention(q, k, v, mask, 0.25))
+    torch.testing.assert_close(out, sparse_attention(q, k, v, mask, 0.25, compiled=False))
     torch.testing.assert_close(again, out)
     assert tried >= 1 and len(tries) == tried
     assert [r.getMessage() for r in caplog.records if r.name == "lazyprefill.sparse"] == [

@@ -30,6 +30,7 @@ from functools import cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch._dynamo.exc import BackendCompilerFailed
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 # Bytes of float32 attention probabilities the block ranking holds at once (its chunks of K/V heads)
 SCORE_BYTES = 256 * 2**20
+# The largest tile of rows or keys that FlexAttention's fused forward kernel takes on one program (its configs' BLOCK_M
+# and BLOCK_N): lengths that are multiples of it fill every tile
+TILE_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,8 @@ class Sparse:
             torch.ones(B, H, nb, dtype=torch.int32, device=q.device),
             diagonal.to(torch.int32).expand(B, H, nb, nb).contiguous(),
             full.sum(-1, dtype=torch.int32), torch.argsort(~full, dim=-1, stable=True).to(torch.int32),
-            BLOCK_SIZE=self.block, mask_mod=_pattern_mod(seen, self.block), seq_lengths=(q.shape[2], q.shape[2]),
-            compute_q_blocks=False,
+            BLOCK_SIZE=self.block, mask_mod=_pattern_mod(seen, self.block),
+            seq_lengths=(nb * self.block, nb * self.block), compute_q_blocks=False,  # rows padded to whole blocks
         )
 
     def blocks(self, q: torch.Tensor, k: torch.Tensor, counts: list[int], scaling: float, sparse: list[bool]
@@ -168,11 +172,22 @@ class Sparse:
         return out.view(B, H, nb, self.block).sum(dim=-1)
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scaling: float
-                     ) -> torch.Tensor:
-    """q: [B, H, W, dh], k/v: [B, Hkv, W, dh] -> [B, H, W, dh], attending where `mask` says (Sparse.block_mask)."""
-    attend = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    return attend(q, k, v, block_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scaling: float,
+                     compiled: bool | None = None) -> torch.Tensor:
+    """q: [B, H, W, dh], k/v: [B, Hkv, W, dh] -> [B, H, W, dh], attending where `mask` says (Sparse.block_mask).
+
+    The rows are laid out over the mask's whole blocks (zeros after the last row, which causality keeps every real
+    row from seeing), so that the compiled kernel can be told that its lengths divide its tiles (IS_DIVISIBLE), as
+    a per-shape compile infers at some lengths and a dynamic one at none: it then reads and writes whole tiles
+    with no bounds checks. compiled: FlexAttention's fused kernel (default: on CUDA; elsewhere the reference path).
+    """
+    W, width = q.shape[2], mask.seq_lengths[0]
+    if width != W:
+        q, k, v = (F.pad(x, (0, 0, 0, width - W)) for x in (q, k, v))
+    options = {"IS_DIVISIBLE": True} if width % TILE_ROWS == 0 else None
+    attend = _compiled_flex() if (q.is_cuda if compiled is None else compiled) else flex_attention
+    out = attend(q, k, v, block_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
+    return out[:, :, :W]
 
 
 @cache
@@ -181,12 +196,13 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
     prompt brings new row counts (a pruned prefill three per length), and compiled per shape each cost 2.7-7 s on
     an H100, where the dynamic version compiled once in 4.2 s and then met new lengths in 3-5 ms with the same
     output (benchmarks/results/profiles/sdpa-new-shapes-h100-2026-12-07b.md). Its kernel ran 4-29% slower than a
-    per-shape one at 16K-32K. A batch of several prompts gives it a symbolic batch too, the kind of size on which
-    torch 2.11's Triton code generation once failed for the decoding step's selection (benchmarks/NOTES.md, "Ninth
-    GPU session"), and FlexAttention's batch-dependent block masks had bugs of their own under dynamic shapes: where
-    the dynamic version fails to compile, the process compiles per shape from then on, with one warning. The limit
-    of recompiles is raised so that the versions a run of prompts makes never send it to the unfused path, whose
-    [H, W, W] scores do not fit at 32K."""
+    per-shape one at 16K-32K, the most where the length divided the tiles (32,000 rows), which a dynamic compile
+    cannot know and `sparse_attention` tells it. A batch of several prompts gives it a symbolic batch too, the kind
+    of size on which torch 2.11's Triton code generation once failed for the decoding step's selection
+    (benchmarks/NOTES.md, "Ninth GPU session"), and FlexAttention's batch-dependent block masks had bugs of their
+    own under dynamic shapes: where the dynamic version fails to compile, the process compiles per shape from then
+    on, with one warning. The limit of recompiles is raised so that the versions a run of prompts makes never send
+    it to the unfused path, whose [H, W, W] scores do not fit at 32K."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     dynamic, per_shape = torch.compile(flex_attention, dynamic=True), torch.compile(flex_attention, dynamic=False)
     failed = False
