@@ -104,18 +104,33 @@ def test_the_document_prefill_work_is_the_fresh_prefills():
     assert lp.LazyLLM(model, None).session(document, room=4).prefill_computed == [60] * 6
 
 
-def test_a_one_token_continuation_is_a_decoding_step():
+@pytest.mark.parametrize("schedule", ["0:0.5,2:0.5+min=0", "revive(rows=2):0:0.5,2:0.5+min=0"])
+def test_a_one_token_continuation_is_a_decoding_step(schedule):
     """A pruned continuation treats the held prompt as a decoding step treats its context: scored by the new
-    rows, kept as many as the step keeps, revived from the Aux Cache where they stopped. One token of it is that
-    step: the same logits and the same depths after it."""
+    rows, kept as many as the step keeps, revived from the Aux Cache where they stopped (under a revival bound,
+    as many as the step may revive). One token of it is that step: the same logits and the same depths after it."""
     model = tiny_model("llama_gqa_rope3")
     document, token = prompt_ids(60, seed=8), prompt_ids(1, seed=9)
-    extended, stepped = (lp.LazyLLM(model, "0:0.5,2:0.5+min=0").session(document, room=4) for _ in range(2))
+    extended, stepped = (lp.LazyLLM(model, schedule).session(document, room=4) for _ in range(2))
     logits, stats = extended.engine.extend(0, token)
     want, (step,) = stepped.engine.decode(token, [0])
     assert (logits - want).abs().max().item() <= ATOL
     assert np.array_equal(extended.engine.cache.depth[0, :61], stepped.engine.cache.depth[0, :61])
     assert stats.computed == step.computed and sum(stats.revived) > 0
+
+
+def test_a_bounded_continuation_revives_what_its_rows_worth_of_steps_may():
+    """Under revive(rows=R) a continuation of m tokens computes at most m * R rows after each pruning layer (its
+    own and m * (R - 1) held tokens), as m decoding steps would, where the unbounded rule resumes every kept token
+    that stopped there."""
+    model = tiny_model("llama_gqa_rope3")
+    document, question = prompt_ids(60, seed=8), prompt_ids(3, seed=10)
+    stats = {}
+    for scorer in ("last", "revive(rows=2)"):
+        session = lp.LazyLLM(model, f"{scorer}:0:0.5,2:0.5+min=0").session(document, room=4)
+        stats[scorer] = session.engine.extend(0, question)[1]
+    assert max(stats["last"].computed) > 3 * 2, "unbounded, the question must revive more than the bound allows"
+    assert max(stats["revive(rows=2)"].computed) <= 3 * 2 and sum(stats["revive(rows=2)"].revived) > 0
 
 
 def test_session_refuses_what_does_not_fit():
