@@ -374,3 +374,40 @@ def test_cached_prefixes_are_evicted_least_recently_used_within_the_budget():
         assert run(scheduler, torch.cat([documents[2], prompt_ids(3)]), new=2)[0].reused == 50
     finally:
         scheduler.close()
+
+
+def test_the_warm_up_serves_one_request_that_leaves_nothing_behind():
+    """The warm-up runs the default schedule's engine on a prompt long enough to be pruned (its prefill computes
+    fewer rows than dense), caches nothing for reuse, and changes no later answer."""
+    model = tiny_model("llama_gqa_rope3")
+    config = ServeConfig(schedule="0:0.5,2:0.5+min=200", max_batch=2, max_prompt_tokens=240, max_new_tokens=8,
+                         min_reuse_tokens=8)
+    scheduler = Scheduler(model, TOKENIZER, config, eos=set())
+    built: list = []
+    make = scheduler.make_engine
+    scheduler.make_engine = lambda *args: built.append(make(*args)) or built[-1]
+    try:
+        assert scheduler.warm_up() > 0
+        assert len(built) == 1 and list(scheduler.pools) == [config.schedule]
+        assert built[0]._prefill_sizes[:, -1].max() == 60, "the warm-up's prompt (240 tokens) was not pruned"
+        assert scheduler.prefixes.nbytes == 0
+        prompt = prompt_ids(40, seed=11)
+        _, out = run(scheduler, prompt)
+        assert out.tokens == lp.LazyLLM(model, config.schedule).generate(prompt, 6, eos_token_id=[]).new_tokens
+    finally:
+        scheduler.close()
+
+
+def test_a_warm_up_that_fails_says_so():
+    config = ServeConfig(max_batch=1, max_prompt_tokens=240, max_new_tokens=8)
+    scheduler = Scheduler(tiny_model("llama_gqa_rope3"), TOKENIZER, config, eos=set())
+
+    def broken(*_args):
+        raise RuntimeError("no memory for the engine")
+
+    scheduler.make_engine = broken
+    try:
+        with pytest.raises(RuntimeError, match=r"the warm-up request of 240 tokens failed: .*no memory"):
+            scheduler.warm_up()
+    finally:
+        scheduler.close()

@@ -763,6 +763,10 @@ def serve_command(
         None, "--decode", metavar="KEY=on|off", help=f"A decoding path on or off ({', '.join(SERVE_DECODE_KEYS)}; "
         "default: what measured fastest on the device). Repeatable."
     ),
+    warmup: bool = typer.Option(
+        True, "--warmup/--no-warmup", help="Serve one request of the default schedule before listening, so that "
+        "the first client does not wait for the compiles and kernels a process builds once (seconds on a GPU)."
+    ),
 ) -> None:
     """Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics),
     with continuous batching: requests join the running batch between decoding steps."""
@@ -801,8 +805,14 @@ def serve_command(
     except ValueError as err:
         fail(str(err))
     registered = f"; registered: {', '.join(named)}" if named else ""
-    Console(stderr=True).print(f"serving {model} ({config.schedule}{registered}) on http://{host}:{port}/v1")
+    console = Console(stderr=True)
     try:
+        if warmup:
+            try:
+                console.print(f"warmed up in {scheduler.warm_up():.1f} s")
+            except RuntimeError as err:
+                fail(str(err))
+        console.print(f"serving {model} ({config.schedule}{registered}) on http://{host}:{port}/v1")
         uvicorn.run(create_app(scheduler, model, max_request_bytes), host=host, port=port, log_level="warning")
     finally:
         scheduler.close()

@@ -42,6 +42,8 @@ EngineFactory = Callable[[LlamaAdapter, Schedule, int, DecodeOptions, int], Engi
 
 logger = logging.getLogger(__name__)  # failures with their tracebacks: a client is told only the message
 
+WARM_UP_TOKENS = 256  # the warm-up's prompt at least (longer where the default schedule prunes only longer ones)
+
 
 def new_engine(adapter: LlamaAdapter, schedule: Schedule, capacity: int, decode: DecodeOptions, batch: int) -> Engine:
     return Engine(adapter, schedule, capacity, decode=decode, batch=batch)
@@ -137,6 +139,7 @@ class ServeRequest:
     revived: int = 0
     slot: int | None = None
     generator: torch.Generator | None = None
+    cached: bool = True  # whether its tokens may stay as a prefix for later prompts (not the warm-up's)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -300,6 +303,32 @@ class Scheduler:
                               code="queue_full")
             self.waiting.append(request)
             self._lock.notify()
+
+    def warm_up(self) -> float:
+        """Serve one request of the default schedule before any client does, and return its seconds: a process
+        pays once what its first request meets (compiled layers and selection, CUDA graphs, Triton kernels,
+        FlexAttention for a sparse schedule), and a GPU server's first request took 4.2-4.3 s against 0.4-0.5 s
+        after it (benchmarks/results/serve/gpu-h100-2026-12-07-fallback/load.json, its warm-up). The prompt is long
+        enough to be pruned (and to attend sparsely) and is not kept for reuse. Raises if the request fails."""
+        sparse = self.default.sparse
+        n = min(self.max_prompt, max(WARM_UP_TOKENS, self.default.min_prompt(self.adapter.device.type),
+                                     sparse.min_tokens if sparse is not None else 0))
+        ended: list[Event] = []
+        done = threading.Event()
+
+        def emit(event: Event) -> None:
+            if event.finish_reason is not None:
+                ended.append(event)
+                done.set()
+
+        prompt = [1 + i % (self.adapter.vocab_size - 1) for i in range(n)]
+        start = time.perf_counter()
+        self.submit(ServeRequest(prompt, min(8, self.config.max_new_tokens), SamplingParams(), "", (), emit,
+                                 cached=False))
+        done.wait()
+        if ended[0].finish_reason == "error":
+            raise RuntimeError(f"the warm-up request of {n} tokens failed: {ended[0].error}")
+        return time.perf_counter() - start
 
     def _free_slots(self, schedule: str) -> int:
         """Slots of a schedule's engine that the loop has yet to fill (held lock); a new engine's, if none yet."""
@@ -519,7 +548,7 @@ class Scheduler:
 
     def _finish(self, pool: Pool, request: ServeRequest, reason: str) -> None:
         pool.decoding.pop(request.slot, None)
-        if reason in ("stop", "length") and self.config.min_reuse_tokens:
+        if reason in ("stop", "length") and self.config.min_reuse_tokens and request.cached:
             self._keep(pool, request)
         pool.free.append(request.slot)
         request.emit(Event(finish_reason=reason))
