@@ -195,10 +195,10 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
     """FlexAttention's fused kernel (uncompiled it materializes every score), compiled with dynamic shapes: every
     prompt brings new row counts (a pruned prefill three per length), and compiled per shape each cost 2.7-7 s on
     an H100, where the dynamic version compiled once in 4.2 s and then met new lengths in 3-5 ms with the same
-    output (benchmarks/results/profiles/sdpa-new-shapes-h100-2026-12-07b.md). Its kernel ran 4-29% slower than a
-    per-shape one at 16K-32K, the most where the length divided the tiles (32,000 rows), which a dynamic compile
-    cannot know and `sparse_attention` tells it. A batch of several prompts gives it a symbolic batch too, the kind
-    of size on which torch 2.11's Triton code generation once failed for the decoding step's selection
+    output (benchmarks/results/profiles/sdpa-new-shapes-h100-2026-12-07b.md). Its kernel ran up to 39% slower than a
+    per-shape one at 16K-65K, for want of knowing that its lengths fill the tiles; told so by `sparse_attention`, it
+    ran as fast (sdpa-new-shapes-h100-2026-12-07c.md). A batch of several prompts gives it a symbolic batch too,
+    the kind of size on which torch 2.11's Triton code generation once failed for the decoding step's selection
     (benchmarks/NOTES.md, "Ninth GPU session"), and FlexAttention's batch-dependent block masks had bugs of their
     own under dynamic shapes: where the dynamic version fails to compile, the process compiles per shape from then
     on, with one warning. The limit of recompiles is raised so that the versions a run of prompts makes never send
