@@ -4,9 +4,10 @@ Each sample's prompt is split into a document (all but its last `--question-toke
 rest). A session prefills the document once under the schedule and first answers `--questions` - 1 other samples'
 questions (so the document's Aux Cache and revivals are those real earlier questions left), then this sample's: the
 score of that last answer is set beside the fresh prefill of the whole prompt under the same schedule, and beside
-dense. The scores, paired differences and each prefill's work (its share of dense's (token, layer) rows: the fresh
-prompt's, and the document's in the session) go to JSON and a markdown table, rewritten after every sample (a run
-stopped by a lease's end keeps what it measured; the tasks take turns, so it has samples of each).
+dense. The scores, paired differences, each prefill's work (its share of dense's (token, layer) rows: the fresh
+prompt's, and the document's in the session) and the held tokens each question resumed go to JSON and a markdown
+table, rewritten after every sample (a run stopped by a lease's end keeps what it measured; the tasks take turns,
+so it has samples of each).
 
     PYTHONPATH=src python3 benchmarks/reuse_accuracy.py --model smollm2 --tasks passkey,recall,code --length 512 \\
         --samples 30 --questions 2 --schedules balanced,paper --out results/smollm2-cpu-512-reuse
@@ -69,7 +70,8 @@ def main() -> None:
         opts = {"max_new_tokens": sample.max_new_tokens, "eos_token_id": [],
                 "stop_strings": ["\n"] if sample.task == "code" else None}
         ref = dense.generate(ids, **opts)
-        row = {"task": sample.task, "index": sample.index, "dense": answer(ref, sample, ref.new_tokens), "work": {}}
+        row = {"task": sample.task, "index": sample.index, "dense": answer(ref, sample, ref.new_tokens), "work": {},
+               "revived": {}}
         for name, lazy in lazies.items():
             fresh = lazy.generate(ids, **opts)
             row[f"{name} fresh"] = answer(fresh, sample, ref.new_tokens)
@@ -77,16 +79,18 @@ def main() -> None:
             # each prefill's work, so that a run whose every score is dense's can be seen to have pruned
             row["work"][name] = {"fresh": fresh.stats.prefill_work,
                                  "document": prefill_work(session.prefill_computed, len(ids) - k)}
-            for other in others:
-                session.generate(torch.tensor(other.prompt_ids[-k:]), **opts)
-            row[f"{name} reused"] = answer(session.generate(ids[-k:], **opts), sample, ref.new_tokens)
+            # the held tokens each question resumed (a revival bound caps them), the scored question last
+            asked = [session.generate(torch.tensor(other.prompt_ids[-k:]), **opts) for other in others]
+            asked.append(session.generate(ids[-k:], **opts))
+            row["revived"][name] = [sum(out.stats.steps[0].revived) for out in asked]
+            row[f"{name} reused"] = answer(asked[-1], sample, ref.new_tokens)
         records.append(row)
         write_report(records, args.out)
     print((args.out / "reuse.md").read_text())
 
 
 def write_report(records: list[dict], out: Path) -> None:
-    methods = [m for m in records[0] if m not in ("task", "index", "work")]
+    methods = [m for m in records[0] if m not in ("task", "index", "work", "revived")]
     table: dict[str, dict] = {}
     for task in dict.fromkeys(r["task"] for r in records):
         rows = [r for r in records if r["task"] == task]

@@ -119,7 +119,7 @@ def test_a_one_token_continuation_is_a_decoding_step(schedule):
     assert stats.computed == step.computed and sum(stats.revived) > 0
 
 
-def test_a_bounded_continuation_revives_what_its_rows_worth_of_steps_may():
+def test_a_bounded_continuation_computes_at_most_what_its_tokens_as_steps_would():
     """Under revive(rows=R) a continuation of m tokens computes at most m * R rows after each pruning layer (its
     own and m * (R - 1) held tokens), as m decoding steps would, where the unbounded rule resumes every kept token
     that stopped there."""
