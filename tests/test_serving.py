@@ -378,10 +378,11 @@ def test_cached_prefixes_are_evicted_least_recently_used_within_the_budget():
 
 def test_the_warm_up_serves_one_request_that_leaves_nothing_behind():
     """The warm-up runs the default schedule's engine on a prompt long enough to be pruned (its prefill computes
-    fewer rows than dense), caches nothing for reuse, and changes no later answer."""
+    fewer rows than dense), caches nothing for reuse (where a client's pruned prompt would be), and changes no
+    later answer."""
     model = tiny_model("llama_gqa_rope3")
     config = ServeConfig(schedule="0:0.5,2:0.5+min=200", max_batch=2, max_prompt_tokens=240, max_new_tokens=8,
-                         min_reuse_tokens=8)
+                         min_reuse_tokens=8, reuse_pruned=True)
     scheduler = Scheduler(model, TOKENIZER, config, eos=set())
     built: list = []
     make = scheduler.make_engine
@@ -394,6 +395,7 @@ def test_the_warm_up_serves_one_request_that_leaves_nothing_behind():
         prompt = prompt_ids(40, seed=11)
         _, out = run(scheduler, prompt)
         assert out.tokens == lp.LazyLLM(model, config.schedule).generate(prompt, 6, eos_token_id=[]).new_tokens
+        assert scheduler.prefixes.nbytes > 0, "a client's request is cached"
     finally:
         scheduler.close()
 
@@ -408,6 +410,26 @@ def test_a_warm_up_that_fails_says_so():
     scheduler.make_engine = broken
     try:
         with pytest.raises(RuntimeError, match=r"the warm-up request of 240 tokens failed: .*no memory"):
+            scheduler.warm_up()
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's death is the case
+def test_a_warm_up_whose_loop_ends_says_so():
+    """A scheduler whose loop dies ends the requests it holds as cancelled: the warm-up must not report success
+    and let the server listen with no loop."""
+    scheduler = Scheduler(tiny_model("llama_gqa_rope3"), TOKENIZER,
+                          ServeConfig(max_batch=1, max_prompt_tokens=240, max_new_tokens=8), eos=set())
+
+    def broken() -> None:
+        raise RuntimeError("the loop's own bug")
+
+    scheduler._admit = broken
+    try:
+        with pytest.raises(RuntimeError, match="the warm-up request of 240 tokens failed: cancelled"):
+            scheduler.warm_up()
+        with pytest.raises(RuntimeError, match="was refused: the server is shutting down"):
             scheduler.warm_up()
     finally:
         scheduler.close()

@@ -809,9 +809,10 @@ def serve_command(
     try:
         if warmup:
             try:
-                console.print(f"warmed up in {scheduler.warm_up():.1f} s")
+                seconds = scheduler.warm_up()
             except RuntimeError as err:
                 fail(str(err))
+            console.print(f"warmed up in {seconds:.1f} s")
         console.print(f"serving {model} ({config.schedule}{registered}) on http://{host}:{port}/v1")
         uvicorn.run(create_app(scheduler, model, max_request_bytes), host=host, port=port, log_level="warning")
     finally:

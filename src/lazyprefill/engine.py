@@ -376,11 +376,11 @@ class Engine:
         tokens that reached `layer`; the kept ones that stopped there resume from the Aux Cache, and resumed rows
         not kept stop here (their hidden state goes to the Aux Cache). Under a revival bound (Revive) the held
         tokens computed after the layer are at most m times a decoding step's rows besides q, as m steps would
-        allow (a one-token continuation is still that decoding step): with random weights a follow-up
-        question over a 16K document otherwise revived most of what the document deferred (23% of a fresh
-        prefill's time on an H100, against dense's 5.8%). Updates `held` and `chosen` ([T]) in place
-        and returns the rows that go on (h: [R', d], pos: [R'], resumed rows first) and how many resume here.
-        keys: [T] the positions 0..T-1."""
+        allow (a one-token continuation is still that decoding step): with random weights a follow-up question
+        over a 16K document otherwise revived most of what the document deferred (23% of a fresh prefill's time on
+        an H100, against dense's 5.8%: benchmarks/NOTES.md, "Eighth GPU session"). Updates `held` and `chosen`
+        ([T]) in place and returns the rows that go on (h: [R', d], pos: [R'], resumed rows first) and how many
+        resume here. keys: [T] the positions 0..T-1."""
         a, c, m = self.a, self.cache, q.shape[0]
         end = held.shape[0]
         w = min(self.schedule.scorer.query_rows, m)
@@ -393,12 +393,14 @@ class Engine:
         candidates[start:] = False  # the new rows all go on
         # the held tokens keep what a decoding step's q leaves its context: ceil(r * (n + 1)) - 1 (one wait)
         kept = self.schedule.kept_count(layer, int(candidates.sum()) + 1) - 1
-        bound, rows = self.schedule.scorer.revival_rows, None  # a step's rows after q; m new rows: m steps' worth
+        # Revive: a decoding step computes at most `bound` rows after this layer, q included, so the m new rows
+        # (m steps' worth) allow m * (bound - 1) held tokens there
+        bound, bounded = self.schedule.scorer.revival_rows, None
         if bound is not None:
-            rows = candidates & (held == layer)  # [T] held tokens that would take a row next: resumed here
-            rows[pos[:-m]] = True  # or resumed at an earlier pruning layer and going on
-        picked = top_k(scores[None], candidates[None], torch.zeros_like(candidates[None]),
-                       torch.tensor([kept], device=held.device), None if rows is None else rows[None],
+            bounded = candidates & (held == layer)  # [T] held tokens that would take a row next: resumed here
+            bounded[pos[:-m]] = True  # or resumed at an earlier pruning layer (candidates: held L-1) and going on
+        picked = top_k(scores[None], candidates[None], torch.zeros_like(candidates[None]),  # no q among them
+                       torch.tensor([kept], device=held.device), None if bounded is None else bounded[None],
                        None if bound is None else torch.tensor([m * (bound - 1)], device=held.device))
         chosen[:start] = picked[0, :start]
         resumed, new = pos[:-m], slice(-m, None)  # rows of held tokens resumed at earlier pruning layers

@@ -43,6 +43,7 @@ EngineFactory = Callable[[LlamaAdapter, Schedule, int, DecodeOptions, int], Engi
 logger = logging.getLogger(__name__)  # failures with their tracebacks: a client is told only the message
 
 WARM_UP_TOKENS = 256  # the warm-up's prompt at least (longer where the default schedule prunes only longer ones)
+WARM_UP_NEW_TOKENS = 8  # and its answer: decoding steps enough to capture a step's graphs
 
 
 def new_engine(adapter: LlamaAdapter, schedule: Schedule, capacity: int, decode: DecodeOptions, batch: int) -> Engine:
@@ -309,7 +310,9 @@ class Scheduler:
         pays once what its first request meets (compiled layers and selection, CUDA graphs, Triton kernels,
         FlexAttention for a sparse schedule), and a GPU server's first request took 4.2-4.3 s against 0.4-0.5 s
         after it (benchmarks/results/serve/gpu-h100-2026-12-07-fallback/load.json, its warm-up). The prompt is long
-        enough to be pruned (and to attend sparsely) and is not kept for reuse. Raises if the request fails."""
+        enough to be pruned (and to attend sparsely) unless max_prompt_tokens is shorter; it is not kept for reuse.
+        Call it before metrics are attached (`create_app`): its figures go to `observe` like any request's.
+        Raises RuntimeError if the request does not finish (an error, or the loop gone)."""
         sparse = self.default.sparse
         n = min(self.max_prompt, max(WARM_UP_TOKENS, self.default.min_prompt(self.adapter.device.type),
                                      sparse.min_tokens if sparse is not None else 0))
@@ -323,11 +326,14 @@ class Scheduler:
 
         prompt = [1 + i % (self.adapter.vocab_size - 1) for i in range(n)]
         start = time.perf_counter()
-        self.submit(ServeRequest(prompt, min(8, self.config.max_new_tokens), SamplingParams(), "", (), emit,
-                                 cached=False))
+        try:
+            self.submit(ServeRequest(prompt, min(WARM_UP_NEW_TOKENS, self.config.max_new_tokens), SamplingParams(),
+                                     "", (), emit, cached=False))
+        except Refused as err:  # the loop is gone or closing
+            raise RuntimeError(f"the warm-up request of {n} tokens was refused: {err}") from None
         done.wait()
-        if ended[0].finish_reason == "error":
-            raise RuntimeError(f"the warm-up request of {n} tokens failed: {ended[0].error}")
+        if ended[0].finish_reason not in ("stop", "length"):  # "cancelled" only when the loop ended
+            raise RuntimeError(f"the warm-up request of {n} tokens failed: {ended[0].error or ended[0].finish_reason}")
         return time.perf_counter() - start
 
     def _free_slots(self, schedule: str) -> int:

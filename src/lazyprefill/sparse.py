@@ -40,8 +40,9 @@ logger = logging.getLogger(__name__)
 
 # Bytes of float32 attention probabilities the block ranking holds at once (its chunks of K/V heads)
 SCORE_BYTES = 256 * 2**20
-# The largest tile of rows or keys that FlexAttention's fused forward kernel takes on one program (its configs' BLOCK_M
-# and BLOCK_N): lengths that are multiples of it fill every tile
+# Lengths that are multiples of this fill every tile of FlexAttention's fused kernel: Inductor keeps only tile sizes
+# (BLOCK_M, BLOCK_N) that divide the BlockMask's block, and itself sets IS_DIVISIBLE for lengths it can prove are
+# multiples of 128
 TILE_ROWS = 128
 
 
@@ -101,7 +102,9 @@ class Sparse:
                    allowed: list[bool] | None = None) -> BlockMask | None:
         """q: [B, H, W, dh], k: [B, Hkv, W, dh], right-padded; counts: each sequence's rows (host ints); allowed:
         the sequences that may attend sparsely (None: all) -> the BlockMask of the pattern, or None where no
-        sequence is allowed with at least `min_tokens` rows (plain causal attention is then exact and faster)."""
+        sequence is allowed with at least `min_tokens` rows (plain causal attention is then exact and faster).
+        The mask covers nb * block rows and keys, W padded to whole blocks: pass it to `sparse_attention`, which
+        pads q/k/v to match (FlexAttention refuses a mask made for other lengths)."""
         allowed = [True] * len(counts) if allowed is None else allowed
         sparse = [n >= self.min_tokens and a for n, a in zip(counts, allowed)]
         if not any(sparse):
