@@ -43,7 +43,7 @@ def _element_mask(seen: torch.Tensor, block: int, W: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("sparse", [Sparse(top=0.2, local=2, sink=1, **SMALL), Sparse(top=0.1, local=1, sink=0,
                                                                                           **SMALL)])
-@pytest.mark.parametrize("W", [200, 256], ids=["rows-padded-to-whole-blocks", "rows-filling-the-kernel-tiles"])
+@pytest.mark.parametrize("W", [200, 256], ids=["rows-padded-to-whole-blocks", "rows-filling-whole-blocks"])
 def test_flex_attention_equals_sdpa_over_the_same_keys(sparse, W):
     q, k, v = _qkv(W=W)
     counts = [W, 130]
