@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +201,33 @@ def test_eval_resume_runs_only_the_samples_left_and_refuses_another_evaluation(t
     monkeypatch.setitem(PRESETS, "paper", Preset({0.3: 0.5}))  # the same spec now runs another schedule
     changed = CliRunner().invoke(app, [*args, "--schedules", "paper", "--samples", "3", "--resume"])
     assert changed.exit_code == 2 and "another schedules" in changed.output
+
+
+def test_a_split_merged_folder_resumes_as_the_per_task_run_of_some_of_its_methods(tmp_path):
+    """benchmarks/split_eval.py: a lease's merged report of three methods gives each task the folder that a later
+    run of two of them resumes, keeping their records, and running only the samples left."""
+    spec = importlib.util.spec_from_file_location("split_eval", Path(__file__).parents[1] / "benchmarks/split_eval.py")
+    split_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split_eval)
+    merged = tmp_path / "merged"
+    args = ["eval", "--model", "smollm2", "--lengths", "256", "--baselines", "none", "--samples", "2"]
+    first = CliRunner().invoke(app, [*args, "--tasks", "passkey,recall", "--schedules", "paper,2:0.5", "--out",
+                                     str(merged)])
+    assert first.exit_code == 0, first.output
+    assert split_eval.split(merged, tmp_path, ["dense", "paper"], "b") == {"256-passkey-b": 2, "256-recall-b": 2}
+    folder = tmp_path / "256-passkey-b"
+    kept = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in kept} == {"dense", "paper"} and {r["task"] for r in kept} == {"passkey"}
+    resumed = CliRunner().invoke(app, [*args[:-1], "3", "--tasks", "passkey", "--schedules", "paper", "--out",
+                                       str(folder), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    data = json.loads((folder / "eval.json").read_text())
+    assert data["config"]["resumed_samples"] == 2
+    runs = [(r["index"], r["method"]) for r in data["records"]]
+    assert runs == [(i, m) for i in range(3) for m in ("dense", "paper")]
+    assert [r["ttft_s"] for r in data["records"][:4]] == [r["ttft_s"] for r in kept]
+    with pytest.raises(SystemExit, match="no method"):
+        split_eval.split(merged, tmp_path, ["dense", "balanced"], "c")
 
 
 def test_a_fresh_reference_is_the_dense_run_and_a_cached_one_is_checked_by_a_rerun(tokenizer, tmp_path):

@@ -23,10 +23,9 @@ import torch
 import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
 from torch._dynamo.exc import BackendCompilerFailed
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import LlamaAdapter
-from .attention import decode_mask, listed_positions, row_ranges, sdpa
+from .attention import decode_mask, listed_positions, masked_kernels, row_ranges, sdpa
 from .cache import LazyCache, kv_rows
 from .plan import Segment, StepPlan
 from .recording import Recorder
@@ -454,10 +453,10 @@ def masked_attention(
 def _sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """masked_attention for many rows: the memory-efficient kernel (fp32 accumulation; attention.sdpa repeats K/V
-    for GQA on CUDA, since that kernel takes none). Only the kernel choice is scoped; process-wide SDPA state is
-    untouched."""
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    """masked_attention for many rows: on CUDA the memory-efficient kernel (fp32 accumulation, no graph built per
+    shape; attention.sdpa repeats K/V for GQA there, since that kernel takes none). Only the kernel choice is
+    scoped; process-wide SDPA state is untouched."""
+    with masked_kernels(q):
         return sdpa(q, k, v, attn_mask=mask[:, None], scale=scaling)
 
 
