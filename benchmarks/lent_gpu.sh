@@ -10,11 +10,13 @@
 #                                              # tokenizer) and .whl-serve (the server's and the client's packages)
 #   benchmarks/lent_gpu.sh split               # here, once, for Gemma 3: `prepare`, .gpu/c0..cN (GGUF pieces; it
 #                                              # prints N), .whl (gguf, rapidfuzz)
-#   run: benchmarks/lent_gpu.sh setup          # carry .gpu/cN .whl; wheels, code to /root/src, the last piece
+#   run: benchmarks/lent_gpu.sh setup          # carry .gpu/cN .whl; wheels, code to /root/src, the last piece (or
+#                                              # carry .whl alone, beside `session`'s carry, and send cN as a piece)
 #   run: benchmarks/lent_gpu.sh piece I        # carry .gpu/cI; I = 0..N-1, one call each, back to back
 #   run: benchmarks/lent_gpu.sh assemble       # carry .whl-serve; the GGUF from its pieces, checked, converted once
 #                                              # (about 2 minutes; start the evaluations in the same call, and keep
-#                                              # a call running while they do: the machine goes back 30 s after one)
+#                                              # a call running while they do: the machine goes back 30 s after one;
+#                                              # samples an earlier lease finished: split_eval.py, then --resume)
 #   run: benchmarks/lent_gpu.sh poll 540       # wait, then bring back /root/keep as $OUT/keep.tgz
 #   run: benchmarks/lent_gpu.sh session PART.. # carry .gpu/tok .whl-serve: runs on model shapes need no GGUF; the
 #                                              # serving wheels, the tokenizer, the code in /root/w, then
@@ -59,7 +61,9 @@ prepare)
     ;;
 setup)
     mkdir -p /root/store /root/keep /root/site
-    cp .gpu/c[0-9]*/p[0-9][0-9] /root/store/  # the piece carried with this call
+    shopt -s nullglob
+    carried=(.gpu/c[0-9]*/p[0-9][0-9])  # the piece carried with this call, if any (else `piece N` brings it)
+    ((${#carried[@]} == 0)) || cp "${carried[@]}" /root/store/
     pip install -q --no-index --no-deps --target /root/site .whl/*.whl
     rm -rf /root/src /root/bench && cp -r src /root/src && cp -r benchmarks /root/bench
     write_env
