@@ -3,9 +3,10 @@
 Issue 24's measurement: dense, the default and the long-prompt preset (or any candidate schedule, e.g. with
 block-sparse attention, `paper+sparse(top=0.05)`) at 8K-128K, one process, MEASURE.md's protocol (bench_ttft:
 interleaved rounds, CUDA events, median), and beside it each method at three lengths just under each length that no
-method has met (bench_ttft's `new_length`), as a user's next prompt would be: what a kernel builds or compiles per
-length is in those and not in the rounds. Lengths run longest last, so a run that hits the time limit keeps the
-shorter ones (each length is written as soon as it is measured).
+method has met (bench_ttft's `new_length`; `--no-new-length` skips them), as a user's next prompt would be: what a
+kernel builds or compiles per length is in those and not in the rounds. Lengths run longest last, so a run that hits
+the time limit keeps the shorter ones (each length is written once its rounds are done, and again with its
+new-length runs).
 
     PYTHONPATH=src python3 benchmarks/long_prompts.py --model llama3-8b --lengths 8192,32768 \\
         --schedules 'dense,balanced,paper,long' --out $OUT
@@ -41,6 +42,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/long"))
     p.add_argument("--stem", default="long-prompts")
+    p.add_argument("--new-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each method at lengths it has not met (off: a short lease keeps the rounds)")
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     cfg = BenchConfig(lengths={args.model: lengths}, repeats=args.repeats, warmup=args.warmup, device=args.device,
@@ -53,13 +56,19 @@ def main() -> None:
               "protocol": {"repeats": cfg.repeats, "warmup": cfg.warmup, "dtype": args.dtype},
               "schedules": {name: s.describe() for name, s in schedules.items()}, "ttft": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(lengths) * (2 * (len(names) + 1) + cfg.repeats), desc="long prompts") as bar:
+    steps = (1 + args.new_length) * (len(names) + 1) + cfg.repeats  # per length: warm-ups, rounds, new lengths
+
+    def timed(rows: list[dict]) -> None:  # a length's rounds, kept if the lease ends during its new-length runs
+        write({**result, "ttft": result["ttft"] + rows}, args.out, args.stem)
+
+    with tqdm(total=len(lengths) * steps, desc="long prompts") as bar:
         def progress(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update(1)
 
         for n in lengths:
-            result["ttft"] += bench_ttft(model, n, cfg, progress, schedules=schedules, new_length=True)
+            result["ttft"] += bench_ttft(model, n, cfg, progress, schedules=schedules, new_length=args.new_length,
+                                         timed=timed)
             write(result, args.out, args.stem)
     print(table(result))
 

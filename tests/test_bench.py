@@ -160,3 +160,28 @@ def test_ttft_at_new_lengths_times_each_method_at_lengths_no_other_met(monkeypat
         assert len(row["new_length_times_ms"]) == timing.NEW_LENGTHS and row["new_length_ms"] > 0
         assert row["new_length_speedup"] > 0
     assert all("new_length_ms" not in r for r in timing.bench_ttft(model, 64, cfg, lambda _label: None))
+
+
+def test_ttft_hands_over_the_rounds_before_the_new_length_runs(monkeypatch):
+    """bench_ttft(timed=...): the rows with their medians and speedups once the rounds are done and before any
+    new-length run, so that a long run cut off in those (a lease's end at 128K) keeps its rounds."""
+    from lazyprefill.bench import timing
+
+    calls = []
+    real = timing.time_once
+
+    def counting(fn, x):
+        calls.append(x[0].shape[0])
+        return real(fn, x)
+
+    monkeypatch.setattr(timing, "time_once", counting)
+    handed: list[tuple[int, list[dict]]] = []
+    cfg = BenchConfig(lengths={"tiny": [64]}, repeats=2, warmup=0, device="cpu", dtype="float32")
+    rows = timing.bench_ttft(tiny_model("llama_gqa_rope3"), 64, cfg, lambda _label: None, new_length=True,
+                             timed=lambda early: handed.append((len(calls), [dict(r) for r in early])))
+    assert len(handed) == 1
+    timed_calls, early = handed[0]
+    assert timed_calls == cfg.repeats * len(rows) and set(calls[:timed_calls]) == {64}  # the rounds, nothing after
+    assert all(r["ms"] > 0 and r["speedup"] > 0 and "new_length_ms" not in r for r in early)
+    assert [r["ms"] for r in early] == [r["ms"] for r in rows]
+    assert all(r["new_length_ms"] > 0 for r in rows)

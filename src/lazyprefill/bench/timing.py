@@ -87,6 +87,7 @@ def _is_oom(err: BaseException) -> bool:
 def bench_ttft(
     model: nn.Module, n: int, cfg: BenchConfig, progress: Callable[[str], None], batch: int = 1,
     schedules: dict[str, Schedule] | None = None, new_length: bool = False,
+    timed: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """One row per method for a batch of `batch` prompts of n tokens; running out of memory is a note, not a crash.
     `schedules`: the methods beside transformers (default: dense and every preset, `schedules_for`).
@@ -95,7 +96,8 @@ def bench_ttft(
     GPU whose clocks drift during the run slows every method alike. `new_length`: also time each method once, after
     the rounds, at NEW_LENGTHS lengths a little under n that no method has met (the median), as a user's next prompts
     would be: what a kernel builds or compiles per length (SDPA's cuDNN graphs, FlexAttention, oneDNN's primitives on
-    the CPU) is in it, and not in the rounds.
+    the CPU) is in it, and not in the rounds. `timed` gets the rows once the rounds are done, before those runs
+    (a minute at 128K), so that a caller can write them where a lease may end first.
     """
     adapter = adapter_for(model)
     device, dims = adapter.device, ModelDims.of(model)
@@ -128,6 +130,9 @@ def bench_ttft(
             for name, (fn, _) in methods.items():
                 if not rows[name]["note"]:
                     rows[name]["times_ms"].append(time_once(fn, inputs[i % len(inputs)]))
+        _summarize(rows, methods, n, batch, dims, device)
+        if timed is not None:
+            timed(list(rows.values()))
         for j, (name, (fn, _)) in enumerate(methods.items() if new_length else ()):
             lengths = [n - 1 - NEW_LENGTHS * j - r for r in range(NEW_LENGTHS)]  # no two methods share one
             if not rows[name]["note"] and min(lengths) > 0:
@@ -135,6 +140,15 @@ def bench_ttft(
                 rows[name]["new_length_times_ms"] = [
                     time_once(fn, random_prompts(m, adapter.vocab_size, batch, device, cfg.seed)) for m in lengths]
                 rows[name]["new_length_ms"] = statistics.median(rows[name]["new_length_times_ms"])
+    _summarize(rows, methods, n, batch, dims, device)
+    return list(rows.values())
+
+
+def _summarize(
+    rows: dict[str, dict], methods: dict[str, tuple[Callable, Schedule | None]], n: int, batch: int,
+    dims: ModelDims, device: torch.device,
+) -> None:
+    """Each row's medians, speedups against transformers and ideal speedup, from the times taken so far."""
     base = statistics.median(rows[TRANSFORMERS]["times_ms"]) if rows[TRANSFORMERS]["times_ms"] else None
     new_base = rows[TRANSFORMERS].get("new_length_ms")
     for name, row in rows.items():
@@ -147,7 +161,6 @@ def bench_ttft(
         if "new_length_ms" in row and new_base:
             row["new_length_speedup"] = new_base / row["new_length_ms"]
         row["prefill_tokens_per_s"] = batch * n * 1e3 / row["ms"] if row["ms"] else None
-    return list(rows.values())
 
 
 class _StepClock:
