@@ -1,7 +1,9 @@
 """Accuracy of LazyLLM against the dense model and the static/random baselines, on offline tasks.
 
-`evaluate` builds the samples, runs every method, and writes `eval.json` (every sample's record, the
-summary with 95% CIs, the chosen presets), `eval.md` (the table) and one PNG per task under `out_dir`.
+`evaluate` builds the samples, runs every method, and writes under `out_dir`: `records.jsonl` (every sample's
+record, as it is made), `eval.json` (the config, the summary with 95% CIs and the chosen presets), `eval.md` (the
+table) and one PNG per task. The records live only in records.jsonl, whose complete samples (`complete_records`) are
+the ones the summary counts: a copy in eval.json doubled what every committed run and every GPU call carries.
 """
 
 from __future__ import annotations
@@ -108,19 +110,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
 
 
 def write_report(config: dict, records: list[dict], out_dir: Path, tolerances: dict[str, float]) -> dict:
-    """eval.json (config, summary, chosen presets, every record), eval.md and one PNG per task."""
+    """eval.json (config, summary, chosen presets), eval.md and one PNG per task; returns them with the records."""
     summary = report.summarize(records)
-    result = {
-        "config": config,
-        "summary": summary,
-        "presets": report.select_presets(summary, tolerances),
-        "records": records,
-    }
+    result = {"config": config, "summary": summary, "presets": report.select_presets(summary, tolerances)}
     report.write_json(result, out_dir / "eval.json")
     (out_dir / "eval.md").write_text(report.markdown_table(summary) + "\n")
     lengths = "/".join(map(str, sorted({r["length"] for r in records})))
     report.plot(summary, out_dir, f"{config['model']}, {lengths} tokens, {config['device']}")
-    return result
+    return result | {"records": records}
 
 
 def report_from_log(out_dir: Path, tolerances: dict[str, float] | None = None) -> dict:
