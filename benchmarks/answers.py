@@ -53,7 +53,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=_names, default=["llama2-7b", "llama3-8b"],
                    help="shapes with random weights (llama2-7b, llama3-8b, tiny, smollm2-shape), smollm2 or a path")
     p.add_argument("--lengths", type=_ints, default=[8192, 32768], help="prompt lengths, e.g. 8192,32768")
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 8], help="batches of equal-length random prompts")
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 8], help="batches of equal-length prompts")
+    p.add_argument("--task", help="prompts from this eval task's samples (a document and a question; real models "
+                                  "only), e.g. recall; default: random token ids")
     p.add_argument("--new-tokens", type=_ints, default=[128, 512],
                    help="totals reported; one run of the largest count gives them all")
     p.add_argument("--methods", type=split_list,
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
             methods=args.methods, device=args.device, dtype=args.dtype, warmup_tokens=args.warmup_tokens,
             steady_skip=args.steady_skip, copy_mb=args.copy_mb, memory_limit_gb=args.memory_limit_gb,
             decode=DecodeOptions(burst_kernel=args.burst_kernel, compile=args.compile), rounds=args.rounds, tp=tp,
+            task=args.task,
         )
         total = len(cfg.models) * len(cfg.lengths) * len(cfg.batch_sizes) * cfg.runs_per_case()
 

@@ -24,7 +24,8 @@ mkdir -p "$KEEP/out"
 for part in "$@"; do
     echo "== $part $(date -u +%T)"
     case $part in
-    answers) OUT=$KEEP/out ROOT=$KEEP MODEL=$MODEL PYTHON=$PYTHON LENGTHS=${ANSWER_LENGTHS:-8192,32768} bash benchmarks/decode_ab.sh answers pair="$OPTS" ;;
+    answers) OUT=$KEEP/out ROOT=$KEEP MODEL=$MODEL PYTHON=$PYTHON LENGTHS=${ANSWER_LENGTHS:-8192,32768} \
+                 bash benchmarks/decode_ab.sh answers pair="$OPTS" ;;
     long) "$PYTHON" benchmarks/long_prompts.py --model "$MODEL" \
               --lengths "$LENGTHS" --schedules dense,balanced,long --repeats 5 --warmup 2 --device "$DEVICE" \
               --out "$KEEP/long" --stem "$STEM" ;;

@@ -118,6 +118,27 @@ def test_config_says_what_to_change():
         config(new_tokens=[4])
     with pytest.raises(ValueError, match=r"rounds=0: give an int >= 1"):
         config(rounds=0)
+    with pytest.raises(ValueError, match="unknown task 'qa'"):
+        config(models=["smollm2"], lengths=[256], task="qa")
+    with pytest.raises(ValueError, match="tiny: random-weight shapes have no tokenizer"):
+        config(lengths=[256], task="recall")
+    with pytest.raises(ValueError, match="at least 128 tokens"):
+        config(models=["smollm2"], task="recall")
+
+
+def test_task_prompts_are_the_samples_of_a_real_model_and_text():
+    from lazyprefill.eval import tasks
+    from lazyprefill.models import load_tokenizer
+
+    cfg = config(models=["smollm2"], lengths=[256], batch_sizes=[1], methods=["dense", "balanced"], task="passkey")
+    samples = tasks.build("passkey", load_tokenizer("smollm2"), 256, 2, cfg.seed)
+    timed, warm = answers.case_prompts(cfg, 256, 1, 49152, torch.device("cpu"), load_tokenizer("smollm2"))
+    assert [p.tolist() for p in timed + warm] == [s.prompt_ids for s in samples]  # the warm-up's is another sample
+    result = answers.run(cfg)
+    (case,) = result["cases"]
+    assert [(r["method"], r["status"]) for r in case["rows"]] == [("dense", "ok"), ("balanced", "ok")]
+    assert not result["models"]["smollm2"]["random_weights"] and "revived_mean" in case["rows"][1]
+    assert "### smollm2 (float32, `passkey` prompts)" in answers.markdown(result)
 
 
 def test_rounds_take_turns_and_report_medians():

@@ -49,6 +49,7 @@ from .bench import (
 )
 from .engine import DecodeOptions
 from .generation import GenerationStats, LazyLLM, synchronize
+from .models import load_tokenizer
 from .schedule import PRESETS, parse_schedule
 
 STATIC = "transformers-static"
@@ -93,6 +94,9 @@ class AnswerConfig:
     decode: DecodeOptions = field(default_factory=DecodeOptions)  # how our decoding steps run
     rounds: int = 1  # timed runs per method, the methods taking turns; transformers-static runs once (it compiles)
     tp: int = 1  # tensor-parallel ranks (the torchrun job's size): bytes, floors and memory are one rank's
+    # None: random token ids. A task of lazyprefill.eval (e.g. "recall"): its samples, a document and a question,
+    # for real models only, so that what prefill keeps and decoding revives is a trained model's on real text.
+    task: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp, int) or self.tp < 1:
@@ -112,6 +116,17 @@ class AnswerConfig:
             raise ValueError(f"rounds={self.rounds!r}: give an int >= 1 (timed runs per method)")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.task is not None:
+            from .eval.tasks import TASKS
+
+            if self.task not in TASKS:
+                raise ValueError(f"unknown task {self.task!r}; tasks: {', '.join(TASKS)}")
+            shapes = [m for m in self.models if m in SHAPES]
+            if shapes:
+                raise ValueError(f"{', '.join(shapes)}: random-weight shapes have no tokenizer to build {self.task!r} "
+                                 "prompts with; give real models (smollm2, gemma3-270m or a path) or no task")
+            if min(self.lengths) < 128:
+                raise ValueError(f"a task's prompts need at least 128 tokens, got lengths {self.lengths}")
         for method in set(self.methods or []) - set(method_names()):
             try:
                 parse_schedule(method, SPEC_CHECK_LAYERS)
@@ -395,20 +410,32 @@ def compare_to_dense(rows: list[dict]) -> None:
             row["ms_per_token_vs_dense"] = statistics.median(a / b for a, b in zip(ours, base))
 
 
+def case_prompts(cfg: AnswerConfig, n: int, batch: int, vocab: int, device: torch.device, tokenizer=None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The timed batch and the warm-up's, B x [n] ids each: random ids, or the first 2B samples of `cfg.task`
+    (every task's prompt is exactly n tokens)."""
+    if cfg.task is None:
+        return (random_prompts(n, vocab, batch, device, cfg.seed),
+                random_prompts(n, vocab, batch, device, cfg.seed + 1))
+    from .eval.tasks import build
+
+    ids = [torch.tensor(s.prompt_ids, device=device) for s in build(cfg.task, tokenizer, n, 2 * batch, cfg.seed)]
+    return ids[:batch], ids[batch:]
+
+
 def measure_case(
     model: nn.Module, n: int, batch: int, cfg: AnswerConfig,
-    progress: Callable[[str], None], on_row: Callable[[dict], None],
+    progress: Callable[[str], None], on_row: Callable[[dict], None], tokenizer=None,
 ) -> dict:
-    """Every selected method on B random prompts of n tokens, in `cfg.rounds` rounds. A method that cannot fit is
-    recorded, not run; one that runs out of memory anyway, or fails otherwise, is recorded with its error, and the
-    next goes on (and is not run in later rounds)."""
+    """Every selected method on B prompts of n tokens (case_prompts), in `cfg.rounds` rounds. A method that cannot
+    fit is recorded, not run; one that runs out of memory anyway, or fails otherwise, is recorded with its error, and
+    the next goes on (and is not run in later rounds)."""
     adapter = adapter_for(model)
     device, dims = adapter.device, ModelDims.of(model)
     case = Case(
         model, dims, weight_bytes(model), adapter.dtype.itemsize, n, batch, max(cfg.new_tokens),
         copy_bandwidth(device, cfg.copy_mb * 2**20),
-        random_prompts(n, adapter.vocab_size, batch, device, cfg.seed),
-        random_prompts(n, adapter.vocab_size, batch, device, cfg.seed + 1),
+        *case_prompts(cfg, n, batch, adapter.vocab_size, device, tokenizer),
     )
     result = {"length": n, "batch": batch, "new_tokens": case.new, "copy_gb_per_s": case.bandwidth / 1e9,
               "weight_bytes": case.weights, "kv_bytes_per_key": kv_bytes_per_key(dims, case.dtype_bytes), "rows": []}
@@ -459,6 +486,7 @@ def run(cfg: AnswerConfig, progress: Callable[[str], None] | None = None,
                     "config": asdict(cfg), "models": {}, "cases": []}
     for name in cfg.models:
         model = load_bench_model(name, cfg.device, DTYPES[cfg.dtype], cfg.seed, cfg.tp)
+        tokenizer = None if cfg.task is None else load_tokenizer(name)
         dims = ModelDims.of(model)
         result["models"][name] = {
             "random_weights": name in SHAPES, "dims": asdict(dims),
@@ -476,7 +504,7 @@ def run(cfg: AnswerConfig, progress: Callable[[str], None] | None = None,
                     case.update(partial)
                     checkpoint(result)
 
-                measure_case(model, n, batch, cfg, progress, on_row)
+                measure_case(model, n, batch, cfg, progress, on_row, tokenizer)
         del model
         _reset_peak(device)
     return result
@@ -521,7 +549,9 @@ def markdown(result: dict) -> str:
               "'step vs dense' is the median of each round's ratio to dense's ms/token."), ""]
     for name, info in result["models"].items():
         weights = f"random {info['dtype']} weights" if info["random_weights"] else info["dtype"]
-        lines += [f"### {name} ({weights}): whole answers", "",
+        task = result.get("config", {}).get("task")
+        prompts = f"`{task}` prompts" if task else "random prompts"
+        lines += [f"### {name} ({weights}, {prompts}): whole answers", "",
                   "| prompt | batch | method | TTFT ms | ms/token | step vs dense | floor ms dense / S_l | x floor | "
                   "worst step ms | "
                   + " | ".join(f"total {t} s" for t in counts) + " | revived/step mean (max) | peak GB | note |",
