@@ -211,6 +211,14 @@ def test_rows_of_other_decode_options_are_named_by_them():
     assert answers.method_label(answers.DENSE, options) == "dense (compile=True)"  # it never revives
 
 
+def test_steps_are_set_beside_dense_whose_label_names_its_decode_options():
+    (case,) = answers.run(config(methods=["dense", "paper"], decode=DecodeOptions(graph_layout=False)))["cases"]
+    dense, paper = case["rows"]
+    assert (dense["method"], paper["method"]) == ("dense (graph_layout=False)", "paper (graph_layout=False)")
+    assert dense["ms_per_token_vs_dense"] == 1.0
+    assert paper["ms_per_token_vs_dense"] == paper["ms_per_token"] / dense["ms_per_token"]
+
+
 def test_revivals_count_prompt_tokens_taken_deeper():
     model = random_model("tiny", "cpu", torch.float32)
     prompt = random_prompts(N, model.config.vocab_size, 1, torch.device("cpu"), 3)[0]

@@ -397,10 +397,11 @@ def add_round(row: dict, timed: dict) -> None:
     row["tokens_per_s"] = timed["tokens_per_s"] * timed["ms_per_token"] / row["ms_per_token"]  # B * 1e3 / ms
 
 
-def compare_to_dense(rows: list[dict]) -> None:
+def compare_to_dense(rows: list[dict], methods: Sequence[str]) -> None:
     """Each measured row's `ms_per_token_vs_dense`: the median over rounds of its step time over dense's in the same
-    round (a method timed once, as the static cache, pairs with dense's first round; no ratios without dense)."""
-    dense = next((r for r in rows if r["method"] == DENSE and r["status"] == "ok"), None)
+    round (a method timed once, as the static cache, pairs with dense's first round; no ratios without dense).
+    `methods[i]` is what rows[i] runs: a row's label also names the decode options that differ from the defaults."""
+    dense = next((r for r, m in zip(rows, methods) if m == DENSE and r["status"] == "ok"), None)
     if dense is None:
         return
     base = [r["ms_per_token"] for r in dense.get("rounds", [dense])]
@@ -459,7 +460,7 @@ def measure_case(
                     torch._dynamo.reset()
         _reset_peak(device)
         result["rows"].append(row)
-        compare_to_dense(result["rows"])
+        compare_to_dense(result["rows"], cfg.selected)
         on_row(result)
     for r in range(1, cfg.rounds):
         for row, method in zip(result["rows"], cfg.selected):
@@ -468,7 +469,7 @@ def measure_case(
             progress(f"{n} x{batch} {method} round {r + 1}/{cfg.rounds}")
             add_round(row, measure(case, method, cfg))
             _reset_peak(device)
-            compare_to_dense(result["rows"])
+            compare_to_dense(result["rows"], cfg.selected)
             on_row(result)
     return result
 

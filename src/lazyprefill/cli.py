@@ -550,7 +550,8 @@ def eval_command(
     console.print(table)
     for name, p in result["presets"].items():
         console.print(f"{name}: {p['schedule'] or 'no schedule within ' + format(p['tolerance'], '.0%')}")
-    console.print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and one PNG per task")
+    console.print(f"wrote {out / 'eval.json'} (summary), {out / 'records.jsonl'} (every record), {out / 'eval.md'} "
+                  "and one PNG per task")
 
 
 @app.command("bench")

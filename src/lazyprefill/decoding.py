@@ -61,6 +61,9 @@ class SegmentRunner:
             group = adapter.num_heads // adapter.num_kv_heads
             if burst_attention.warm_up(adapter.dtype, adapter.head_dim, group, dev):
                 self.burst = burst_attention
+        # On the CPU a sliding-window layer reads only the keys its rows' windows reach: where the earliest row is
+        # costs a host read there, nothing more (on CUDA it would wait for the device, and graphs cannot read)
+        self.clip_windows = dev.type == "cpu"
         self.positions = torch.arange(P, device=dev)  # [P]
         self.batch = torch.arange(B, device=dev)  # [B]
         # inputs of a step, written by `load`
@@ -176,13 +179,15 @@ class SegmentRunner:
         burst kernel for many (each row's range of the list carries causality and a window). The written-out
         attention reads all T keys with a mask, which also carries a window (by original position, attention.py)."""
         c, a, scaling = self.cache, self.a, self.a.scaling
-        masks: dict[int | None, torch.Tensor] = {}  # window -> [b, R or 1, T], built once per segment
+        masks: dict[int | None, tuple[int, torch.Tensor]] = {}  # window -> first key, [b, R or 1, T - first]
 
         def masked(l: int, q: torch.Tensor) -> torch.Tensor:
             window = a.window(l)
             if window not in masks:
-                masks[window] = decode_mask(in_s, rows, T, window)
-            return masked_attention(q, c.k[l, sel, :, :T], c.v[l, sel, :, :T], masks[window], scaling)
+                lo = self._first_key(rows, valid, T, window)
+                masks[window] = lo, decode_mask(in_s, rows, T, window)[..., lo:]
+            lo, mask = masks[window]
+            return masked_attention(q, c.k[l, sel, :, lo:T], c.v[l, sel, :, lo:T], mask, scaling)
 
         few = rows.shape[1] * a.num_heads // a.num_kv_heads <= SPLIT_MAX_ROWS
         if (self.split if few else self.burst) is None:
@@ -209,6 +214,15 @@ class SegmentRunner:
             return self.burst.burst_attention(q, *kv(l), listed, *ranges[window], scaling)
 
         return burst
+
+    def _first_key(self, rows: torch.Tensor, valid: torch.Tensor, T: int, window: int | None) -> int:
+        """The first of T keys that a layer of this window lets the rows (rows, valid: [b, R]) attend to; 0 where
+        windows are not clipped. A step's rows are mostly its newest tokens, so a window then reads its width, not
+        the whole prompt (Gemma 3 at 8K on the CPU: 15 of 18 layers, 512 keys each against 8,192)."""
+        if window is None or not self.clip_windows or T <= window:
+            return 0
+        earliest = int(rows.masked_fill(~valid, T).min())  # padding rows: T
+        return max(0, earliest - window + 1)
 
     def _start_membership(
         self, seg: Segment, T: int, in_s: torch.Tensor, sel: torch.Tensor | slice, t: torch.Tensor
