@@ -177,7 +177,8 @@ class SegmentRunner:
         run's sequences `sel`): (layer, q [b, H, R, dh]) -> [b, H, R, dh]. The Triton kernels read S_l's K/V
         through a list of positions built once per segment: the split kernel for a few rows (no window), the
         burst kernel for many (each row's range of the list carries causality and a window). The written-out
-        attention reads all T keys with a mask, which also carries a window (by original position, attention.py)."""
+        attention reads the keys with a mask, which also carries a window (by original position, attention.py):
+        all T, or on the CPU a windowed layer's from the first that its rows' windows reach (_first_key)."""
         c, a, scaling = self.cache, self.a, self.a.scaling
         masks: dict[int | None, tuple[int, torch.Tensor]] = {}  # window -> first key, [b, R or 1, T - first]
 
