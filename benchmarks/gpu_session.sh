@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lease's runs as a single background chain on the lent GPU, in the order given (the session's priorities), each
 # writing under $KEEP as soon as it exists, so that a lease cut short keeps what came first. Parts:
-#   answers  whole answers at ANSWER_LENGTHS (8K and 32K), dense / balanced / long / transformers-static
-#            (decode_ab.sh answers; LENGTHS is the long part's)
+#   answers  whole answers at ANSWER_LENGTHS (default decode_ab.sh's, 8K and 32K), dense / balanced / long /
+#            transformers-static (decode_ab.sh answers; LENGTHS is the long part's)
 #   long     TTFT and peak memory at 8K-128K, dense / balanced / long against transformers SDPA (long_prompts.py)
 #   profile  a decoding step's kernels after a 32K prompt (decode_ab.sh profile)
 #   prefill  short prompts' prefill under the profiler, lazyprefill against transformers (profile_stages.py)
@@ -24,7 +24,7 @@ mkdir -p "$KEEP/out"
 for part in "$@"; do
     echo "== $part $(date -u +%T)"
     case $part in
-    answers) OUT=$KEEP/out ROOT=$KEEP MODEL=$MODEL PYTHON=$PYTHON LENGTHS=${ANSWER_LENGTHS:-8192,32768} \
+    answers) OUT=$KEEP/out ROOT=$KEEP MODEL=$MODEL PYTHON=$PYTHON LENGTHS=${ANSWER_LENGTHS:-} \
                  bash benchmarks/decode_ab.sh answers pair="$OPTS" ;;
     long) "$PYTHON" benchmarks/long_prompts.py --model "$MODEL" \
               --lengths "$LENGTHS" --schedules dense,balanced,long --repeats 5 --warmup 2 --device "$DEVICE" \
